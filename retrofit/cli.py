@@ -1,0 +1,167 @@
+"""The `retrofit` command line (Typer). Each command is a thin shell over a library function; user mistakes
+become one red line and exit status 1, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from retrofit.errors import RetrofitError
+
+app = typer.Typer(
+    name="retrofit",
+    help="Retrofit expert-choice (EC) or block-level routing onto token-choice diffusion-LM MoE checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class RouterChoice(str, Enum):
+    tc = "tc"
+    ec = "ec"
+    block = "block"
+
+
+class ScheduleChoice(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    linear_reverse = "linear-reverse"
+    cosine = "cosine"
+    cosine_reverse = "cosine-reverse"
+    bell = "bell"
+    gaussian = "gaussian"
+    gaussian_reverse = "gaussian-reverse"
+    step = "step"
+    step_reverse = "step-reverse"
+
+
+def user_errors(command):
+    """Turn the errors a user can cause into one line on stderr and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RetrofitError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            err_console.print(f"[bold red]error:[/] invalid {where}: {first['msg']}", highlight=False,
+                              soft_wrap=True)
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+        raise typer.Exit(1)
+
+    return wrapper
+
+
+def _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length, core_threshold,
+                     guard_size):
+    from retrofit.routers import RouterSettings
+
+    return RouterSettings.model_validate({
+        "type": router.value,
+        "capacity_factor": capacity_factor,
+        "per_batch": per_batch,
+        "schedule": {"name": schedule.value, "k_min": k_min, "k_max": k_max},
+        "block_length": block_length,
+        "core_threshold": core_threshold,
+        "guard_size": guard_size,
+    })
+
+
+@app.command()
+@user_errors
+def convert(
+    src: str = typer.Option(..., "--src", help="Registry name (llada-moe, llada-moe-instruct, tiny), Hub id "
+                                               "(org/name) or local checkpoint directory."),
+    router: RouterChoice = typer.Option(..., "--router", help="Router to install: ec (expert choice), block "
+                                                              "(dMoE block routing) or tc (the checkpoint's own)."),
+    capacity_factor: float = typer.Option(1.0, "--capacity-factor", help="EC: capacity C = L*k/E times this; "
+                                                                         "1.0 matches TC's FLOPs."),
+    schedule: ScheduleChoice = typer.Option(ScheduleChoice.constant, "--schedule",
+                                            help="EC: capacity as a function of the mask ratio."),
+    k_min: Optional[int] = typer.Option(None, "--k-min", help="EC schedule: experts per token at s(r)=0 "
+                                                              "(default: the checkpoint's top-k)."),
+    k_max: Optional[int] = typer.Option(None, "--k-max", help="EC schedule: experts per token at s(r)=1."),
+    per_batch: bool = typer.Option(False, "--per-batch", help="EC: experts choose over the whole batch."),
+    block_length: int = typer.Option(32, "--block-length", help="block: positions per routing block."),
+    core_threshold: float = typer.Option(0.6, "--core-threshold", help="block: cumulative vote kept (top-p)."),
+    guard_size: int = typer.Option(16, "--guard-size", help="block: minimum core-set size."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory [default: out/<src>-<router>]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show which routers would be replaced."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the result and check it against "
+                                                                   "the source."),
+):
+    """Load a token-choice checkpoint, swap its routers, save a complete model directory."""
+    from retrofit.convert import convert as run_convert
+    from retrofit.convert import plan_conversion
+    from retrofit.io.sources import resolve_source
+
+    target = _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length,
+                              core_threshold, guard_size)
+    source = resolve_source(src)
+    plan = plan_conversion(source, target, out)
+    if dry_run:
+        out_console.print(_plan_table(plan))
+        out_console.print(f"dry run: would write {plan.out}; nothing written.")
+        return
+    command = "retrofit " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
+    with err_console.status("converting") as status:
+        report = run_convert(plan, force=force, command=command, verify=verify,
+                             step=lambda msg: status.update(msg))
+    out_console.print(f"[green]wrote[/] {report.out}: router {target.describe()}")
+    out_console.print(f"  shards rewritten {len(report.rewritten)}, copied unchanged {len(report.copied)}")
+    if verify:
+        same = {True: "bit-identical to the source", None: f"max |diff| vs source {report.max_logit_diff:.3g}"}
+        out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits "
+                          f"{same[report.logits_identical]}")
+
+
+def _plan_table(plan) -> Table:
+    table = Table(title=f"routers to replace in {plan.source.origin}")
+    for col in ("layer", "tensor", "shape", "dtype", "shard", "now", "after"):
+        table.add_column(col)
+    now = plan.config.router_settings.describe()
+    for s in plan.swaps:
+        table.add_row(str(s.layer), s.name, "x".join(map(str, s.shape)), s.dtype, s.shard, now,
+                      plan.target.describe())
+    return table
+
+
+@app.command("create-tiny")
+@user_errors
+def create_tiny(
+    out_dir: Path = typer.Argument(..., help="Directory to write, laid out like a Hub snapshot."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    shard_kb: int = typer.Option(96, "--shard-kb", help="Maximum shard size in KiB (small, to get several)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+):
+    """Write a tiny random LLaDA-MoE (2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot."""
+    from retrofit.tiny import create_tiny as build
+
+    path = build(out_dir, seed=seed, max_shard_bytes=shard_kb * 1024, force=force)
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    out_console.print(f"[green]wrote[/] {path}: {len(shards)} shard(s), tokenizer, config.json")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""`retrofit convert`: replace the routers of a checkpoint and write a complete model directory.
+
+Only router tensors can change, so the work is done on files, never on a whole model in memory: shards without
+router tensors are copied byte for byte, shards with them are read one at a time, their router tensors replaced
+by the new routers' state, and written back under the same name. Everything goes into a temporary directory
+that becomes the output only after the result has been reloaded and checked against the source.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from retrofit import __version__
+from retrofit.errors import RetrofitError
+from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
+from retrofit.io.load import checkpoint_config
+from retrofit.io.sources import Source
+from retrofit.io.tokenizer_files import tokenizer_files
+from retrofit.io.writer import atomic_directory, check_destination, save_tensors, write_json
+from retrofit.models.llada_moe import MODEL_TYPE, LLaDAMoEConfig
+from retrofit.routers import RouterSettings, build_router
+from retrofit.verify import compare_tensors, probe_input, streamed_logits
+
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass
+class RouterSwap:
+    layer: int
+    name: str
+    shard: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class ConversionPlan:
+    source: Source
+    config: LLaDAMoEConfig
+    target: RouterSettings
+    swaps: list[RouterSwap]
+    out: Path
+
+    @property
+    def shards_to_rewrite(self) -> list[str]:
+        return list(dict.fromkeys(s.shard for s in self.swaps))
+
+
+@dataclass
+class ConversionReport:
+    out: Path
+    rewritten: list[str]
+    copied: list[str]
+    tensors_checked: int
+    logits_identical: bool | None
+    max_logit_diff: float
+    notes: list[str] = field(default_factory=list)
+
+
+def router_tensor_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.weight"
+
+
+def default_out(source: Source, target: RouterSettings) -> Path:
+    return Path("out") / f"{source.name}-{target.type}"
+
+
+def plan_conversion(source: Source, target: RouterSettings, out: Path | None = None) -> ConversionPlan:
+    """Validate the source and list the routers that would be replaced; writes nothing."""
+    ckpt = CheckpointDir(source.path)
+    config = checkpoint_config(ckpt)
+    _check_target(config, target)
+    swaps = []
+    for layer in range(config.num_hidden_layers):
+        name = router_tensor_name(layer)
+        if name not in ckpt.weight_map:
+            raise RetrofitError(f"checkpoint at {ckpt.path} has no router tensor {name}")
+        dtype, shape = ckpt.tensor_info(name)
+        swaps.append(RouterSwap(layer, name, ckpt.weight_map[name], shape, dtype))
+    return ConversionPlan(source, config, target, swaps, Path(out) if out else default_out(source, target))
+
+
+def _check_target(config: LLaDAMoEConfig, target: RouterSettings) -> None:
+    # Building one router surfaces settings the architecture cannot honour (e.g. block guard_size < top_k).
+    try:
+        build_router(target, config.hidden_size, config.num_experts, config.num_experts_per_tok)
+    except ValueError as exc:
+        raise RetrofitError(f"router settings do not fit this model: {exc}") from None
+
+
+def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> dict[str, torch.Tensor]:
+    """Each layer's new router, initialised from the checkpoint's gate weight, as Hub-named tensors."""
+    cfg = plan.config
+    out = {}
+    for swap, (name, weight) in zip(plan.swaps, ckpt.read([s.name for s in plan.swaps]).items()):
+        router = build_router(plan.target, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
+        router.weight = torch.nn.Parameter(weight, requires_grad=False)
+        for key, tensor in router.state_dict().items():
+            out[name.removesuffix(".weight") + "." + key] = tensor.to(weight.dtype)
+    return out
+
+
+def converted_config(raw: dict, config: LLaDAMoEConfig, target: RouterSettings) -> dict:
+    """The source config.json, re-typed as retrofit's own model type, with the mask id and router section."""
+    out = {k: v for k, v in raw.items() if k != "auto_map"}  # auto_map points at remote code: never carry it
+    out.update(model_type=MODEL_TYPE, architectures=["LLaDAMoEModelLM"], mask_token_id=config.mask_token_id,
+               router=target.model_dump())
+    return out
+
+
+def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify: bool = True,
+            step: Callable[[str], None] = lambda msg: None) -> ConversionReport:
+    ckpt = CheckpointDir(plan.source.path)
+    check_destination(plan.out.expanduser().resolve(), force)
+    routers = new_router_tensors(ckpt, plan)
+    rewrite = set(plan.shards_to_rewrite)
+    with atomic_directory(plan.out, force=force) as tmp:
+        for shard in ckpt.shards:
+            step(f"{'rewrite' if shard in rewrite else 'copy'} {shard}")
+            if shard in rewrite:
+                tensors = ckpt.read_shard(shard)
+                tensors.update({n: routers[n] for n in tensors if n in routers})
+                save_tensors(tmp / shard, tensors, ckpt.shard_metadata(shard))
+                del tensors
+            else:
+                shutil.copyfile(ckpt.path / shard, tmp / shard)
+        if ckpt.is_sharded:
+            shutil.copyfile(ckpt.path / INDEX_NAME, tmp / INDEX_NAME)  # names are unchanged
+        write_json(tmp / "config.json", converted_config(ckpt.config, plan.config, plan.target))
+        for f in tokenizer_files(ckpt.path):
+            shutil.copyfile(f, tmp / f.name)
+        save_tensors(tmp / ROUTER_FILE, routers, {"format": "pt", "router": plan.target.model_dump_json()})
+        (tmp / "README.md").write_text(model_card(plan, command))
+        report = ConversionReport(plan.out, sorted(rewrite), [s for s in ckpt.shards if s not in rewrite], 0,
+                                  None, 0.0)
+        if verify:
+            step("verify")
+            _verify(ckpt, CheckpointDir(tmp), plan, routers, report)
+    return report
+
+
+def _verify(src: CheckpointDir, out: CheckpointDir, plan: ConversionPlan, routers: dict[str, torch.Tensor],
+            report: ConversionReport) -> None:
+    """Reload what was written: untouched tensors equal the source's, router tensors equal the new routers',
+    and with unchanged routing the logits are bit-identical to the source's."""
+    report.tensors_checked = compare_tensors(src, out, skip=set(routers))
+    written = out.read(list(routers))
+    for name, tensor in routers.items():
+        if not torch.equal(written[name], tensor):
+            raise RetrofitError(f"verification failed: router tensor {name} was not written as built")
+    ids = probe_input(plan.config)
+    src_logits, out_logits = streamed_logits(src, ids), streamed_logits(out, ids)
+    if not torch.isfinite(out_logits).all():
+        raise RetrofitError("verification failed: the converted model produces non-finite logits")
+    report.max_logit_diff = float((src_logits - out_logits).abs().max())
+    if plan.target == plan.config.router_settings:
+        report.logits_identical = torch.equal(src_logits, out_logits)
+        if not report.logits_identical:
+            raise RetrofitError(f"verification failed: same routing but logits differ by {report.max_logit_diff:g}")
+
+
+def model_card(plan: ConversionPlan, command: str) -> str:
+    src = plan.source.origin
+    base = f"base_model: {src}\n" if "/" in src and not Path(src).exists() else ""
+    rows = "\n".join(f"| {s.layer} | `{s.name}` | {s.shard} |" for s in plan.swaps)
+    return f"""---
+library_name: retrofit
+{base}tags: [retrofit, llada-moe, mixture-of-experts, diffusion-language-model, {plan.target.type}-routing]
+---
+# {plan.out.name}
+
+LLaDA-MoE checkpoint `{src}` with its token-choice routers replaced by **{plan.target.describe()}**, written
+by retrofit {__version__}. Only the routers changed: every other tensor is byte-identical to the source, and
+the router weights are the source's gate weights (the same softmax scores; only who chooses differs).
+
+Made with:
+
+```
+{command or 'retrofit convert'}
+```
+
+Router settings (also in `config.json` under `router`):
+
+```json
+{plan.target.model_dump_json(indent=2)}
+```
+
+All router weights are also in `{ROUTER_FILE}`. Load with:
+
+```python
+import retrofit, transformers
+model = transformers.AutoModel.from_pretrained("{plan.out.name}")
+```
+
+| layer | router tensor | shard |
+|---|---|---|
+{rows}
+"""

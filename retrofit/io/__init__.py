@@ -1,0 +1,1 @@
+"""Checkpoint I/O: resolving sources, reading shards lazily, writing directories atomically."""

@@ -1,0 +1,75 @@
+"""Resolve ``--src``: a registry name, a Hub id, or a local directory → a local checkpoint directory."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrofit.errors import RetrofitError
+
+# Short names a user can type instead of a Hub id.
+REGISTRY: dict[str, str] = {
+    "llada-moe": "inclusionAI/LLaDA-MoE-7B-A1B-Base",
+    "llada-moe-instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct",
+}
+# Names reserved for models that will ship inside the package.
+EMBEDDED: dict[str, str] = {"tiny": "the embedded tiny pretrained model"}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what retrofit reads: config, safetensors weights, tokenizer. Never *.py (no remote code) or *.bin.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path  # a local directory holding the checkpoint
+    name: str  # short name for default output paths and model cards
+    origin: str  # what the user asked for: registry name, Hub id or path
+
+
+def resolve_source(src: str, download=None) -> Source:
+    """Map ``src`` to a local directory, downloading a Hub snapshot when needed.
+
+    ``download(repo_id) -> path`` is injectable for tests; by default it is huggingface_hub's snapshot fetch.
+    """
+    local = Path(src).expanduser()
+    if local.is_dir():
+        return Source(path=local.resolve(), name=local.resolve().name, origin=src)
+    if src in EMBEDDED:
+        embedded = _embedded_path(src)
+        if embedded is None:
+            raise RetrofitError(f"--src {src}: {EMBEDDED[src]} is not built into this version yet; "
+                                "make one with `retrofit create-tiny DIR` and pass --src DIR")
+        return Source(path=embedded, name=src, origin=src)
+    repo_id = REGISTRY.get(src, src)
+    if not _HUB_ID.match(repo_id) or _looks_like_path(src):
+        if _looks_like_path(src):
+            raise RetrofitError(f"--src {src}: no such directory")
+        names = ", ".join([*REGISTRY, *EMBEDDED])
+        raise RetrofitError(f"unknown --src {src!r}: use one of {names}, a Hub id (org/name), "
+                            "or a local directory (--src PATH)")
+    path = (download or hub_snapshot)(repo_id)
+    name = src if src in REGISTRY else repo_id.split("/")[-1]
+    return Source(path=Path(path), name=name, origin=src)
+
+
+def _looks_like_path(src: str) -> bool:
+    return src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src
+
+
+def _embedded_path(name: str) -> Path | None:
+    path = Path(__file__).resolve().parent.parent / "assets" / name
+    return path if (path / "config.json").is_file() else None
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download (or reuse the cache of) a Hub snapshot; any failure becomes one line that names --src PATH."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo, auth, disk full: all end the same way
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RetrofitError(f"could not fetch {repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
+                            f"{reason[:160]}); download it where the Hub is reachable and pass --src PATH") from None

@@ -1,0 +1,68 @@
+"""Tokenizer files: which ones travel with a checkpoint, the mask token's id, and a tiny byte-level tokenizer
+for test models (same special tokens as LLaDA-MoE's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retrofit.io.writer import write_json
+
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def mask_token_id(directory: Path) -> int | None:
+    """The id of ``<|mask|>`` in the directory's tokenizer.json, which config.json does not carry."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    for token in data.get("added_tokens", []):
+        if token.get("content") == MASK_TOKEN:
+            return int(token["id"])
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    return vocab.get(MASK_TOKEN) if isinstance(vocab, dict) else None
+
+
+def write_byte_tokenizer(directory: Path) -> dict[str, int]:
+    """A byte-level BPE with no merges: 256 byte tokens, then ``<|endoftext|>`` and ``<|mask|>``.
+
+    Returns the special token ids. Loadable with ``transformers.AutoTokenizer.from_pretrained``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS_TOKEN, MASK_TOKEN])
+    tok.save(str(directory / "tokenizer.json"))
+    ids = {EOS_TOKEN: tok.token_to_id(EOS_TOKEN), MASK_TOKEN: tok.token_to_id(MASK_TOKEN)}
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+        "mask_token": MASK_TOKEN,
+        "model_max_length": 4096,
+    })
+    write_json(directory / "special_tokens_map.json",
+               {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "mask_token": MASK_TOKEN})
+    return ids

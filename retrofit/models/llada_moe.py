@@ -1,0 +1,515 @@
+"""LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-*): a native implementation with a swappable router.
+
+Architecture (algorithms.md §1): bidirectional transformer, RMSNorm computed in fp32, rotate-half rotary
+embeddings over the full head, per-head QK RMSNorm before the rotation, every layer a SwiGLU MoE with no
+shared expert. The router is ``mlp.gate`` (a :class:`retrofit.routers.Router` carrying the checkpoint's
+``[E, d]`` gate weight), so swapping TC for EC or block routing replaces one module per layer and no tensor.
+
+Experts are stored stacked (``mlp.experts.{gate,up}_proj`` ``[E, f, d]``, ``down_proj`` ``[E, d, f]``) so
+expert choice runs every expert as one batched matmul; :func:`stack_expert_tensors` and
+:func:`unstack_expert_tensors` map to and from the Hub's per-expert names, and a registered transformers
+conversion does the same for ``from_pretrained``/``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+from retrofit.errors import RetrofitError
+from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, build_router
+
+MODEL_TYPE = "llada_moe"
+HUB_ARCHITECTURES = ("LLaDAMoEModelLM", "LLaDAMoEModel")
+DEFAULT_MASK_TOKEN_ID = 156895  # <|mask|>; the Hub config.json does not carry it
+
+# Fields of the public config.json that the reference modeling code reads but does not act on; they are kept
+# so a saved config stays complete, and documented here so nobody mistakes them for live settings.
+IGNORED_BY_REFERENCE = (
+    "norm_topk_prob",  # the reference block hard-codes norm_topk_prob = False
+    "routed_scaling_factor",
+    "router_num_group",
+    "router_topk_group",
+    "dense_intermediate_size",  # only used by dense layers, which moe_layer_freq never asks for
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "use_cache",
+)
+_META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+                "_name_or_path"}
+
+
+class LLaDAMoEConfig(PretrainedConfig):
+    """Configuration of LLaDA-MoE; reads the Hub's config.json (``model_type: "llada"``) unchanged."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 157184,
+        hidden_size: int = 2048,
+        num_hidden_layers: int = 16,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 8192,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-5,
+        use_cache: bool = False,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 50000.0,
+        rope_scaling: dict | None = None,
+        partial_rotary_factor: float = 1.0,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        clip_qkv: float | None = None,
+        qk_layernorm: bool = True,
+        num_experts: int = 64,
+        num_experts_per_tok: int = 8,
+        expert_intermediate_size: int = 1024,
+        dense_intermediate_size: int | None = None,
+        shared_expert_intermediate_size: int | None = None,
+        moe_layer_freq: list[int] | None = None,
+        moe_router_score_function: str = "softmax",
+        moe_router_enable_expert_bias: bool | None = False,
+        norm_topk_prob: bool | None = None,
+        routed_scaling_factor: float | None = 1,
+        router_num_group: int | None = None,
+        router_topk_group: int | None = None,
+        output_router_logits: bool = False,
+        router_aux_loss_coef: float = 0.01,
+        pad_token_id: int | None = 156892,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = 156892,
+        mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
+        router: dict | RouterSettings | None = None,
+        **kwargs: Any,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.partial_rotary_factor = partial_rotary_factor
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.clip_qkv = clip_qkv
+        self.qk_layernorm = qk_layernorm
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.expert_intermediate_size = expert_intermediate_size
+        self.dense_intermediate_size = dense_intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.moe_layer_freq = list(moe_layer_freq) if moe_layer_freq is not None else [1] * num_hidden_layers
+        self.moe_router_score_function = moe_router_score_function
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.router_num_group = router_num_group
+        self.router_topk_group = router_topk_group
+        self.output_router_logits = output_router_logits
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.mask_token_id = mask_token_id
+        settings = router if isinstance(router, RouterSettings) else RouterSettings.model_validate(router or {})
+        self.router = settings.model_dump()
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self._refuse_unsupported()
+
+    @property
+    def router_settings(self) -> RouterSettings:
+        return RouterSettings.model_validate(self.router)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def _refuse_unsupported(self) -> None:
+        """Settings the reference code acts on but this implementation does not: refuse, naming each."""
+        problems = []
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act={self.hidden_act!r} (only 'silu')")
+        if self.rope_scaling is not None:
+            problems.append(f"rope_scaling={self.rope_scaling!r} (only none)")
+        if self.partial_rotary_factor not in (None, 1, 1.0):
+            problems.append(f"partial_rotary_factor={self.partial_rotary_factor} (only 1.0)")
+        if self.shared_expert_intermediate_size:
+            problems.append(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} (no shared expert)")
+        if any(f != 1 for f in self.moe_layer_freq) or len(self.moe_layer_freq) != self.num_hidden_layers:
+            problems.append(f"moe_layer_freq={self.moe_layer_freq} (every layer must be MoE)")
+        if self.moe_router_score_function not in (None, "softmax"):
+            problems.append(f"moe_router_score_function={self.moe_router_score_function!r} (only 'softmax')")
+        if self.moe_router_enable_expert_bias:
+            problems.append("moe_router_enable_expert_bias=true (no expert bias)")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            problems.append("hidden_size/num_attention_heads/num_key_value_heads do not divide evenly")
+        if problems:
+            raise RetrofitError("unsupported LLaDA-MoE config: " + "; ".join(problems))
+
+
+def known_config_fields() -> set[str]:
+    import inspect
+
+    params = set(inspect.signature(LLaDAMoEConfig.__init__).parameters) - {"self", "kwargs"}
+    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
+
+
+def is_llada_moe_config(raw: dict) -> bool:
+    """Recognise the checkpoint by architecture, never by ``model_type`` alone: the Hub's MoE config says
+    ``model_type: "llada"``, the same string as the dense LLaDA-8B."""
+    if raw.get("model_type") == MODEL_TYPE:
+        return True
+    return any(a in HUB_ARCHITECTURES for a in raw.get("architectures") or []) and "num_experts" in raw
+
+
+def config_from_checkpoint(raw: dict) -> LLaDAMoEConfig:
+    """Build the config from a checkpoint's raw config.json, refusing fields this implementation doesn't know."""
+    if not is_llada_moe_config(raw):
+        arch = raw.get("architectures") or raw.get("model_type")
+        raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch}); "
+                            "retrofit supports LLaDA-MoE models only")
+    unknown = sorted(set(raw) - known_config_fields())
+    if unknown:
+        raise RetrofitError(f"unsupported field(s) in config.json: {', '.join(unknown)}; "
+                            "retrofit's LLaDA-MoE implementation does not know them")
+    fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
+    try:
+        return LLaDAMoEConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention; the 2-D attention mask only hides padding keys."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.clip_qkv = config.clip_qkv
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_layernorm:
+            # One weight of size head_dim shared by all heads, applied per head before the rotation.
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], key_bias: torch.Tensor | None):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_bias, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class StackedExperts(nn.Module):
+    """All experts of a layer as three stacked tensors; ``gate_proj[e]`` is expert e's ``[f, d]`` weight."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
+        """``x``: ``[T, d]`` flat tokens → ``[T, d]`` gated sum of the chosen experts' outputs."""
+        if routing.layout == "expert":
+            return self._expert_major(x, routing.indices, routing.gates)
+        return self._token_major(x, routing.indices, routing.gates)
+
+    def _expert_major(self, x, tokens, gates):
+        # EC: every expert has the same number of tokens, so one batched matmul pair runs them all.
+        chosen = x[tokens]  # [E, C, d]
+        hidden = F.silu(torch.bmm(chosen, self.gate_proj.transpose(1, 2))) * torch.bmm(
+            chosen, self.up_proj.transpose(1, 2))
+        out = torch.bmm(hidden, self.down_proj.transpose(1, 2)) * gates.to(x.dtype).unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]))
+
+    def _token_major(self, x, experts, gates):
+        # TC/block: sort the (token, expert) pairs by expert once, then run each expert on its contiguous run.
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = order // k
+        chosen = x[token_of]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                h = chosen[start:start + n]
+                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
+                outs.append(F.linear(h, self.down_proj[e]))
+            start += n
+        out = torch.cat(outs) * gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (``gate``) + stacked experts. Optionally records routing statistics of each forward."""
+
+    def __init__(self, config: LLaDAMoEConfig, settings: RouterSettings):
+        super().__init__()
+        self.gate: Router = build_router(settings, config.hidden_size, config.num_experts,
+                                         config.num_experts_per_tok)
+        self.experts = StackedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
+        self.stats: RoutingStats | None = None  # set by retrofit.routers.stats collection helpers
+        self.last_routing = None  # kept only while an auxiliary loss asks for it
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        batch, length, dim = x.shape
+        routing = self.gate(x, ctx)
+        if self.stats is not None:
+            self.stats.update(routing, ctx.valid)
+        return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig, settings: RouterSettings):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = SparseMoeBlock(config, settings)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, key_bias, ctx: RoutingContext):
+        x = x + self.self_attn(self.input_layernorm(x), rope, key_bias)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class LLaDAMoEPreTrainedModel(PreTrainedModel):
+    config_class = LLaDAMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, StackedExperts):
+            for p in (module.gate_proj, module.up_proj, module.down_proj):
+                p.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
+    """Embeddings + decoder layers + final norm: hidden states out."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        settings = config.router_settings
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, settings) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def routing_context(self, input_ids, attention_mask, mask_ratio) -> RoutingContext:
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask_ratio is None:
+            # Observed mask ratio: masked positions / non-pad positions of each sequence (algorithms.md §2).
+            masked = ((input_ids == self.config.mask_token_id) & valid).sum(-1)
+            mask_ratio = masked.float() / valid.sum(-1).clamp(min=1).float()
+        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float())
+
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None):
+        """Everything the layers need besides the hidden states: rotary tables, padding bias, routing context."""
+        ctx = self.routing_context(input_ids, attention_mask, mask_ratio)
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary_emb(positions, x.dtype)
+        key_bias = None
+        if not bool(ctx.valid.all()):
+            key_bias = torch.zeros(ctx.valid.shape, dtype=x.dtype, device=x.device)
+            key_bias = key_bias.masked_fill(~ctx.valid, torch.finfo(x.dtype).min)[:, None, None, :]
+        return x, (rope, key_bias, ctx)
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None) -> torch.Tensor:
+        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(layer.__call__, x, *layer_args)
+            else:
+                x = layer(x, *layer_args)
+        return self.norm(x)
+
+
+class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
+    """The full masked-diffusion LM: ``logits[B, L, V]`` for every position (no shift: it is not causal)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        self.model = LLaDAMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, **unused) -> MaskedLMOutput:
+        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio)
+        return MaskedLMOutput(logits=self.lm_head(hidden))
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def set_router(self, settings: RouterSettings) -> None:
+        """Replace every layer's router in place, keeping its gate weight (the retrofit itself)."""
+        cfg = self.config
+        for block in self.moe_blocks():
+            old = block.gate
+            new = build_router(settings, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
+            new.weight = old.weight
+            block.gate = new
+        cfg.router = settings.model_dump()
+
+
+# ------------------------------------------------------------------------------- checkpoint naming
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def parse_expert_key(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.experts.7.up_proj.weight`` → ``("model.layers.3.mlp.experts", 7, "up_proj")``."""
+    m = _EXPERT_KEY.match(name)
+    return (m["prefix"], int(m["expert"]), m["proj"]) if m else None
+
+
+def stack_expert_tensors(tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Hub per-expert names → the model's stacked names; every other tensor passes through unchanged."""
+    out, groups = {}, {}
+    for name, t in tensors.items():
+        parsed = parse_expert_key(name)
+        if parsed is None:
+            out[name] = t
+        else:
+            prefix, e, proj = parsed
+            groups.setdefault((prefix, proj), {})[e] = t
+    for (prefix, proj), by_expert in groups.items():
+        missing = sorted(set(range(num_experts)) - set(by_expert))
+        if missing:
+            raise RetrofitError(f"checkpoint lacks {prefix}.N.{proj}.weight for experts {missing[:8]}")
+        out[f"{prefix}.{proj}"] = torch.stack([by_expert[e] for e in range(num_experts)])
+    return out
+
+
+def unstack_expert_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's stacked names → the Hub's per-expert names (views, no copy)."""
+    out = {}
+    for name, t in tensors.items():
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith(".mlp.experts") and proj in EXPERT_PROJECTIONS:
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.{proj}.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
+def hub_state_dict(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under the exact names of the Hub checkpoint."""
+    tensors = unstack_expert_tensors(dict(model.state_dict()))
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def load_hub_tensors(model: LLaDAMoEModelLM, tensors: dict[str, torch.Tensor]) -> None:
+    """Load Hub-named tensors into the model strictly: a missing or extra tensor is an error naming it."""
+    stacked = stack_expert_tensors(tensors, model.config.num_experts)
+    if model.config.tie_word_embeddings:
+        stacked.setdefault("lm_head.weight", stacked.get("model.embed_tokens.weight"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(stacked))
+    extra = sorted(set(stacked) - set(expected))
+    if missing or extra:
+        detail = (f"missing {missing[:5]}" if missing else "") + (f" unexpected {extra[:5]}" if extra else "")
+        raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: {detail.strip()}")
+    for name, t in stacked.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise RetrofitError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, "
+                                f"config expects {tuple(expected[name].shape)}")
+    model.load_state_dict(stacked, strict=True)

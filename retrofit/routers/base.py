@@ -1,0 +1,106 @@
+"""The one interface every router implements.
+
+A router owns the gate weight of one MoE layer (Hub name ``mlp.gate.weight``, shape ``[E, d]``) and turns
+hidden states into a :class:`Routing`: which (token, expert) pairs run, with which gate. Routers differ only
+in *who chooses*; all of them score with the same softmax over experts, so a token-choice checkpoint's gate
+weights initialise any of them unchanged (algorithms.md §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward facts a router may need besides the hidden states.
+
+    ``valid``: ``[B, L]`` bool, False at padding (padding is never routed to an expert by EC/block and never
+    counted in statistics). ``mask_ratio``: ``[B]`` float in [0, 1], the observed (inference) or sampled
+    (training) fraction of masked positions of each sequence; timestep-dependent capacity reads it.
+    """
+
+    valid: torch.Tensor
+    mask_ratio: torch.Tensor
+
+    @classmethod
+    def unpadded(cls, batch: int, length: int, device=None) -> "RoutingContext":
+        return cls(
+            valid=torch.ones(batch, length, dtype=torch.bool, device=device),
+            mask_ratio=torch.zeros(batch, device=device),
+        )
+
+
+@dataclass
+class Routing:
+    """Which (token, expert) pairs run, and with which gate.
+
+    Token indices are flat positions in the ``[B * L]`` token list of the forward pass. One of two layouts:
+
+    - ``layout == "token"`` (TC, block): ``indices[T, k]`` are expert ids chosen by each of the T tokens and
+      ``gates[T, k]`` their weights. Every token, padding included, has exactly k entries.
+    - ``layout == "expert"`` (EC): ``indices[E, C]`` are token ids chosen by each expert and ``gates[E, C]``
+      their weights; C is the total capacity of one expert over the batch (sum of per-sequence capacities).
+
+    ``logits`` (``[T, E]``, the gate's raw output) is kept for auxiliary losses such as the router z-loss.
+    """
+
+    layout: Literal["token", "expert"]
+    indices: torch.Tensor
+    gates: torch.Tensor
+    num_experts: int
+    logits: torch.Tensor | None = None
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat ``(token, expert, gate)`` triples, the layout-free view used by statistics and tests."""
+        if self.layout == "token":
+            num_tokens, k = self.indices.shape
+            tokens = torch.arange(num_tokens, device=self.indices.device).repeat_interleave(k)
+            return tokens, self.indices.reshape(-1), self.gates.reshape(-1)
+        num_experts, capacity = self.indices.shape
+        experts = torch.arange(num_experts, device=self.indices.device).repeat_interleave(capacity)
+        return self.indices.reshape(-1), experts, self.gates.reshape(-1)
+
+
+class Router(nn.Module):
+    """Base class: holds the gate weight and the softmax scoring every router shares.
+
+    Subclasses set ``kind`` and implement :meth:`select`, a pure function of the fp32 probabilities, so that
+    it can be checked against a slow loop reference on random inputs.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        # Same name, shape and orientation as the checkpoint's nn.Linear(d, E, bias=False).weight.
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+    @staticmethod
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        # Softmax in fp32 over all experts, as the reference MoE block does.
+        return F.softmax(logits, dim=-1, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """``hidden``: ``[B, L, d]`` → :class:`Routing` over the ``B * L`` flat tokens."""
+        logits = self.logits(hidden)
+        routing = self.select(self.probabilities(logits), ctx)
+        routing.logits = logits.reshape(-1, self.num_experts)
+        return routing
+
+    def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """``probs``: fp32 ``[B, L, E]`` → :class:`Routing`."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}"
