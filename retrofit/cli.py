@@ -133,13 +133,12 @@ def convert(
 
 
 def _plan_table(plan) -> Table:
-    table = Table(title=f"routers to replace in {plan.source.origin}")
-    for col in ("layer", "tensor", "shape", "dtype", "shard", "now", "after"):
-        table.add_column(col)
-    now = plan.config.router_settings.describe()
+    table = Table(title=f"{plan.source.origin}: {plan.config.router_settings.describe()}  ->  "
+                        f"{plan.target.describe()}")
+    for col in ("layer", "router tensor", "shape", "dtype", "shard"):
+        table.add_column(col, overflow="fold")
     for s in plan.swaps:
-        table.add_row(str(s.layer), s.name, "x".join(map(str, s.shape)), s.dtype, s.shard, now,
-                      plan.target.describe())
+        table.add_row(str(s.layer), s.name, "x".join(map(str, s.shape)), s.dtype, s.shard)
     return table
 
 

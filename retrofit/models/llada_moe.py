@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
 from retrofit.errors import RetrofitError
@@ -65,6 +66,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         rope_theta: float = 50000.0,
         rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
         partial_rotary_factor: float = 1.0,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
@@ -101,9 +103,14 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
-        self.partial_rotary_factor = partial_rotary_factor
+        # transformers 5 keeps rotary settings in `rope_parameters` (`rope_scaling` is its deprecated alias);
+        # the Hub config has `rope_theta` + `rope_scaling: null`. Only plain (default) rotary is supported.
+        rope = dict(rope_parameters or rope_scaling or {})
+        self._rope_type = rope.get("rope_type", rope.get("type", "default"))
+        self.rope_theta = rope.get("rope_theta", rope_theta)
+        self.partial_rotary_factor = rope.get("partial_rotary_factor", partial_rotary_factor)
+        self.rope_parameters = {"rope_type": self._rope_type, "rope_theta": self.rope_theta,
+                                "partial_rotary_factor": self.partial_rotary_factor}
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.clip_qkv = clip_qkv
@@ -125,6 +132,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         settings = router if isinstance(router, RouterSettings) else RouterSettings.model_validate(router or {})
         self.router = settings.model_dump()
+        self._refuse_unsupported()  # before transformers validates rope parameters with its own error
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -132,7 +140,6 @@ class LLaDAMoEConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self._refuse_unsupported()
 
     @property
     def router_settings(self) -> RouterSettings:
@@ -147,8 +154,8 @@ class LLaDAMoEConfig(PretrainedConfig):
         problems = []
         if self.hidden_act != "silu":
             problems.append(f"hidden_act={self.hidden_act!r} (only 'silu')")
-        if self.rope_scaling is not None:
-            problems.append(f"rope_scaling={self.rope_scaling!r} (only none)")
+        if self._rope_type != "default":
+            problems.append(f"rope_scaling type {self._rope_type!r} (only plain rotary)")
         if self.partial_rotary_factor not in (None, 1, 1.0):
             problems.append(f"partial_rotary_factor={self.partial_rotary_factor} (only 1.0)")
         if self.shared_expert_intermediate_size:
@@ -216,8 +223,12 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,16 +367,20 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers' init functions skip tensors already loaded from a checkpoint.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, StackedExperts):
             for p in (module.gate_proj, module.up_proj, module.down_proj):
-                p.normal_(0.0, std)
+                init.normal_(p, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            # A non-persistent buffer: from_pretrained builds the model on the meta device, so recompute it.
+            init.copy_(module.inv_freq, module.frequencies())
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):

@@ -48,6 +48,7 @@ class Routing:
       their weights; C is the total capacity of one expert over the batch (sum of per-sequence capacities).
 
     ``logits`` (``[T, E]``, the gate's raw output) is kept for auxiliary losses such as the router z-loss.
+    ``capacity`` (EC only) is each sequence's per-expert capacity C_b, for statistics.
     """
 
     layout: Literal["token", "expert"]
@@ -55,6 +56,7 @@ class Routing:
     gates: torch.Tensor
     num_experts: int
     logits: torch.Tensor | None = None
+    capacity: torch.Tensor | None = None
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat ``(token, expert, gate)`` triples, the layout-free view used by statistics and tests."""

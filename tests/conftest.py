@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models of the real architecture, built in tmp_path; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrofit.tiny import build_tiny_model, write_hub_snapshot
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # A test must never reach the Hub; make any attempt fail fast instead of hanging on the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model(seed=0)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny_model) -> Path:
+    """A Hub-style snapshot of the tiny model, bf16, in several shards."""
+    return write_hub_snapshot(tiny_model, tmp_path / "tiny-src", max_shard_bytes=64 * 1024)
+
+
+def random_ids(model, batch=2, length=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (batch, length), generator=gen)
+    ids[:, ::4] = model.config.mask_token_id
+    return ids

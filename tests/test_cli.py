@@ -1,0 +1,151 @@
+"""The command line through Typer's CliRunner: the happy paths and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from typer.testing import CliRunner
+
+import retrofit  # noqa: F401
+from retrofit.cli import app
+from retrofit.io import sources
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def run(*args):
+    return runner.invoke(app, list(map(str, args)))
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+@pytest.fixture
+def created(tmp_path):
+    result = run("create-tiny", tmp_path / "t")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "t"
+
+
+def test_create_tiny_writes_a_hub_layout(created):
+    names = {p.name for p in created.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert len([n for n in names if n.startswith("model-") and n.endswith(".safetensors")]) >= 3
+    assert json.loads((created / "config.json").read_text())["model_type"] == "llada"
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(created)
+    assert tok.convert_tokens_to_ids("<|mask|>") == 257
+    assert tok.decode(tok("12 apples")["input_ids"]) == "12 apples"
+
+
+def test_convert_then_automodel(created, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("convert", "--src", created, "--router", "ec")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "t-ec"
+    assert "verified" in result.output
+    model = transformers.AutoModel.from_pretrained(out)
+    assert model.config.router_settings.type == "ec"
+
+
+def test_convert_with_schedule_flags(created, tmp_path):
+    result = run("convert", "--src", created, "--router", "ec", "--schedule", "linear-reverse", "--k-min", "1",
+                 "--k-max", "3", "--out", tmp_path / "sched")
+    assert result.exit_code == 0, result.output
+    router = json.loads((tmp_path / "sched" / "config.json").read_text())["router"]
+    assert router["schedule"] == {"name": "linear-reverse", "k_min": 1, "k_max": 3, "sigma": 0.22,
+                                  "threshold": 0.5}
+
+
+def test_dry_run_prints_table_and_writes_nothing(created, tmp_path):
+    result = run("convert", "--src", created, "--router", "block", "--guard-size", "2", "--out", tmp_path / "x",
+                 "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "model.layers.1.mlp.gate.weight" in result.output and "block" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_src_names_the_choices():
+    line = one_line_error(run("convert", "--src", "gpt5", "--router", "ec"))
+    assert "unknown --src 'gpt5'" in line and "--src PATH" in line
+
+
+def test_missing_directory():
+    line = one_line_error(run("convert", "--src", "./nope/model", "--router", "ec"))
+    assert "no such directory" in line
+
+
+def test_hub_failure_suggests_src_path(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise OSError("We couldn't connect to the Hub")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    line = one_line_error(run("convert", "--src", "llada-moe", "--router", "ec"))
+    assert "inclusionAI/LLaDA-MoE-7B-A1B-Base" in line and "--src PATH" in line
+
+
+def test_hub_id_goes_through_snapshot_download(monkeypatch, created, tmp_path):
+    asked = {}
+
+    def fake(repo_id, **kwargs):
+        asked.update(repo_id=repo_id, **kwargs)
+        return str(created)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake)
+    result = run("convert", "--src", "someone/tiny-llada-moe", "--router", "tc", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert asked["repo_id"] == "someone/tiny-llada-moe"
+    assert not any(p.endswith(".py") or p.endswith(".bin") for p in asked["allow_patterns"])
+
+
+def test_embedded_tiny_not_built_yet_is_explained():
+    if sources._embedded_path("tiny") is not None:
+        pytest.skip("the embedded tiny model ships with this build")
+    line = one_line_error(run("convert", "--src", "tiny", "--router", "ec"))
+    assert "create-tiny" in line
+
+
+def test_corrupt_shard(created, tmp_path):
+    shard = sorted(created.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--out", tmp_path / "o"))
+    assert shard.name in line and "corrupt" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_config_field(created, tmp_path):
+    cfg = json.loads((created / "config.json").read_text())
+    cfg["num_shared_experts"] = 2
+    (created / "config.json").write_text(json.dumps(cfg))
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--out", tmp_path / "o"))
+    assert "num_shared_experts" in line
+
+
+def test_existing_out_needs_force(created, tmp_path):
+    (tmp_path / "o").mkdir()
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--out", tmp_path / "o"))
+    assert "--force" in line
+    assert run("convert", "--src", created, "--router", "ec", "--out", tmp_path / "o", "--force").exit_code == 0
+
+
+def test_bad_router_settings_are_one_line(created, tmp_path):
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--capacity-factor", "0",
+                              "--out", tmp_path / "o"))
+    assert "capacity_factor" in line
+    line = one_line_error(run("convert", "--src", created, "--router", "block", "--guard-size", "1",
+                              "--out", tmp_path / "o"))
+    assert "guard_size" in line
+
+
+def test_help_explains_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "convert" in result.output and "create-tiny" in result.output
+    result = run("convert", "--help")
+    assert "--capacity-factor" in result.output and "--dry-run" in result.output

@@ -1,0 +1,128 @@
+"""The native LLaDA-MoE against a plain reference, and its loading/saving paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import retrofit  # noqa: F401  (registers the model with transformers)
+from retrofit.errors import RetrofitError
+from retrofit.io.load import load_model
+from retrofit.models.llada_moe import (
+    LLaDAMoEModelLM,
+    config_from_checkpoint,
+    hub_state_dict,
+    stack_expert_tensors,
+    unstack_expert_tensors,
+)
+from retrofit.tiny import hub_config_dict
+from tests.conftest import random_ids
+from tests.reference_llada import reference_logits
+
+
+def test_tc_model_matches_plain_reference(tiny_model):
+    ids = random_ids(tiny_model, batch=2, length=10)
+    with torch.no_grad():
+        ours = tiny_model(ids).logits
+    ref = reference_logits(hub_state_dict(tiny_model), tiny_model.config, ids)
+    assert ours.shape == (2, 10, tiny_model.config.vocab_size)
+    torch.testing.assert_close(ours.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_padding_only_hides_keys(tiny_model):
+    ids = random_ids(tiny_model, batch=2, length=9, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        ours = tiny_model(ids, attention_mask=mask).logits
+        alone = tiny_model(ids[1:, :6]).logits
+    ref = reference_logits(hub_state_dict(tiny_model), tiny_model.config, ids, mask)
+    torch.testing.assert_close(ours.double()[mask.bool()], ref[mask.bool()], atol=2e-5, rtol=1e-4)
+    # A padded sequence's real positions see exactly what they would see without the padding (TC routes per
+    # token, so padding cannot change them).
+    torch.testing.assert_close(ours[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_bidirectional(tiny_model):
+    ids = random_ids(tiny_model, batch=1, length=8)
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % 256
+    with torch.no_grad():
+        a, b = tiny_model(ids).logits, tiny_model(changed).logits
+    assert not torch.allclose(a[0, 0], b[0, 0]), "the first position must see the last one"
+
+
+def test_expert_stacking_round_trip_is_exact(tiny_model):
+    hub = hub_state_dict(tiny_model)
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in hub
+    assert "model.layers.0.mlp.gate.weight" in hub
+    restacked = stack_expert_tensors(hub, tiny_model.config.num_experts)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(restacked[name], tensor), name
+    assert set(unstack_expert_tensors(restacked)) == set(hub)
+
+
+def test_hub_tensor_names_match_the_real_checkpoint(tiny_model):
+    names = set(hub_state_dict(tiny_model))
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(tiny_model.config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        expected |= {p + f"{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        expected |= {p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
+        expected.add(p + "mlp.gate.weight")
+        expected |= {p + f"mlp.experts.{e}.{n}.weight" for e in range(8) for n in ("gate_proj", "up_proj", "down_proj")}
+    assert names == expected
+
+
+def test_snapshot_load_is_exact(tiny_dir, tiny_model):
+    loaded = load_model(tiny_dir)
+    ids = random_ids(tiny_model)
+    # The snapshot is bf16: the loaded model equals the original rounded to bf16 and back, bit for bit.
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in tiny_model.state_dict().items()}
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, rounded[name]), name
+    assert loaded.config.mask_token_id == 257, "mask id comes from the tokenizer when config.json lacks it"
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()
+
+
+def test_save_pretrained_round_trip_is_bit_exact(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "saved")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys == set(hub_state_dict(tiny_model)), "save_pretrained must write Hub (per-expert) names"
+    again = transformers.AutoModel.from_pretrained(tmp_path / "saved")
+    assert isinstance(again, LLaDAMoEModelLM)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    ids = random_ids(tiny_model)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, tiny_model(ids).logits)
+
+
+def test_hub_config_is_recognised_by_architecture_not_model_type():
+    raw = hub_config_dict()
+    assert raw["model_type"] == "llada"
+    assert config_from_checkpoint(raw).num_experts == 8
+    dense = {**raw, "architectures": ["LLaDAModelLM"]}
+    dense.pop("num_experts")
+    with pytest.raises(RetrofitError, match="not a LLaDA-MoE checkpoint"):
+        config_from_checkpoint(dense)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"frobnicate": 1}, "unsupported field.*frobnicate"),
+        ({"shared_expert_intermediate_size": 64}, "shared_expert_intermediate_size"),
+        ({"moe_router_score_function": "sigmoid"}, "sigmoid"),
+        ({"moe_layer_freq": [0, 1]}, "moe_layer_freq"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ],
+)
+def test_unsupported_config_is_refused_by_name(change, message):
+    with pytest.raises(RetrofitError, match=message):
+        config_from_checkpoint({**hub_config_dict(), **change})
