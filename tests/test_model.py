@@ -126,3 +126,47 @@ def test_hub_config_is_recognised_by_architecture_not_model_type():
 def test_unsupported_config_is_refused_by_name(change, message):
     with pytest.raises(RetrofitError, match=message):
         config_from_checkpoint({**hub_config_dict(), **change})
+
+
+def test_routing_stats_through_the_model(tiny_model):
+    from retrofit.routers import RouterSettings
+
+    ids = random_ids(tiny_model, batch=2, length=8)
+    with torch.no_grad():
+        tiny_model(ids)  # statistics are off by default
+        tiny_model.enable_routing_stats()
+        tiny_model(ids)
+        tiny_model(ids)
+    stats = tiny_model.routing_stats()
+    cfg = tiny_model.config
+    # TC: every token has exactly k experts, in every layer and forward.
+    assert stats.routings == 2 * cfg.num_hidden_layers
+    assert stats.experts_per_token.tolist()[cfg.num_experts_per_tok] == stats.num_tokens == 2 * 2 * 16
+    assert int(stats.tokens_per_expert.sum()) == stats.num_tokens * cfg.num_experts_per_tok
+    assert 1 <= stats.unique_experts <= cfg.num_experts
+    tiny_model.set_router(RouterSettings(type="ec", capacity_factor=0.5))
+    tiny_model.enable_routing_stats()
+    with torch.no_grad():
+        tiny_model(ids)
+    ec = tiny_model.routing_stats()
+    assert ec.unique_experts == cfg.num_experts, "every expert works under expert choice"
+    assert ec.as_dict()["capacity_per_routing"] == 2 * round(8 * 2 / 8 * 0.5)
+    tiny_model.enable_routing_stats(False)
+    with pytest.raises(RuntimeError):
+        tiny_model.routing_stats()
+
+
+def test_set_router_keeps_gate_weights_and_tc_is_identity(tiny_model):
+    from retrofit.routers import RouterSettings
+
+    ids = random_ids(tiny_model)
+    before = {n: p.clone() for n, p in tiny_model.state_dict().items()}
+    with torch.no_grad():
+        tc_logits = tiny_model(ids).logits
+        tiny_model.set_router(RouterSettings(type="ec"))
+        ec_logits = tiny_model(ids).logits
+        tiny_model.set_router(RouterSettings(type="tc"))
+        again = tiny_model(ids).logits
+    assert all(torch.equal(before[n], p) for n, p in tiny_model.state_dict().items())
+    assert not torch.equal(tc_logits, ec_logits)
+    assert torch.equal(tc_logits, again)

@@ -332,8 +332,7 @@ class SparseMoeBlock(nn.Module):
         self.gate: Router = build_router(settings, config.hidden_size, config.num_experts,
                                          config.num_experts_per_tok)
         self.experts = StackedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
-        self.stats: RoutingStats | None = None  # set by retrofit.routers.stats collection helpers
-        self.last_routing = None  # kept only while an auxiliary loss asks for it
+        self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         batch, length, dim = x.shape
@@ -449,6 +448,21 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers]
+
+    def enable_routing_stats(self, enabled: bool = True) -> None:
+        """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones."""
+        for block in self.moe_blocks():
+            block.stats = RoutingStats(self.config.num_experts) if enabled else None
+
+    def routing_stats(self) -> RoutingStats:
+        """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the
+        mean per layer per forward)."""
+        merged = RoutingStats(self.config.num_experts)
+        for block in self.moe_blocks():
+            if block.stats is None:
+                raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
+            merged.merge(block.stats)
+        return merged
 
     def set_router(self, settings: RouterSettings) -> None:
         """Replace every layer's router in place, keeping its gate weight (the retrofit itself)."""
