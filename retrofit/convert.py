@@ -8,7 +8,6 @@ that becomes the output only after the result has been reloaded and checked agai
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,17 +16,14 @@ import torch
 
 from retrofit import __version__
 from retrofit.errors import RetrofitError
-from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
+from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config
+from retrofit.io.model_dir import ROUTER_FILE, converted_config, write_model_directory
 from retrofit.io.sources import Source
-from retrofit.io.tokenizer_files import tokenizer_files
-from retrofit.io.writer import atomic_directory, check_destination, save_tensors, write_json
-from retrofit.models.llada_moe import MODEL_TYPE, LLaDAMoEConfig
+from retrofit.io.writer import atomic_directory, check_destination
+from retrofit.models.llada_moe import LLaDAMoEConfig
 from retrofit.routers import RouterSettings, build_router
 from retrofit.verify import compare_tensors, probe_input, streamed_logits
-
-ROUTER_FILE = "router.safetensors"
-
 
 @dataclass
 class RouterSwap:
@@ -105,39 +101,15 @@ def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> dict[str, t
     return out
 
 
-def converted_config(raw: dict, config: LLaDAMoEConfig, target: RouterSettings) -> dict:
-    """The source config.json, re-typed as retrofit's own model type, with the mask id and router section."""
-    out = {k: v for k, v in raw.items() if k != "auto_map"}  # auto_map points at remote code: never carry it
-    out.update(model_type=MODEL_TYPE, architectures=["LLaDAMoEModelLM"], mask_token_id=config.mask_token_id,
-               router=target.model_dump())
-    return out
-
-
 def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify: bool = True,
             step: Callable[[str], None] = lambda msg: None) -> ConversionReport:
     ckpt = CheckpointDir(plan.source.path)
     check_destination(plan.out.expanduser().resolve(), force)
     routers = new_router_tensors(ckpt, plan)
-    rewrite = set(plan.shards_to_rewrite)
+    config = converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
     with atomic_directory(plan.out, force=force) as tmp:
-        for shard in ckpt.shards:
-            step(f"{'rewrite' if shard in rewrite else 'copy'} {shard}")
-            if shard in rewrite:
-                tensors = ckpt.read_shard(shard)
-                tensors.update({n: routers[n] for n in tensors if n in routers})
-                save_tensors(tmp / shard, tensors, ckpt.shard_metadata(shard))
-                del tensors
-            else:
-                shutil.copyfile(ckpt.path / shard, tmp / shard)
-        if ckpt.is_sharded:
-            shutil.copyfile(ckpt.path / INDEX_NAME, tmp / INDEX_NAME)  # names are unchanged
-        write_json(tmp / "config.json", converted_config(ckpt.config, plan.config, plan.target))
-        for f in tokenizer_files(ckpt.path):
-            shutil.copyfile(f, tmp / f.name)
-        save_tensors(tmp / ROUTER_FILE, routers, {"format": "pt", "router": plan.target.model_dump_json()})
-        (tmp / "README.md").write_text(model_card(plan, command))
-        report = ConversionReport(plan.out, sorted(rewrite), [s for s in ckpt.shards if s not in rewrite], 0,
-                                  None, 0.0)
+        shards = write_model_directory(ckpt, tmp, routers, config, model_card(plan, command), step=step)
+        report = ConversionReport(plan.out, shards.rewritten, shards.copied, 0, None, 0.0)
         if verify:
             step("verify")
             _verify(ckpt, CheckpointDir(tmp), plan, routers, report)

@@ -53,11 +53,15 @@ class CheckpointDir:
         return (self.path / INDEX_NAME).is_file()
 
     @cached_property
+    def index(self) -> dict:
+        return read_json(self.path / INDEX_NAME) if self.is_sharded else {}
+
+    @cached_property
     def weight_map(self) -> dict[str, str]:
         """Tensor name → shard file name, in the order the checkpoint lists them."""
         if not self.is_sharded:
             return {name: SINGLE_SHARD for name in self._shard_keys(SINGLE_SHARD)}
-        index = read_json(self.path / INDEX_NAME)
+        index = self.index
         if not isinstance(index.get("weight_map"), dict):
             raise RetrofitError(f"{self.path / INDEX_NAME} has no weight_map")
         weight_map = index["weight_map"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -333,12 +334,16 @@ class SparseMoeBlock(nn.Module):
                                          config.num_experts_per_tok)
         self.experts = StackedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
         self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
+        self.keep_router_logits = False  # set for auxiliary losses (z-loss) that need the gate's logits
+        self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         batch, length, dim = x.shape
         routing = self.gate(x, ctx)
         if self.stats is not None:
             self.stats.update(routing, ctx.valid)
+        if self.keep_router_logits:
+            self.router_logits = routing.logits
         return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)
 
 
@@ -419,7 +424,8 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x, *layer_args)
+                # Recompute each layer in the backward pass instead of keeping its activations.
+                x = torch.utils.checkpoint.checkpoint(layer, x, *layer_args, use_reentrant=False)
             else:
                 x = layer(x, *layer_args)
         return self.norm(x)

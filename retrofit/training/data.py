@@ -1,0 +1,116 @@
+"""Training data: text or prompt/response records → fixed-length token sequences.
+
+- ``pretrain``: every record's text field is tokenised, followed by EOS, concatenated and cut into
+  ``seq_len`` chunks; every position is maskable.
+- ``sft``: prompt + response + EOS, padded with EOS to ``seq_len`` (LLaDA trains on EOS padding) or cut;
+  only response positions (EOS padding included) are maskable, the prompt never is.
+
+Records come through ``datasets`` (local files by extension, or a Hub dataset name), so tokenisation is
+cached by ``datasets`` between runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retrofit.errors import RetrofitError
+from retrofit.training.recipe import DataSection, resolve_path
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class TokenBatches:
+    """``input_ids`` ``[N, seq_len]`` and ``prompt_len`` ``[N]`` (0 for pretraining)."""
+
+    input_ids: torch.Tensor
+    prompt_len: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's own fast tokenizer, read from tokenizer.json without consulting remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (model_dir / "tokenizer.json").is_file():
+        raise RetrofitError(f"{model_dir} has no tokenizer.json; retrofit needs the checkpoint's fast tokenizer")
+    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+
+
+def load_records(section: DataSection, recipe_dir: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = resolve_path(section.path, recipe_dir)
+    try:
+        if local is not None:
+            builder = section.format if section.format != "auto" else _BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise RetrofitError(f"data.path {local}: cannot tell the format from '{local.suffix}'; set "
+                                    f"data.format to one of json, text, parquet, csv")
+            records = datasets.load_dataset(builder, data_files=str(local), split="train")
+        elif section.path.startswith((".", "/", "~")) or Path(section.path).suffix in _BUILDERS:
+            raise RetrofitError(f"data file not found: {section.path} (looked beside the recipe and in the "
+                                "working directory)")
+        else:
+            records = datasets.load_dataset(section.path, split=section.split)
+    except RetrofitError:
+        raise
+    except Exception as exc:
+        raise RetrofitError(f"cannot load data {section.path}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if len(records) == 0:
+        raise RetrofitError(f"data {section.path} is empty")
+    if section.max_examples:
+        records = records.select(range(min(section.max_examples, len(records))))
+    return records
+
+
+def _require_fields(records, fields: list[str], path: str) -> None:
+    missing = [f for f in fields if f not in records.column_names]
+    if missing:
+        raise RetrofitError(f"data {path} has no field {', '.join(missing)} (fields: "
+                            f"{', '.join(records.column_names)}); set data.text_field / prompt_field / "
+                            "response_field")
+
+
+def build_sequences(section: DataSection, recipe_dir: Path, tokenizer) -> TokenBatches:
+    records = load_records(section, recipe_dir)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise RetrofitError("the tokenizer has no EOS token")
+    if section.objective == "pretrain":
+        _require_fields(records, [section.text_field], section.path)
+        tokens = records.map(lambda batch: {"ids": [ids + [eos] for ids in tokenizer(batch[section.text_field])
+                                                    ["input_ids"]]},
+                             batched=True, remove_columns=records.column_names)
+        flat = torch.tensor([t for ids in tokens["ids"] for t in ids], dtype=torch.long)
+        count = flat.numel() // section.seq_len
+        if count == 0:
+            raise RetrofitError(f"data {section.path} has {flat.numel()} tokens, fewer than one sequence of "
+                                f"data.seq_len={section.seq_len}")
+        ids = flat[: count * section.seq_len].view(count, section.seq_len)
+        return TokenBatches(ids, torch.zeros(count, dtype=torch.long))
+    _require_fields(records, [section.prompt_field, section.response_field], section.path)
+
+    def encode(batch):
+        prompts = tokenizer(batch[section.prompt_field])["input_ids"]
+        responses = tokenizer(batch[section.response_field])["input_ids"]
+        return {"prompt": prompts, "response": [r + [eos] for r in responses]}
+
+    tokens = records.map(encode, batched=True, remove_columns=records.column_names)
+    rows, prompt_lens = [], []
+    for prompt, response in zip(tokens["prompt"], tokens["response"]):
+        if len(prompt) >= section.seq_len:
+            continue  # no room for a response: nothing to learn from this record
+        row = (prompt + response)[: section.seq_len]
+        rows.append(row + [eos] * (section.seq_len - len(row)))
+        prompt_lens.append(len(prompt))
+    if not rows:
+        raise RetrofitError(f"every prompt in {section.path} is longer than data.seq_len={section.seq_len}")
+    return TokenBatches(torch.tensor(rows, dtype=torch.long), torch.tensor(prompt_lens, dtype=torch.long))

@@ -1,0 +1,178 @@
+"""Fine-tuning recipes: YAML validated by one pydantic schema, with ``key.sub=value`` overrides.
+
+Every section forbids unknown keys, so a misspelled key is an error that names it and the closest valid one.
+Relative paths (``model.source``, ``data.path``) are resolved against the recipe's directory first, then the
+working directory; ``checkpoint.output_dir`` is relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from retrofit.errors import RetrofitError
+from retrofit.routers import RouterSettings
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    source: str = Field(description="registry name, Hub id or directory of a TC or converted checkpoint")
+    router: RouterSettings | None = Field(default=None, description="overrides the checkpoint's router")
+
+
+class DataSection(Section):
+    path: str = Field(description="local file (jsonl, json, txt, parquet, csv) or a Hub dataset name")
+    format: Literal["auto", "json", "text", "parquet", "csv"] = "auto"
+    split: str = "train"
+    objective: Literal["pretrain", "sft"] = "pretrain"
+    text_field: str = "text"
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    seq_len: int = Field(default=256, ge=8)
+    max_examples: int | None = Field(default=None, ge=1)
+
+
+class DistillSection(Section):
+    weight: float = Field(default=0.0, ge=0, description="KL(teacher || student) weight at masked positions")
+    temperature: float = Field(default=1.0, gt=0)
+
+
+class ObjectiveSection(Section):
+    eps: float = Field(default=1e-3, gt=0, lt=1, description="minimum mask probability")
+    z_loss: float = Field(default=0.0, ge=0, description="router z-loss coefficient (EC-DLM used 1e-3)")
+    distill: DistillSection = Field(default_factory=DistillSection)
+
+
+class LoraSection(Section):
+    r: int = Field(default=8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainableSection(Section):
+    mode: Literal["routers", "routers+lora"] = "routers"
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class OptimSection(Section):
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_steps: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: fp32 on CPU, bf16 "
+                                                                                   "autocast on GPU")
+    activation_checkpointing: bool = False
+    device: str = "auto"
+
+
+class CheckpointSection(Section):
+    output_dir: str
+    every: int = Field(default=100, ge=1, description="save training state every N steps (and at the end)")
+
+
+class LoggingSection(Section):
+    every: int = Field(default=10, ge=1)
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    trainable: TrainableSection = Field(default_factory=TrainableSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    checkpoint: CheckpointSection
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def _schema_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Valid keys at ``path`` of the schema (for suggestions)."""
+    for key in path:
+        field = model.model_fields.get(key)
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def explain(exc: ValidationError, source: str) -> RetrofitError:
+    """The first validation problem as one line; for an unknown key, name the closest valid one."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _schema_keys(Recipe, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else f"; valid keys: {', '.join(valid)}"
+        return RetrofitError(f"{source}: unknown key {where}{hint}")
+    if err["type"] == "missing":
+        return RetrofitError(f"{source}: missing required key {where}")
+    return RetrofitError(f"{source}: invalid {where}: {err['msg']} (got {err.get('input')!r})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``optim.lr=3e-4`` → (["optim", "lr"], 0.0003); the value is parsed as YAML (numbers, bools, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RetrofitError(f"override {text!r} must look like key.sub=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RetrofitError(f"override {text!r}: {key} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    """Read, override and validate a recipe; returns it with the directory its relative paths start from."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrofitError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RetrofitError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RetrofitError(f"{path}: a recipe is a mapping of sections (model, data, ...)")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data), path.resolve().parent
+    except ValidationError as exc:
+        raise explain(exc, str(path)) from None
+
+
+def resolve_path(value: str, recipe_dir: Path) -> Path | None:
+    """A relative path is looked up beside the recipe first, then in the working directory."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return candidate if candidate.exists() else None
+    for base in (recipe_dir, Path.cwd()):
+        if (base / candidate).exists():
+            return (base / candidate).resolve()
+    return None
