@@ -158,6 +158,60 @@ def create_tiny(
     out_console.print(f"[green]wrote[/] {path}: {len(shards)} shard(s), tokenizer, config.json")
 
 
+@app.command()
+@user_errors
+def finetune(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. optim.lr=3e-4"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in "
+                                                        "checkpoint.output_dir."),
+):
+    """Router-only fine-tuning (optionally + LoRA) of a converted model from a YAML recipe."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from retrofit.training.recipe import load_recipe
+    from retrofit.training.trainer import Finetune
+
+    parsed, recipe_dir = load_recipe(recipe, overrides or [])
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with err_console.status("loading model and data"):
+        job = Finetune(parsed, recipe_dir, recipe.read_text())
+    tokens_per_step = parsed.optim.batch_size * parsed.optim.grad_accum * parsed.data.seq_len
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task("", total=parsed.optim.max_steps)
+        started = {}
+
+        def report(done, total, values):
+            started.setdefault("t", bar.get_time() - 0.0)
+            started.setdefault("step", done - 1)
+            rate = tokens_per_step * (done - started["step"]) / max(bar.get_time() - started["t"], 1e-9)
+            bar.update(task, completed=done, description=f"loss {values['diffusion']:.4f}  {rate:,.0f} tok/s")
+
+        job.progress = report
+        result = job.run(resume=resume)
+    out_console.print(f"[green]wrote[/] {result.output_dir}: {result.steps} steps, final loss "
+                      f"{result.losses[-1]:.4f}" if result.losses else f"[green]wrote[/] {result.output_dir}")
+
+
+@app.command()
+@user_errors
+def validate(
+    recipe: Path = typer.Argument(..., help="YAML recipe to check."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides to apply first."),
+):
+    """Check a recipe (schema, overrides, data file, model source) without running it."""
+    from retrofit.training.recipe import load_recipe, resolve_path
+
+    parsed, recipe_dir = load_recipe(recipe, overrides or [])
+    data = parsed.data.path
+    if resolve_path(data, recipe_dir) is None and (data.startswith((".", "/", "~")) or "." in Path(data).suffix):
+        raise RetrofitError(f"{recipe}: data file not found: {data} (looked beside the recipe and in the working "
+                            "directory)")
+    out_console.print(f"[green]ok[/] {recipe}: {parsed.model.source} -> {parsed.checkpoint.output_dir}, "
+                      f"{parsed.trainable.mode}, {parsed.optim.max_steps} steps")
+
+
 def main() -> None:
     app()
 

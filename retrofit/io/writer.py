@@ -51,8 +51,7 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
 def _apply_umask(directory: Path) -> None:
     """mkdtemp makes a private 0700 directory and some writers make 0600 files; give the result the
     permissions a plain mkdir and open would have."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     directory.chmod(0o777 & ~umask)
     for path in directory.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
@@ -65,6 +64,13 @@ def write_json(path: Path, data: dict) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses views that share storage; contiguous copies are cheap next to the disk write.
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
+    path.chmod(0o666 & ~_umask())  # safetensors creates 0600 files; give them a plain file's permissions
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def shard_names(count: int) -> list[str]:

@@ -1,0 +1,40 @@
+"""Which parameters train: the routers only (default), or the routers plus peft LoRA adapters.
+
+Everything else is frozen with ``requires_grad_(False)``, so autograd builds no weight gradient for experts or
+attention; gradients still flow *through* them to the routers.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from retrofit.models.llada_moe import LLaDAMoEModelLM
+from retrofit.training.recipe import TrainableSection
+
+
+def router_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name.endswith("mlp.gate.weight")]
+
+
+def make_trainable(model: LLaDAMoEModelLM, section: TrainableSection) -> nn.Module:
+    """Freeze all but the routers (and LoRA adapters); returns the module to train (a PeftModel with LoRA)."""
+    model.requires_grad_(False)
+    if section.mode == "routers+lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = section.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, bias="none")
+        model = get_peft_model(model, config)  # adapters are created trainable, the base stays frozen
+    for block in base_model(model).moe_blocks():
+        block.gate.weight.requires_grad_(True)
+    return model
+
+
+def base_model(model: nn.Module) -> LLaDAMoEModelLM:
+    """The LLaDA-MoE model under an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trainable_state(model: nn.Module) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,256 @@
+"""`retrofit finetune`: brief router fine-tuning with the masked-diffusion objective.
+
+The loop is deliberately plain: deterministic data order derived from the seed and the step (so resuming
+needs no sampler state), one noise generator whose state is checkpointed, AdamW with warm-up then cosine or
+constant learning rate, gradient accumulation and clipping. Metrics go to ``metrics.jsonl`` beside the
+checkpoints, one line per logging step, with routing statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retrofit.errors import RetrofitError
+from retrofit.io.checkpoint import CheckpointDir
+from retrofit.io.load import load_model
+from retrofit.io.model_dir import converted_config, write_model_directory
+from retrofit.io.sources import Source, resolve_source
+from retrofit.routers import TokenChoiceRouter
+from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from retrofit.training.data import TokenBatches, build_sequences, load_tokenizer
+from retrofit.training.objective import add_noise, diffusion_loss, distillation_kl, router_z_loss
+from retrofit.training.recipe import Recipe, resolve_path
+from retrofit.training.trainable import base_model, make_trainable, router_parameter_names
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    steps: int
+    losses: list[float]  # diffusion loss of every step run in this invocation
+
+
+def resolve_model_source(source: str, recipe_dir: Path) -> Source:
+    local = resolve_path(source, recipe_dir)
+    return resolve_source(str(local) if local is not None and local.is_dir() else source)
+
+
+def lr_lambda(optim):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class Finetune:
+    def __init__(self, recipe: Recipe, recipe_dir: Path, recipe_text: str = "", progress=None):
+        self.recipe, self.recipe_text, self.progress = recipe, recipe_text, progress
+        self.output_dir = Path(recipe.checkpoint.output_dir).expanduser().resolve()
+        self.source = resolve_model_source(recipe.model.source, recipe_dir)
+        self.ckpt = CheckpointDir(self.source.path)
+        optim = recipe.optim
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if optim.device == "auto"
+                                   else optim.device)
+        use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        torch.manual_seed(optim.seed)
+        model = load_model(self.ckpt, router=recipe.model.router).to(self.device)
+        self.base = model
+        self.config = model.config
+        self.data: TokenBatches = build_sequences(recipe.data, recipe_dir, load_tokenizer(self.ckpt.path))
+        self.teacher_weights = [b.gate.weight.detach().clone() for b in model.moe_blocks()]
+        self.model = make_trainable(model, recipe.trainable)
+        if optim.activation_checkpointing:
+            model.model.gradient_checkpointing = True
+        for block in model.moe_blocks():
+            block.keep_router_logits = recipe.objective.z_loss > 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
+        self.noise_gen = torch.Generator().manual_seed(optim.seed + 1)
+        self._perm_epoch: int | None = None
+
+    # ------------------------------------------------------------------------------------ data
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.recipe.optim.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=gen), epoch
+        return self._perm
+
+    def micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of micro-batch ``index``: a seeded permutation per epoch, so the order depends only on the step."""
+        size, total = self.recipe.optim.batch_size, len(self.data)
+        rows = torch.tensor([int(self.permutation(pos // total)[pos % total])
+                             for pos in range(index * size, (index + 1) * size)])
+        return self.data.input_ids[rows], self.data.prompt_len[rows]
+
+    # ------------------------------------------------------------------------------------ steps
+
+    @contextmanager
+    def teacher_routing(self):
+        """The original TC model: the checkpoint's own routers and gate weights, adapters off, no stats."""
+        blocks = self.base.moe_blocks()
+        saved = [(b.gate, b.stats, b.keep_router_logits) for b in blocks]
+        cfg = self.config
+        for block, weight in zip(blocks, self.teacher_weights):
+            tc = TokenChoiceRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
+            tc.weight = torch.nn.Parameter(weight, requires_grad=False)
+            block.gate, block.stats, block.keep_router_logits = tc, None, False
+        adapters = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+        try:
+            with adapters:
+                yield
+        finally:
+            for block, (gate, stats, keep) in zip(blocks, saved):
+                block.gate, block.stats, block.keep_router_logits = gate, stats, keep
+
+    def loss_terms(self, ids: torch.Tensor, prompt_len: torch.Tensor) -> dict[str, torch.Tensor]:
+        obj = self.recipe.objective
+        noise = add_noise(ids, prompt_len, self.config.mask_token_id, obj.eps, self.noise_gen)
+        noisy, t = noise.noisy.to(self.device), noise.t.to(self.device)
+        with self.autocast:
+            logits = self.model(input_ids=noisy, mask_ratio=t).logits
+        terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), _to(noise, self.device))}
+        if obj.z_loss > 0:
+            terms["z_loss"] = router_z_loss([b.router_logits for b in self.base.moe_blocks()])
+        if obj.distill.weight > 0:
+            with torch.no_grad(), self.teacher_routing(), self.autocast:
+                teacher = self.model(input_ids=noisy, mask_ratio=t).logits
+            terms["distill"] = distillation_kl(logits, teacher, noise.masked.to(self.device), obj.distill.temperature)
+        return terms
+
+    def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        obj = self.recipe.objective
+        weights = {"diffusion": 1.0, "z_loss": obj.z_loss, "distill": obj.distill.weight}
+        return sum(weights[k] * v for k, v in terms.items())
+
+    def train_step(self, step: int) -> dict[str, float]:
+        optim = self.recipe.optim
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(optim.grad_accum):
+            terms = self.loss_terms(*self.micro_batch(step * optim.grad_accum + micro))
+            total = self.total(terms)
+            if not torch.isfinite(total):
+                path = self.save(step)
+                raise RetrofitError(f"loss is {float(total)} at step {step + 1}; stopped, the last good state is "
+                                    f"saved in {path}")
+            (total / optim.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / optim.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return {**sums, "grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------------------------ run
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.noise_gen,
+                               {"source": str(self.source.path)})
+
+    def run(self, resume: bool = False) -> FinetuneResult:
+        optim, every = self.recipe.optim, self.recipe.checkpoint.every
+        start = 0
+        if resume:
+            latest = latest_checkpoint(self.output_dir)
+            if latest is None:
+                raise RetrofitError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}")
+            start = load_checkpoint(latest, self.model, self.optimizer, self.scheduler, self.noise_gen)["step"]
+        elif latest_checkpoint(self.output_dir) is not None:
+            raise RetrofitError(f"{self.output_dir} already holds checkpoints; pass --resume to continue, or choose "
+                                "another checkpoint.output_dir")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = _MetricsLog(self.output_dir / METRICS_FILE, keep_until=start)
+        self.base.enable_routing_stats()
+        tokens_per_step = optim.batch_size * optim.grad_accum * self.recipe.data.seq_len
+        losses, window, clock = [], [], time.perf_counter()
+        for step in range(start, optim.max_steps):
+            values = self.train_step(step)
+            losses.append(values["diffusion"])
+            window.append(values)
+            done = step + 1
+            if done % self.recipe.logging.every == 0 or done == optim.max_steps:
+                # Loss terms are means over the logging window: one step's loss swings with its sampled t.
+                means = {k: sum(v[k] for v in window) / len(window) for k in window[0] if k not in ("lr",)}
+                elapsed = time.perf_counter() - clock
+                metrics.write({"step": done, **means, "lr": values["lr"], "tokens": done * tokens_per_step,
+                               "tokens_per_s": tokens_per_step * len(window) / max(elapsed, 1e-9),
+                               "routing": self.base.routing_stats().as_dict()})
+                self.base.enable_routing_stats()
+                window, clock = [], time.perf_counter()
+            if self.progress:
+                self.progress(done, optim.max_steps, values)
+            if done % every == 0 or done == optim.max_steps:
+                self.save(done)
+        self.export()
+        return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
+
+    def export(self) -> None:
+        """Turn the output directory into a full model directory (plus a peft adapter with LoRA)."""
+        base = self.base
+        trained = {name: p.detach().float().cpu() for name, p in base.named_parameters()
+                   if name in set(router_parameter_names(base))}
+        config = converted_config(self.ckpt.config, self.config.mask_token_id, self.config.router_settings)
+        partial = self.output_dir / ".export-partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        write_model_directory(self.ckpt, partial, trained, config, self.model_card(), link=True)
+        if hasattr(self.model, "save_pretrained") and self.recipe.trainable.mode == "routers+lora":
+            self.model.save_pretrained(str(partial / "adapter"))
+        # Move into place with config.json last: the directory only looks complete once everything is there.
+        names = sorted(p.name for p in partial.iterdir())
+        for name in [n for n in names if n != "config.json"] + ["config.json"]:
+            dest = self.output_dir / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(partial / name, dest)
+        partial.rmdir()
+
+    def model_card(self) -> str:
+        return (f"# {self.output_dir.name}\n\nRouter fine-tuning of `{self.source.origin}` by retrofit "
+                f"({self.config.router_settings.describe()}). Trainable: {self.recipe.trainable.mode}. Only the "
+                f"router tensors differ from the source; they are also in `router.safetensors`."
+                f"{' LoRA adapters are in `adapter/`.' if self.recipe.trainable.mode != 'routers' else ''}\n\n"
+                f"Recipe:\n\n```yaml\n{self.recipe_text}\n```\n")
+
+
+def _to(noise, device):
+    if device.type == "cpu":
+        return noise
+    return type(noise)(*(getattr(noise, f).to(device) for f in noise.__dataclass_fields__))
+
+
+class _MetricsLog:
+    """metrics.jsonl, one JSON object per logging step; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        kept = []
+        if keep_until and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
