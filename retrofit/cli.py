@@ -176,7 +176,7 @@ def finetune(
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with err_console.status("loading model and data"):
-        job = Finetune(parsed, recipe_dir, recipe.read_text())
+        job = Finetune(parsed, recipe_dir, recipe.read_text(), resume=resume)
     tokens_per_step = parsed.optim.batch_size * parsed.optim.grad_accum * parsed.data.seq_len
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("", total=parsed.optim.max_steps)
@@ -189,7 +189,7 @@ def finetune(
             bar.update(task, completed=done, description=f"loss {values['diffusion']:.4f}  {rate:,.0f} tok/s")
 
         job.progress = report
-        result = job.run(resume=resume)
+        result = job.run()
     out_console.print(f"[green]wrote[/] {result.output_dir}: {result.steps} steps, final loss "
                       f"{result.losses[-1]:.4f}" if result.losses else f"[green]wrote[/] {result.output_dir}")
 

@@ -59,9 +59,17 @@ def lr_lambda(optim):
 
 
 class Finetune:
-    def __init__(self, recipe: Recipe, recipe_dir: Path, recipe_text: str = "", progress=None):
-        self.recipe, self.recipe_text, self.progress = recipe, recipe_text, progress
+    def __init__(self, recipe: Recipe, recipe_dir: Path, recipe_text: str = "", progress=None,
+                 resume: bool = False):
+        self.recipe, self.recipe_text, self.progress, self.resume = recipe, recipe_text, progress, resume
         self.output_dir = Path(recipe.checkpoint.output_dir).expanduser().resolve()
+        # Decide about existing checkpoints before the expensive part, so a mistake fails at once.
+        self.resume_from = latest_checkpoint(self.output_dir)
+        if resume and self.resume_from is None:
+            raise RetrofitError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}")
+        if not resume and self.resume_from is not None:
+            raise RetrofitError(f"{self.output_dir} already holds checkpoints; pass --resume to continue, or choose "
+                                "another checkpoint.output_dir")
         self.source = resolve_model_source(recipe.model.source, recipe_dir)
         self.ckpt = CheckpointDir(self.source.path)
         optim = recipe.optim
@@ -151,7 +159,7 @@ class Finetune:
             total = self.total(terms)
             if not torch.isfinite(total):
                 path = self.save(step)
-                raise RetrofitError(f"loss is {float(total)} at step {step + 1}; stopped, the last good state is "
+                raise RetrofitError(f"loss is {float(total.detach())} at step {step + 1}; stopped, the last good state is "
                                     f"saved in {path}")
             (total / optim.grad_accum).backward()
             for k, v in terms.items():
@@ -168,17 +176,12 @@ class Finetune:
         return save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.noise_gen,
                                {"source": str(self.source.path)})
 
-    def run(self, resume: bool = False) -> FinetuneResult:
+    def run(self) -> FinetuneResult:
         optim, every = self.recipe.optim, self.recipe.checkpoint.every
         start = 0
-        if resume:
-            latest = latest_checkpoint(self.output_dir)
-            if latest is None:
-                raise RetrofitError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}")
-            start = load_checkpoint(latest, self.model, self.optimizer, self.scheduler, self.noise_gen)["step"]
-        elif latest_checkpoint(self.output_dir) is not None:
-            raise RetrofitError(f"{self.output_dir} already holds checkpoints; pass --resume to continue, or choose "
-                                "another checkpoint.output_dir")
+        if self.resume:
+            start = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
+                                    self.noise_gen)["step"]
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = _MetricsLog(self.output_dir / METRICS_FILE, keep_until=start)
         self.base.enable_routing_stats()

@@ -1,0 +1,272 @@
+"""Router fine-tuning on tiny models with the local GSM8K data: what changes, resume, losses, bad recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import retrofit  # noqa: F401
+from retrofit.cli import app
+from retrofit.errors import RetrofitError
+from retrofit.io.checkpoint import CheckpointDir
+from retrofit.io.load import load_model
+from retrofit.tiny import build_tiny_model, write_hub_snapshot
+from retrofit.training.objective import add_noise, diffusion_loss
+from retrofit.training.recipe import load_recipe
+from retrofit.training.trainer import Finetune
+from tests.conftest import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def strong_tiny(tmp_path_factory) -> Path:
+    """A tiny model whose experts are large enough that routing visibly matters to the loss."""
+    model = build_tiny_model(seed=0)
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            for p in (block.experts.gate_proj, block.experts.up_proj, block.experts.down_proj):
+                p.mul_(25.0)
+    return write_hub_snapshot(model, tmp_path_factory.mktemp("m") / "tiny", max_shard_bytes=64 * 1024)
+
+
+def write_recipe(tmp_path: Path, source: Path, **sections) -> Path:
+    recipe = {
+        "model": {"source": str(source), "router": {"type": "ec"}},
+        "data": {"path": str(GSM8K), "objective": "pretrain", "text_field": "question", "seq_len": 64,
+                 "max_examples": 200},
+        "optim": {"lr": 0.05, "max_steps": 12, "batch_size": 4, "warmup_steps": 2, "seed": 0},
+        "checkpoint": {"output_dir": str(tmp_path / "run"), "every": 4},
+        "logging": {"every": 2},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def finetune(path: Path, *overrides: str, resume: bool = False, progress=None):
+    recipe, recipe_dir = load_recipe(path, list(overrides))
+    job = Finetune(recipe, recipe_dir, path.read_text(), progress=progress, resume=resume)
+    return job, job.run()
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert {p.name for p in recipes} >= {"ec.yaml", "ec-timestep.yaml", "block.yaml", "tiny-ec.yaml"}
+    for path in recipes:
+        result = runner.invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, (path, result.output)
+
+
+def test_routers_only_run_changes_only_router_tensors(strong_tiny, tmp_path):
+    _, result = finetune(write_recipe(tmp_path, strong_tiny))
+    src, out = CheckpointDir(strong_tiny), CheckpointDir(result.output_dir)
+    assert set(src.weight_map) == set(out.weight_map)
+    changed = set()
+    for name in src.weight_map:
+        a, b = src.read([name])[name], out.read([name])[name]
+        if a.shape != b.shape or not torch.equal(a.float(), b.float()):
+            changed.add(name)
+    assert changed == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["router"]["type"] == "ec" and config["model_type"] == "llada_moe"
+    assert (result.output_dir / "router.safetensors").is_file()
+    assert not (result.output_dir / "adapter").exists()
+    lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6, 8, 10, 12]
+    assert {"diffusion", "lr", "tokens_per_s", "routing"} <= set(lines[-1])
+    assert {"unique_experts", "tokens_per_expert", "tokens_with_zero_experts"} <= set(lines[-1]["routing"])
+    # The result loads like any converted model, with the trained routers.
+    model = load_model(result.output_dir)
+    assert model.config.router_settings.type == "ec"
+
+
+def held_out_loss(model, data, mask_id) -> float:
+    gen = torch.Generator().manual_seed(1234)
+    ids, prompt_len = data.input_ids[:32], data.prompt_len[:32]
+    total = 0.0
+    for _ in range(4):
+        noise = add_noise(ids, prompt_len, mask_id, 1e-3, gen)
+        with torch.no_grad():
+            logits = model(input_ids=noise.noisy, mask_ratio=noise.t).logits
+        total += float(diffusion_loss(logits, ids, noise))
+    return total / 4
+
+
+def test_loss_decreases_with_router_training(strong_tiny, tmp_path):
+    recipe, recipe_dir = load_recipe(write_recipe(tmp_path, strong_tiny), ["optim.max_steps=40"])
+    job = Finetune(recipe, recipe_dir)
+    before = held_out_loss(job.model, job.data, job.config.mask_token_id)
+    job.run()
+    after = held_out_loss(job.model, job.data, job.config.mask_token_id)
+    assert after < before - 0.01, (before, after)
+
+
+def test_resume_ends_with_identical_weights(strong_tiny, tmp_path):
+    straight = tmp_path / "a"
+    straight.mkdir()
+    _, full = finetune(write_recipe(straight, strong_tiny))
+
+    interrupted = tmp_path / "b"
+    interrupted.mkdir()
+    path = write_recipe(interrupted, strong_tiny)
+
+    def stop_after_8(done, total, values):
+        if done == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(path, progress=stop_after_8)
+    assert sorted(p.name for p in (interrupted / "run" / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    _, resumed = finetune(path, resume=True)
+    assert resumed.steps == 4
+    a, b = CheckpointDir(full.output_dir), CheckpointDir(resumed.output_dir)
+    for name in a.weight_map:
+        assert torch.equal(a.read([name])[name], b.read([name])[name]), name
+    steps = [json.loads(line)["step"] for line in (interrupted / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12], "resumed metrics continue without duplicates"
+
+
+def test_distillation_and_z_loss_run(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny, objective={"z_loss": 1e-3, "distill": {"weight": 1.0}})
+    _, result = finetune(path, "optim.max_steps=4")
+    last = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["distill"] > 0 and last["z_loss"] > 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in (last["distill"], last["z_loss"], last["diffusion"]))
+
+
+def test_distillation_teacher_is_the_original_tc_model(strong_tiny, tmp_path):
+    recipe, recipe_dir = load_recipe(write_recipe(tmp_path, strong_tiny), [])
+    job = Finetune(recipe, recipe_dir)
+    original = load_model(strong_tiny)  # the TC checkpoint as shipped
+    ids = job.data.input_ids[:2]
+    with torch.no_grad():
+        job.base.moe_blocks()[0].gate.weight.add_(1.0)  # training has moved the student's routers
+        with job.teacher_routing():
+            teacher = job.model(input_ids=ids).logits
+        student = job.model(input_ids=ids).logits
+    assert torch.equal(teacher, original(ids).logits)
+    assert not torch.equal(student, teacher)
+    assert job.base.moe_blocks()[0].gate.kind == "ec", "the student's router is restored"
+
+
+def test_lora_run_writes_a_peft_adapter(strong_tiny, tmp_path):
+    from peft import PeftModel
+
+    path = write_recipe(tmp_path, strong_tiny, trainable={"mode": "routers+lora", "lora": {"r": 2}})
+    _, result = finetune(path, "optim.max_steps=3")
+    adapter = result.output_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    model = PeftModel.from_pretrained(load_model(result.output_dir), str(adapter))
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora and all("self_attn" in n for n in lora)
+    src, out = CheckpointDir(strong_tiny), CheckpointDir(result.output_dir)
+    for name in src.weight_map:  # LoRA is not merged: the base tensors are the source's but for routers
+        if not name.endswith("mlp.gate.weight"):
+            assert torch.equal(src.read([name])[name], out.read([name])[name]), name
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_a_checkpoint(strong_tiny, tmp_path, monkeypatch):
+    import retrofit.training.trainer as trainer
+
+    real = trainer.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        return real(*args) * (float("nan") if calls["n"] == 6 else 1.0)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
+    with pytest.raises(RetrofitError, match="loss is nan at step 6"):
+        finetune(write_recipe(tmp_path, strong_tiny))
+    assert (tmp_path / "run" / "checkpoints" / "step-000005").is_dir()
+    assert not (tmp_path / "run" / "config.json").exists(), "no final model from a failed run"
+
+
+def test_sft_never_masks_the_prompt():
+    ids = torch.arange(40).view(2, 20)
+    prompt = torch.tensor([5, 12])
+    noise = add_noise(ids, prompt, mask_id=99, eps=0.5, generator=torch.Generator().manual_seed(0))
+    for b in range(2):
+        assert not noise.masked[b, : prompt[b]].any()
+        assert noise.masked[b, prompt[b]:].any()
+    assert noise.normaliser.tolist() == [15.0, 8.0]
+
+
+def test_diffusion_loss_equals_a_plain_sum():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=gen)
+    ids = torch.randint(0, 11, (2, 6), generator=gen)
+    noise = add_noise(ids, torch.tensor([0, 2]), mask_id=10, eps=1e-3, generator=gen)
+    expected = 0.0
+    for b in range(2):
+        seq = 0.0
+        for i in range(6):
+            if noise.masked[b, i]:
+                seq += -torch.log_softmax(logits[b, i], -1)[ids[b, i]].item() / noise.p_mask[b].item()
+        expected += seq / (6 - [0, 2][b])
+    assert diffusion_loss(logits, ids, noise).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_sft_data_from_gsm8k(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny, data={"objective": "sft", "prompt_field": "question",
+                                                     "response_field": "answer", "seq_len": 512})
+    recipe, recipe_dir = load_recipe(path, [])
+    job = Finetune(recipe, recipe_dir)
+    assert 190 <= len(job.data) <= 200 and (job.data.prompt_len > 0).all()
+
+
+def one_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_unknown_key_names_the_closest_valid_one(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny, optim={"learning_rate": 0.1})
+    line = one_line(runner.invoke(app, ["validate", str(path)]))
+    assert "optim.learning_rate" in line
+
+
+def test_misspelled_key_suggestion(strong_tiny, tmp_path):
+    line = one_line(runner.invoke(app, ["validate", str(write_recipe(tmp_path, strong_tiny)), "optim.max_step=3"]))
+    assert "optim.max_step" in line and "did you mean optim.max_steps" in line
+
+
+def test_wrong_type_and_missing_file(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny)
+    line = one_line(runner.invoke(app, ["validate", str(path), "optim.lr=fast"]))
+    assert "optim.lr" in line
+    line = one_line(runner.invoke(app, ["finetune", str(path), "data.path=./missing.jsonl"]))
+    assert "missing.jsonl" in line
+    line = one_line(runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")]))
+    assert "recipe not found" in line
+
+
+def test_empty_data_and_missing_field(strong_tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path = write_recipe(tmp_path, strong_tiny)
+    line = one_line(runner.invoke(app, ["finetune", str(path), f"data.path={empty}"]))
+    assert "empty" in line
+    line = one_line(runner.invoke(app, ["finetune", str(path), "data.text_field=body"]))
+    assert "no field body" in line
+
+
+def test_finetune_cli_end_to_end(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny)
+    result = runner.invoke(app, ["finetune", str(path), "optim.max_steps=4"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "config.json").is_file()
+    again = runner.invoke(app, ["finetune", str(path), "optim.max_steps=4"])
+    assert "--resume" in one_line(again)
