@@ -12,10 +12,17 @@ from retrofit.tiny import build_tiny_model, write_hub_snapshot
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session")
+def _cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("retrofit-cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, _cache):
     # A test must never reach the Hub; make any attempt fail fast instead of hanging on the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Generated models (tiny-random) go to a per-session cache, never the user's.
+    monkeypatch.setenv("RETROFIT_CACHE", str(_cache))
 
 
 @pytest.fixture

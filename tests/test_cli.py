@@ -149,3 +149,12 @@ def test_help_explains_commands():
     assert "convert" in result.output and "create-tiny" in result.output
     result = run("convert", "--help")
     assert "--capacity-factor" in result.output and "--dry-run" in result.output
+
+
+def test_tiny_random_is_generated_once_and_converts(tmp_path):
+    result = run("convert", "--src", "tiny-random", "--router", "ec", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    first = sources.resolve_source("tiny-random").path
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert sources.resolve_source("tiny-random").path == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp, "generated on first use only"

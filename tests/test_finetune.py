@@ -270,3 +270,13 @@ def test_finetune_cli_end_to_end(strong_tiny, tmp_path):
     assert (tmp_path / "run" / "config.json").is_file()
     again = runner.invoke(app, ["finetune", str(path), "optim.max_steps=4"])
     assert "--resume" in one_line(again)
+
+
+def test_shipped_tiny_recipe_runs_from_the_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # data.path is relative to the recipe or the working directory
+    out = tmp_path / "tiny-ec-ft"
+    result = runner.invoke(app, ["finetune", "recipes/tiny-ec.yaml", "optim.max_steps=3", "data.max_examples=64",
+                                 f"checkpoint.output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.config.router_settings.type == "ec"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ REGISTRY: dict[str, str] = {
 }
 # Names reserved for models that will ship inside the package.
 EMBEDDED: dict[str, str] = {"tiny": "the embedded tiny pretrained model"}
+# Models generated on first use into the cache: random weights, for trying the pipeline, not for quality.
+GENERATED = {"tiny-random": "a tiny random-weight LLaDA-MoE (seed 0), generated on first use"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what retrofit reads: config, safetensors weights, tokenizer. Never *.py (no remote code) or *.bin.
@@ -36,6 +39,8 @@ def resolve_source(src: str, download=None) -> Source:
     local = Path(src).expanduser()
     if local.is_dir():
         return Source(path=local.resolve(), name=local.resolve().name, origin=src)
+    if src in GENERATED:
+        return Source(path=_generated_path(src), name=src, origin=src)
     if src in EMBEDDED:
         embedded = _embedded_path(src)
         if embedded is None:
@@ -46,7 +51,7 @@ def resolve_source(src: str, download=None) -> Source:
     if not _HUB_ID.match(repo_id) or _looks_like_path(src):
         if _looks_like_path(src):
             raise RetrofitError(f"--src {src}: no such directory")
-        names = ", ".join([*REGISTRY, *EMBEDDED])
+        names = ", ".join([*REGISTRY, *EMBEDDED, *GENERATED])
         raise RetrofitError(f"unknown --src {src!r}: use one of {names}, a Hub id (org/name), "
                             "or a local directory (--src PATH)")
     path = (download or hub_snapshot)(repo_id)
@@ -61,6 +66,19 @@ def _looks_like_path(src: str) -> bool:
 def _embedded_path(name: str) -> Path | None:
     path = Path(__file__).resolve().parent.parent / "assets" / name
     return path if (path / "config.json").is_file() else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")).expanduser()
+
+
+def _generated_path(name: str) -> Path:
+    from retrofit.tiny import create_tiny
+
+    path = cache_dir() / f"{name}-v1"
+    if not (path / "config.json").is_file():
+        create_tiny(path, seed=0, force=path.exists())
+    return path
 
 
 def hub_snapshot(repo_id: str) -> Path:
