@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from retrofit.errors import RetrofitError
@@ -210,6 +211,65 @@ def validate(
                             "directory)")
     out_console.print(f"[green]ok[/] {recipe}: {parsed.model.source} -> {parsed.checkpoint.output_dir}, "
                       f"{parsed.trainable.mode}, {parsed.optim.max_steps} steps")
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
+    model: str = typer.Option("out/tiny-ec-ft", "--model", help="Model directory, Hub id or registry name."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),
+    gen_length: int = typer.Option(256, "--gen-length", help="Tokens to generate."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps [default: gen-length]."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", help="Sampler block [default: gen-length]."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
+    remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence or random."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples [default: the "
+                                                                          "task's; mmlu 5]."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
+    router: Optional[RouterChoice] = typer.Option(None, "--router", help="Evaluate with another router."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="EC capacity override."),
+    seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
+    output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
+                                                                 "[default: <model>/eval-<tasks>.json]."),
+):
+    """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
+    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.runner import run_eval, write_record
+
+    if remasking not in ("low_confidence", "random"):
+        raise RetrofitError(f"--remasking {remasking!r}: use low_confidence or random")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
+    with err_console.status("loading model"):
+        lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
+                        block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
+                        router=router.value if router else None, capacity_factor=capacity_factor)
+    record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
+    output = output or Path(lm.path) / f"eval-{'-'.join(names)}.json"
+    write_record(record, output)
+    out_console.print(_results_table(record))
+    routing = record["routing"]
+    out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
+                      f"per forward, {routing['tokens_with_zero_experts']} token-layer passes with no expert")
+    out_console.print(f"[green]wrote[/] {output}")
+
+
+def _results_table(record: dict) -> Table:
+    table = Table(title=f"{record['model']}  ({record['router']['type']})")
+    for col in ("task", "shots", "metric", "value", "stderr"):
+        table.add_column(col)
+    for task, metrics in record["results"].items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or "_stderr[" in metric or metric == "num_fewshot":
+                continue
+            stderr = metrics.get(metric.replace("[", "_stderr[") if "[" in metric else metric + "_stderr")
+            table.add_row(task, str(metrics.get("num_fewshot")), escape(metric), f"{value:.4f}",
+                          f"{stderr:.4f}" if isinstance(stderr, float) else "")
+    return table
 
 
 def main() -> None:

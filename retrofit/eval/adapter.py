@@ -1,0 +1,157 @@
+"""lm-evaluation-harness adapter: any model directory retrofit can load, registered as ``retrofit``.
+
+``lm_eval --model retrofit --model_args pretrained=DIR,mc_num=128,router=ec,capacity_factor=1.5`` (through
+``retrofit-lm-eval``, see lm_eval_cli.py) and ``retrofit eval`` use this same class.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from rich.progress import Progress
+
+from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
+from retrofit.eval.sampler import SamplerSettings, apply_stop, generate
+from retrofit.io.checkpoint import CheckpointDir
+from retrofit.io.load import checkpoint_config, load_model
+from retrofit.io.sources import resolve_source
+from retrofit.routers import RouterSettings
+from retrofit.training.data import load_tokenizer
+
+def _bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+def router_override(base: RouterSettings, router: str | None, sampler_block: int, **fields) -> RouterSettings | None:
+    """Router settings for evaluation: the checkpoint's, or another router / capacity given at eval time.
+    The block router always uses the sampler's block length (a denoising block is a routing block)."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if router is None and not given and base.type != "block":
+        return None
+    data = base.model_dump()
+    if router is not None and router != base.type:
+        data = RouterSettings(type=router).model_dump()
+    data.update(given)
+    if data["type"] == "block":
+        data["block_length"] = sampler_block
+    return RouterSettings.model_validate(data)
+
+
+@register_model("retrofit")
+class RetrofitLM(LM):
+    def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
+                 steps: int | None = None, block_length: int | None = None, temperature: float = 0.0,
+                 remasking: str = "low_confidence", seed: int = 1234, router: str | None = None,
+                 capacity_factor: float | None = None, per_batch=None, core_threshold: float | None = None,
+                 guard_size: int | None = None, max_length: int = 4096, device: str | None = None,
+                 progress: bool = True, **unused):
+        super().__init__()
+        source = resolve_source(str(pretrained))
+        self.path = source.path
+        ckpt = CheckpointDir(source.path)
+        gen_length = int(gen_length)
+        self.sampler = SamplerSettings(gen_length=gen_length, steps=int(steps or gen_length),
+                                       block_length=int(block_length or gen_length), temperature=float(temperature),
+                                       remasking=remasking)
+        self.sampler.check()
+        base = checkpoint_config(ckpt).router_settings
+        overrides = dict(capacity_factor=None if capacity_factor is None else float(capacity_factor),
+                         per_batch=None if per_batch is None else _bool(per_batch),
+                         core_threshold=None if core_threshold is None else float(core_threshold),
+                         guard_size=None if guard_size is None else int(guard_size))
+        self.router = router_override(base, router, self.sampler.block_length, **overrides) or base
+        self.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(ckpt, router=self.router).to(self.device_)
+        self.model.enable_routing_stats()
+        self.tokenizer = load_tokenizer(ckpt.path)
+        self.mask_id = self.model.config.mask_token_id
+        self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), int(max_length)
+        self.batch_size_ = int(batch_size) if str(batch_size).isdigit() else 8
+        self.show_progress = _bool(progress)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Tokens of context and continuation; trailing spaces of the context move to the continuation."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer(context + continuation)["input_ids"]
+        ctx = self.tokenizer(context)["input_ids"] if context else []
+        if whole[: len(ctx)] != ctx:  # the tokeniser merged across the boundary: encode separately
+            whole = ctx + self.tokenizer(continuation)["input_ids"]
+        ctx, cont = whole[: len(ctx)], whole[len(ctx):]
+        keep = self.max_length - len(cont)
+        return (ctx[-keep:] if keep > 0 else []), cont[-self.max_length:]
+
+    def _progress(self, total: int, what: str):
+        progress = Progress(disable=not self.show_progress, transient=True)
+        task = progress.add_task(what, total=total)
+        return progress, lambda: progress.advance(task)
+
+    # ------------------------------------------------------------------------------ lm-eval API
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        encoded = [self.encode_pair(*req.args) for req in requests]
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        shared = defaultdict(list)  # one-token continuations with the same context share one forward
+        for i, (ctx, cont) in enumerate(encoded):
+            if len(cont) == 1 and ctx:
+                shared[tuple(ctx)].append(i)
+        progress, advance = self._progress(len(requests), "loglikelihood")
+        with progress:
+            for ctx, indices in shared.items():
+                scores = single_token_scores(self.model, list(ctx), [encoded[i][1][0] for i in indices],
+                                             self.mask_id, self.device_)
+                for i, score in zip(indices, scores):
+                    results[i] = score
+                    advance()
+            for i, (ctx, cont) in enumerate(encoded):
+                if results[i] is None:
+                    ll = mc_loglikelihood(self.model, ctx, cont, self.mask_id, self.mc_num, self.batch_size_,
+                                          self.seed, self.device_)
+                    results[i] = (ll, greedy_match(self.model, ctx, cont, self.mask_id, self.device_))
+                    advance()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        out = []
+        for req in requests:
+            tokens = self.tokenizer(req.args[0])["input_ids"]
+            total = 0.0
+            for start in range(0, len(tokens), self.max_length):  # independent windows, no context carried
+                window = tokens[start:start + self.max_length]
+                total += mc_loglikelihood(self.model, [], window, self.mask_id, self.mc_num, self.batch_size_,
+                                          self.seed, self.device_)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        prompts = [self.tokenizer(req.args[0])["input_ids"][-(self.max_length - self.sampler.gen_length):]
+                   for req in requests]
+        results: list[str | None] = [None] * len(requests)
+        by_length = defaultdict(list)  # equal prompt lengths batch exactly (no padding shifts the blocks)
+        for i, prompt in enumerate(prompts):
+            by_length[len(prompt)].append(i)
+        progress, advance = self._progress(len(requests), "generate")
+        with progress:
+            for indices in by_length.values():
+                for start in range(0, len(indices), self.batch_size_):
+                    chunk = indices[start:start + self.batch_size_]
+                    batch = torch.tensor([prompts[i] for i in chunk], device=self.device_)
+                    gen = torch.Generator().manual_seed(request_seed(self.seed, prompts[chunk[0]]))
+                    out = generate(self.model, batch, self.mask_id, self.sampler, gen)
+                    for row, i in enumerate(chunk):
+                        text = self.tokenizer.decode(out[row, batch.shape[1]:].tolist(), skip_special_tokens=True)
+                        until = requests[i].args[1].get("until") or []
+                        results[i] = apply_stop(text, [until] if isinstance(until, str) else list(until))
+                        advance()
+        return results
+
+    # ------------------------------------------------------------------------------ reporting
+
+    def routing_report(self) -> dict:
+        return self.model.routing_stats().as_dict()

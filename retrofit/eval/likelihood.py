@@ -1,0 +1,71 @@
+"""Monte-Carlo log-likelihood of a continuation under a masked diffusion model (algorithms.md §8).
+
+log p(continuation | context) ≈ −mean over samples of (L / l) · Σ CE at the l masked continuation positions,
+with l drawn from 1..L (spread evenly over each batch of samples) and the context kept clean. With a one-token
+continuation one sample is exact, and every request that shares the context shares one forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+
+
+def request_seed(seed: int, *parts: list[int]) -> int:
+    """A seed that depends only on the request, so scores don't depend on batching or request order."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def mask_counts(length: int, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """l for each sample, in 1..length, spread evenly (a random offset, then equal strides)."""
+    offset = int(torch.randint(0, length, (1,), generator=generator))
+    stride = length / samples
+    return torch.tensor([(offset + int(i * stride)) % length + 1 for i in range(samples)])
+
+
+@torch.no_grad()
+def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id: int, mc_num: int,
+                     batch_size: int, seed: int, device) -> float:
+    """Estimate log p(continuation | context) with ``mc_num`` masked samples, ``batch_size`` per forward."""
+    length = len(continuation)
+    ids = torch.tensor(context + continuation, device=device)
+    target = ids[len(context):]
+    gen = torch.Generator().manual_seed(request_seed(seed, context, continuation))
+    if length == 1:
+        mc_num = 1  # one masked token: the single possible sample is exact
+    total, done = 0.0, 0
+    while done < mc_num:
+        n = min(batch_size, mc_num - done)
+        counts = mask_counts(length, n, gen)
+        noisy = ids.repeat(n, 1)
+        masked = torch.zeros(n, length, dtype=torch.bool)
+        for row, count in enumerate(counts.tolist()):
+            masked[row, torch.randperm(length, generator=gen)[:count]] = True
+        masked = masked.to(device)
+        noisy[:, len(context):][masked] = mask_id
+        logits = model(input_ids=noisy).logits[:, len(context):]
+        ce = F.cross_entropy(logits.float().transpose(1, 2), target.repeat(n, 1), reduction="none")
+        per_sample = (ce * masked).sum(1) * (length / counts.to(device).float())
+        total += float(per_sample.sum())
+        done += n
+    return -total / mc_num
+
+
+@torch.no_grad()
+def greedy_match(model, context: list[int], continuation: list[int], mask_id: int, device) -> bool:
+    """Whether the argmax at every masked continuation position (all masked at once) is the continuation."""
+    ids = torch.tensor([context + [mask_id] * len(continuation)], device=device)
+    logits = model(input_ids=ids).logits[0, len(context):]
+    return bool((logits.argmax(-1) == torch.tensor(continuation, device=device)).all())
+
+
+@torch.no_grad()
+def single_token_scores(model, context: list[int], options: list[int], mask_id: int, device):
+    """log p(option | context) for one-token continuations sharing a context: one forward for all."""
+    ids = torch.tensor([context + [mask_id]], device=device)
+    logprobs = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+    best = int(logprobs.argmax())
+    return [(float(logprobs[o]), o == best) for o in options]

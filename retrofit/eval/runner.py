@@ -1,0 +1,94 @@
+"""`retrofit eval`: run lm-eval tasks on a retrofit model and record exactly what produced the scores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from retrofit.errors import RetrofitError
+from retrofit.eval.tasks import DEFAULT_FEWSHOT, LOCAL_PREFIX, expand, write_local_tasks
+
+
+def weights_hash(directory: Path) -> str:
+    """sha256 over the safetensors files (name and bytes), so a result names the exact weights it came from."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        if path.name == "router.safetensors":
+            continue  # a copy of tensors already in the shards
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
+             data_dir: Path | None = None) -> dict:
+    """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import datasets
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+    names = expand(tasks)
+    record_tasks = {}
+    with tempfile.TemporaryDirectory(prefix="retrofit-tasks-") as workdir:
+        local = write_local_tasks(names, Path(data_dir), Path(workdir)) if data_dir else {}
+        manager = TaskManager(include_path=workdir if local else None)
+        known = set(manager.all_tasks)
+        for name in names:
+            if local.get(name, name) not in known:
+                raise RetrofitError(f"unknown task {name!r}; use mmlu, arc, gsm8k or an lm-eval task name")
+        for user_name in names:
+            task = local.get(user_name, user_name)
+            shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
+            try:
+                out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
+                                              task_manager=manager, log_samples=False, bootstrap_iters=1000)
+            except RetrofitError:
+                raise
+            except Exception as exc:
+                raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+            record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+    return {
+        "model": str(lm.path),
+        "weights_sha256": weights_hash(lm.path),
+        "router": lm.router.model_dump(),
+        "lm_eval_version": lm_eval.__version__,
+        "settings": {"mc_num": lm.mc_num, "batch_size": lm.batch_size_, "seed": lm.seed, "limit": limit,
+                     "num_fewshot": num_fewshot, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                     "sampler": lm.sampler.__dict__},
+        "results": record_tasks,
+        "routing": lm.routing_report(),
+    }
+
+
+def _scores(results: dict, shots: dict) -> dict:
+    """lm-eval's per-task results → {task: {metric: value, metric_stderr: value, num_fewshot}}."""
+    out = {}
+    for task, metrics in results.items():
+        name = task.removeprefix(LOCAL_PREFIX)
+        entry = {}
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, _, flt = key.partition(",")
+            label = metric if flt == "none" else f"{metric}[{flt}]"
+            entry[label] = value
+        if task in shots:
+            entry["num_fewshot"] = shots[task]
+        out[name] = entry
+    return out
+
+
+def write_record(record: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(output)

@@ -1,0 +1,90 @@
+"""The LLaDA sampler (algorithms.md §7): fill ``gen_length`` masks block by block, unmasking the most confident
+positions of the current block, an equal share per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from retrofit.errors import RetrofitError
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    gen_length: int = 256
+    steps: int = 256
+    block_length: int = 256
+    temperature: float = 0.0
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+
+    def check(self) -> None:
+        if self.gen_length % self.block_length:
+            raise RetrofitError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
+                                f"({self.block_length})")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks or self.steps < blocks:
+            raise RetrofitError(f"steps ({self.steps}) must be a positive multiple of the number of blocks ({blocks})")
+
+
+def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """How many positions each step of a block unmasks: an equal share, the remainder to the first steps."""
+    base = masked_count // steps
+    schedule = base.unsqueeze(1).repeat(1, steps)
+    remainder = masked_count % steps
+    schedule += torch.arange(steps).unsqueeze(0) < remainder.unsqueeze(1)
+    return schedule
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    # Gumbel-max in float64, as LLaDA does: low precision Gumbel noise skews the sample.
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    return (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, mask_id: int, settings: SamplerSettings,
+             generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
+    """``prompt`` ``[B, P]`` (equal lengths) → ``[B, P + gen_length]`` with every mask filled."""
+    settings.check()
+    batch, start = prompt.shape
+    x = torch.cat([prompt, torch.full((batch, settings.gen_length), mask_id, dtype=prompt.dtype,
+                                      device=prompt.device)], dim=1)
+    blocks = settings.gen_length // settings.block_length
+    steps_per_block = settings.steps // blocks
+    for block in range(blocks):
+        lo, hi = start + block * settings.block_length, start + (block + 1) * settings.block_length
+        schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
+        for step in range(steps_per_block):
+            masked = x == mask_id
+            logits = model(input_ids=x).logits
+            candidate = gumbel_argmax(logits, settings.temperature, generator)
+            if settings.remasking == "low_confidence":
+                confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
+            else:
+                confidence = torch.rand(x.shape, generator=generator).to(x.device)
+            confidence[:, hi:] = float("-inf")  # later blocks wait their turn
+            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+            for row in range(batch):
+                count = int(schedule[row, step])
+                if count:
+                    chosen = confidence[row].topk(count).indices
+                    x[row, chosen] = candidate[row, chosen]
+            if on_step:
+                on_step()
+    return x
+
+
+def apply_stop(text: str, stops: list[str]) -> str:
+    """Cut the decoded text at the first stop string."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            found = text.find(stop)
+            if found != -1:
+                cut = min(cut, found)
+    return text[:cut]
