@@ -63,7 +63,9 @@ class RetrofitLM(LM):
                          core_threshold=None if core_threshold is None else float(core_threshold),
                          guard_size=None if guard_size is None else int(guard_size))
         self.router = router_override(base, router, self.sampler.block_length, **overrides) or base
-        self.device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
+        self.device_ = torch.device(device)
         self.model = load_model(ckpt, router=self.router).to(self.device_)
         self.model.enable_routing_stats()
         self.tokenizer = load_tokenizer(ckpt.path)
