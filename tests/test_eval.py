@@ -1,0 +1,221 @@
+"""The lm-eval adapter: likelihoods, the sampler, offline tasks and `retrofit eval` end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import retrofit  # noqa: F401
+from retrofit.cli import app
+from retrofit.eval.adapter import RetrofitLM
+from retrofit.eval.likelihood import mc_loglikelihood, request_seed
+from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
+from tests.conftest import SHARED_DATA
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+class Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    from retrofit.tiny import build_tiny_model, write_hub_snapshot
+
+    path = write_hub_snapshot(build_tiny_model(seed=3), tmp_path_factory.mktemp("eval") / "tiny")
+    return RetrofitLM(str(path), mc_num=64, batch_size=16, gen_length=16, steps=8, block_length=8, progress=False)
+
+
+def exact_expectation(model, context, continuation, mask_id) -> float:
+    """E over l ~ U{1..L} and a uniform l-subset of (L/l)·Σ CE — enumerated, no sampling."""
+    length = len(continuation)
+    total = 0.0
+    for count in range(1, length + 1):
+        subsets = list(itertools.combinations(range(length), count))
+        for subset in subsets:
+            ids = torch.tensor([context + continuation])
+            for i in subset:
+                ids[0, len(context) + i] = mask_id
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            ce = sum(-logp[len(context) + i, continuation[i]].item() for i in subset)
+            total += (length / count) * ce / len(subsets) / length
+    return -total
+
+
+def test_single_token_loglikelihood_is_exact(lm):
+    context = lm.tokenizer("Hell")["input_ids"]
+    options = [lm.tokenizer(c)["input_ids"][0] for c in "o!?"]
+    scores = lm.loglikelihood([Request("Hell", "o"), Request("Hell", "!"), Request("Hell", "?")])
+    ids = torch.tensor([context + [lm.mask_id]])
+    with torch.no_grad():
+        logp = F.log_softmax(lm.model(input_ids=ids).logits[0, -1].double(), -1)
+    for (ll, greedy), option in zip(scores, options):
+        assert ll == pytest.approx(logp[option].item(), abs=1e-5)
+        assert greedy == (option == int(logp.argmax()))
+
+
+def test_mc_loglikelihood_estimates_the_exact_expectation(lm):
+    context, continuation = [10, 20, 30, 40], [50, 60, 70]
+    exact = exact_expectation(lm.model, context, continuation, lm.mask_id)
+    estimate = mc_loglikelihood(lm.model, context, continuation, lm.mask_id, mc_num=768, batch_size=64, seed=0,
+                                device="cpu")
+    assert estimate == pytest.approx(exact, rel=0.03)
+
+
+def test_loglikelihood_is_seeded_and_independent_of_batching(lm):
+    a = lm.loglikelihood([Request("Question: 2+2\nAnswer:", " four"), Request("x", " yz")])
+    b = lm.loglikelihood([Request("x", " yz")])
+    c = lm.loglikelihood([Request("Question: 2+2\nAnswer:", " four"), Request("x", " yz")])
+    assert a == c and a[1] == b[0]
+
+
+def test_rolling_loglikelihood_is_negative_and_deterministic(lm):
+    first = lm.loglikelihood_rolling([Request("The cat sat.")])
+    assert first == lm.loglikelihood_rolling([Request("The cat sat.")]) and first[0] < 0
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and records how many mask tokens each forward pass sees."""
+
+    def __init__(self, model, mask_id):
+        super().__init__()
+        self.model, self.mask_id, self.seen = model, mask_id, []
+
+    def forward(self, input_ids):
+        self.seen.append(int((input_ids == self.mask_id).sum()))
+        return self.model(input_ids=input_ids)
+
+
+def test_generation_fills_gen_length_with_an_equal_share_per_step(lm):
+    prompt = torch.tensor([[72, 105, 33, 32]] * 2)
+    settings = SamplerSettings(gen_length=12, steps=6, block_length=6)
+    counting = CountingModel(lm.model, lm.mask_id)
+    out = generate(counting, prompt, lm.mask_id, settings)
+    assert out.shape == (2, 4 + 12) and torch.equal(out[:, :4], prompt)
+    assert not (out == lm.mask_id).any(), "every mask is filled"
+    # Two blocks of 6 positions, 3 steps each: 2 positions per sequence per step, block by block.
+    assert counting.seen == [2 * m for m in (12, 10, 8, 6, 4, 2)]
+
+
+def test_transfer_schedule_splits_evenly():
+    assert transfer_schedule(torch.tensor([7, 6]), 3).tolist() == [[3, 2, 2], [2, 2, 2]]
+
+
+def test_stop_strings_cut_the_text():
+    assert apply_stop("12 apples\nQuestion: next", ["Question:", "</s>"]) == "12 apples\n"
+    assert apply_stop("no stop here", ["Question:"]) == "no stop here"
+
+
+def test_generate_until_respects_stop_strings(lm):
+    free = lm.generate_until([Request("Q: 1+1\nA:", {"until": []})])[0]
+    assert free, "the tiny model produces some text"
+    stop = free[len(free) // 2]
+    cut = lm.generate_until([Request("Q: 1+1\nA:", {"until": [stop]})])[0]
+    assert stop not in cut and free.startswith(cut)
+
+
+def test_router_can_be_overridden_at_eval_time(lm):
+    block = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=4, steps=8,
+                       progress=False)
+    assert block.router.type == "block" and block.router.block_length == 4, "the sampler's block length"
+    assert {b.gate.kind for b in block.model.moe_blocks()} == {"block"}
+    ec = RetrofitLM(str(lm.path), router="ec", capacity_factor=2.0, progress=False)
+    assert ec.router.capacity_factor == 2.0
+
+
+def test_lm_eval_registry_finds_retrofit():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("retrofit") is RetrofitLM
+
+
+def test_start_up_hook_registers_without_importing_torch():
+    hook_dir = Path(retrofit.__file__).parent / "eval" / "startup"
+    code = ("import sys; sys.path.insert(0, %r); import retrofit_lm_eval_hook; heavy = 'torch' in sys.modules; "
+            "from lm_eval.api.registry import get_model; "
+            "print(heavy, get_model('retrofit').__name__, get_model('hf').__name__)") % str(hook_dir)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "RetrofitLM", "HFLM"]
+
+
+def write_arc_mmlu(root: Path) -> Path:
+    for folder in ("ARC-Challenge", "ARC-Easy"):
+        for split, n in (("train", 3), ("validation", 2), ("test", 4)):
+            rows = [{"id": f"{split}{i}", "question": f"What is {i} plus one?",
+                     "choices": {"text": [str(i + 1), str(i + 2), str(i)], "label": ["A", "B", "C"]},
+                     "answerKey": "A"} for i in range(n)]
+            path = root / "arc" / folder / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for subject in ("anatomy", "astronomy"):
+        for split, n in (("dev", 5), ("test", 3)):
+            rows = [{"question": f"{subject} {i}?", "subject": subject, "choices": ["w", "x", "y", "z"],
+                     "answer": i % 4} for i in range(n)]
+            path = root / "mmlu" / subject / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "gsm8k").symlink_to(SHARED_DATA / "gsm8k")
+    return root
+
+
+def test_eval_gsm8k_end_to_end(lm, tmp_path):
+    out = tmp_path / "gsm8k.json"
+    result = runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--limit", "3", "--data-dir",
+                                 str(SHARED_DATA), "--gen-length", "16", "--steps", "4", "--block-length", "8",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert set(record["results"]["gsm8k"]) >= {"exact_match[strict-match]", "exact_match[flexible-extract]"}
+    assert record["results"]["gsm8k"]["num_fewshot"] == 5
+    assert record["model"] == str(lm.path) and len(record["weights_sha256"]) == 64
+    assert record["router"]["type"] == "tc" and record["settings"]["sampler"]["gen_length"] == 16
+    assert record["lm_eval_version"].startswith("0.4")
+    assert record["routing"]["unique_experts"] > 0
+    assert "exact_match" in result.output
+
+
+def test_eval_arc_and_mmlu_on_local_files(lm, tmp_path):
+    data = write_arc_mmlu(tmp_path / "data")
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "arc,mmlu", "--mc-num", "2",
+                                 "--data-dir", str(data), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())["results"]
+    assert {"arc_challenge", "arc_easy", "mmlu", "mmlu_anatomy", "mmlu_astronomy"} <= set(results)
+    assert results["mmlu"]["num_fewshot"] == 5 and results["arc_easy"]["num_fewshot"] == 0
+    for task in ("arc_challenge", "arc_easy", "mmlu"):
+        assert 0.0 <= results[task]["acc"] <= 1.0
+
+
+def one_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_eval_errors_are_one_line(lm, tmp_path):
+    assert "unknown task 'nosuchtask'" in one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks",
+                                                                      "nosuchtask"]))
+    line = one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "arc", "--data-dir",
+                                        str(tmp_path)]))
+    assert "no local data for arc_challenge" in line
+    assert "no such directory" in one_line(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
+    line = one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
+                                        "--block-length", "4"]))
+    assert "multiple of block_length" in line
+
+
+def test_request_seed_depends_on_the_request_only():
+    assert request_seed(0, [1, 2], [3]) == request_seed(0, [1, 2], [3]) != request_seed(0, [1, 2], [4])
