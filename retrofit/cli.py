@@ -217,7 +217,8 @@ def validate(
 @user_errors
 def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
-    model: str = typer.Option("out/tiny-ec-ft", "--model", help="Model directory, Hub id or registry name."),
+    model: str = typer.Option("llada-moe", "--model", help="Model directory, Hub id or registry name "
+                                                          "(llada-moe, llada-moe-instruct, tiny-random)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),

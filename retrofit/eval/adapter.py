@@ -49,7 +49,7 @@ class RetrofitLM(LM):
                  guard_size: int | None = None, max_length: int = 4096, device: str | None = None,
                  progress: bool = True, **unused):
         super().__init__()
-        source = resolve_source(str(pretrained))
+        source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
         gen_length = int(gen_length)

@@ -31,10 +31,11 @@ class Source:
     origin: str  # what the user asked for: registry name, Hub id or path
 
 
-def resolve_source(src: str, download=None) -> Source:
+def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
     """Map ``src`` to a local directory, downloading a Hub snapshot when needed.
 
     ``download(repo_id) -> path`` is injectable for tests; by default it is huggingface_hub's snapshot fetch.
+    ``flag`` is how the calling command names the option, for the error messages.
     """
     local = Path(src).expanduser()
     if local.is_dir():
@@ -44,17 +45,17 @@ def resolve_source(src: str, download=None) -> Source:
     if src in EMBEDDED:
         embedded = _embedded_path(src)
         if embedded is None:
-            raise RetrofitError(f"--src {src}: {EMBEDDED[src]} is not built into this version yet; "
-                                "make one with `retrofit create-tiny DIR` and pass --src DIR")
+            raise RetrofitError(f"{flag} {src}: {EMBEDDED[src]} is not built into this version yet; "
+                                f"use tiny-random, or make one with `retrofit create-tiny DIR` and pass {flag} DIR")
         return Source(path=embedded, name=src, origin=src)
     repo_id = REGISTRY.get(src, src)
     if not _HUB_ID.match(repo_id) or _looks_like_path(src):
         if _looks_like_path(src):
-            raise RetrofitError(f"--src {src}: no such directory")
+            raise RetrofitError(f"{flag} {src}: no such directory")
         names = ", ".join([*REGISTRY, *EMBEDDED, *GENERATED])
-        raise RetrofitError(f"unknown --src {src!r}: use one of {names}, a Hub id (org/name), "
-                            "or a local directory (--src PATH)")
-    path = (download or hub_snapshot)(repo_id)
+        raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
+                            f"or a local directory ({flag} PATH)")
+    path = (download or hub_snapshot)(repo_id, flag)
     name = src if src in REGISTRY else repo_id.split("/")[-1]
     return Source(path=Path(path), name=name, origin=src)
 
@@ -81,8 +82,8 @@ def _generated_path(name: str) -> Path:
     return path
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """Download (or reuse the cache of) a Hub snapshot; any failure becomes one line that names --src PATH."""
+def hub_snapshot(repo_id: str, flag: str = "--src") -> Path:
+    """Download (or reuse the cache of) a Hub snapshot; any failure becomes one line that names ``flag`` PATH."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -90,4 +91,4 @@ def hub_snapshot(repo_id: str) -> Path:
     except Exception as exc:  # offline, unknown repo, gated repo, auth, disk full: all end the same way
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RetrofitError(f"could not fetch {repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
-                            f"{reason[:160]}); download it where the Hub is reachable and pass --src PATH") from None
+                            f"{reason[:160]}); download it where the Hub is reachable and pass {flag} PATH") from None

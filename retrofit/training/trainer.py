@@ -43,7 +43,7 @@ class FinetuneResult:
 
 def resolve_model_source(source: str, recipe_dir: Path) -> Source:
     local = resolve_path(source, recipe_dir)
-    return resolve_source(str(local) if local is not None and local.is_dir() else source)
+    return resolve_source(str(local) if local is not None and local.is_dir() else source, flag="model.source")
 
 
 def lr_lambda(optim):
