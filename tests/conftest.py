@@ -41,3 +41,12 @@ def random_ids(model, batch=2, length=12, seed=0):
     ids = torch.randint(0, 256, (batch, length), generator=gen)
     ids[:, ::4] = model.config.mask_token_id
     return ids
+
+
+def one_line_error(result) -> str:
+    """A CLI result that failed the way a user mistake must: exit 1, one `error:` line, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import retrofit  # noqa: F401
 from retrofit.cli import app
 from retrofit.io import sources
+from tests.conftest import one_line_error
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -18,13 +19,6 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def run(*args):
     return runner.invoke(app, list(map(str, args)))
 
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 @pytest.fixture

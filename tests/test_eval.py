@@ -18,7 +18,7 @@ from retrofit.cli import app
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.likelihood import mc_loglikelihood, request_seed
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, one_line_error
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -198,21 +198,15 @@ def test_eval_arc_and_mmlu_on_local_files(lm, tmp_path):
         assert 0.0 <= results[task]["acc"] <= 1.0
 
 
-def one_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
-    return lines[0]
-
 
 def test_eval_errors_are_one_line(lm, tmp_path):
-    assert "unknown task 'nosuchtask'" in one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks",
+    assert "unknown task 'nosuchtask'" in one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks",
                                                                       "nosuchtask"]))
-    line = one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "arc", "--data-dir",
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "arc", "--data-dir",
                                         str(tmp_path)]))
     assert "no local data for arc_challenge" in line
-    assert "no such directory" in one_line(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
-    line = one_line(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
+    assert "no such directory" in one_line_error(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
                                         "--block-length", "4"]))
     assert "multiple of block_length" in line
 

@@ -19,7 +19,7 @@ from retrofit.tiny import build_tiny_model, write_hub_snapshot
 from retrofit.training.objective import add_noise, diffusion_loss
 from retrofit.training.recipe import load_recipe
 from retrofit.training.trainer import Finetune
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
@@ -225,31 +225,25 @@ def test_sft_data_from_gsm8k(strong_tiny, tmp_path):
     assert 190 <= len(job.data) <= 200 and (job.data.prompt_len > 0).all()
 
 
-def one_line(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
-    return lines[0]
-
 
 def test_unknown_key_names_the_closest_valid_one(strong_tiny, tmp_path):
     path = write_recipe(tmp_path, strong_tiny, optim={"learning_rate": 0.1})
-    line = one_line(runner.invoke(app, ["validate", str(path)]))
+    line = one_line_error(runner.invoke(app, ["validate", str(path)]))
     assert "optim.learning_rate" in line
 
 
 def test_misspelled_key_suggestion(strong_tiny, tmp_path):
-    line = one_line(runner.invoke(app, ["validate", str(write_recipe(tmp_path, strong_tiny)), "optim.max_step=3"]))
+    line = one_line_error(runner.invoke(app, ["validate", str(write_recipe(tmp_path, strong_tiny)), "optim.max_step=3"]))
     assert "optim.max_step" in line and "did you mean optim.max_steps" in line
 
 
 def test_wrong_type_and_missing_file(strong_tiny, tmp_path):
     path = write_recipe(tmp_path, strong_tiny)
-    line = one_line(runner.invoke(app, ["validate", str(path), "optim.lr=fast"]))
+    line = one_line_error(runner.invoke(app, ["validate", str(path), "optim.lr=fast"]))
     assert "optim.lr" in line
-    line = one_line(runner.invoke(app, ["finetune", str(path), "data.path=./missing.jsonl"]))
+    line = one_line_error(runner.invoke(app, ["finetune", str(path), "data.path=./missing.jsonl"]))
     assert "missing.jsonl" in line
-    line = one_line(runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")]))
+    line = one_line_error(runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")]))
     assert "recipe not found" in line
 
 
@@ -257,9 +251,9 @@ def test_empty_data_and_missing_field(strong_tiny, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     path = write_recipe(tmp_path, strong_tiny)
-    line = one_line(runner.invoke(app, ["finetune", str(path), f"data.path={empty}"]))
+    line = one_line_error(runner.invoke(app, ["finetune", str(path), f"data.path={empty}"]))
     assert "empty" in line
-    line = one_line(runner.invoke(app, ["finetune", str(path), "data.text_field=body"]))
+    line = one_line_error(runner.invoke(app, ["finetune", str(path), "data.text_field=body"]))
     assert "no field body" in line
 
 
@@ -269,7 +263,7 @@ def test_finetune_cli_end_to_end(strong_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "config.json").is_file()
     again = runner.invoke(app, ["finetune", str(path), "optim.max_steps=4"])
-    assert "--resume" in one_line(again)
+    assert "--resume" in one_line_error(again)
 
 
 def test_shipped_tiny_recipe_runs_from_the_repo_root(tmp_path, monkeypatch):
