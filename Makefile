@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_CPU = torch==2.13.0
 
-.PHONY: setup test clean
+.PHONY: setup test clean tiny demo
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,19 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~10 min).
+tiny: setup
+	$(VENV)/bin/retrofit create-tiny out/tiny-init --force --tokenizer-data ../shared/data/gsm8k/train.jsonl \
+		--vocab-size 1536 --hidden-size 128 --layers 3 --heads 4 --experts 8 --top-k 2 --expert-size 160 \
+		--shard-kb 100000
+	rm -rf out/tiny-pretrain
+	$(VENV)/bin/retrofit finetune recipes/tiny-pretrain.yaml
+	$(PY) -m retrofit.embedded out/tiny-pretrain
+
+# The whole tool on the embedded tiny model: convert, fine-tune, evaluate, one comparison table.
+demo: setup
+	$(PY) -m retrofit.demo
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

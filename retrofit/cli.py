@@ -150,13 +150,48 @@ def create_tiny(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     shard_kb: int = typer.Option(96, "--shard-kb", help="Maximum shard size in KiB (small, to get several)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+    tokenizer_data: Optional[Path] = typer.Option(None, "--tokenizer-data", help="Train a BPE tokenizer on "
+                                                  "this jsonl file instead of using the byte tokenizer."),
+    text_fields: str = typer.Option("question,answer", "--text-fields", help="Fields of --tokenizer-data."),
+    vocab_size: int = typer.Option(2048, "--vocab-size", help="BPE vocabulary size (with --tokenizer-data)."),
+    hidden_size: int = typer.Option(64, "--hidden-size"),
+    layers: int = typer.Option(2, "--layers"),
+    heads: int = typer.Option(4, "--heads"),
+    experts: int = typer.Option(8, "--experts"),
+    top_k: int = typer.Option(2, "--top-k"),
+    expert_size: int = typer.Option(32, "--expert-size", help="Expert intermediate size."),
 ):
-    """Write a tiny random LLaDA-MoE (2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot."""
+    """Write a tiny random LLaDA-MoE (default 2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot."""
     from retrofit.tiny import create_tiny as build
 
-    path = build(out_dir, seed=seed, max_shard_bytes=shard_kb * 1024, force=force)
+    dims = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=heads, num_experts=experts, num_experts_per_tok=top_k,
+                expert_intermediate_size=expert_size)
+    texts = None
+    if tokenizer_data is not None:
+        texts = _jsonl_texts(tokenizer_data, [f.strip() for f in text_fields.split(",") if f.strip()])
+    path = build(out_dir, seed=seed, max_shard_bytes=shard_kb * 1024, force=force, tokenizer_texts=texts,
+                 vocab_size=vocab_size, **dims)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     out_console.print(f"[green]wrote[/] {path}: {len(shards)} shard(s), tokenizer, config.json")
+
+
+def _jsonl_texts(path: Path, fields: list[str]) -> list[str]:
+    import json
+
+    if not path.is_file():
+        raise RetrofitError(f"--tokenizer-data {path}: no such file")
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            missing = [f for f in fields if f not in record]
+            if missing:
+                raise RetrofitError(f"{path}:{number} has no field {', '.join(missing)} (see --text-fields)")
+            texts.append("\n".join(str(record[f]) for f in fields))
+    if not texts:
+        raise RetrofitError(f"--tokenizer-data {path} is empty")
+    return texts
 
 
 @app.command()

@@ -8,10 +8,11 @@ bf16 safetensors shards with per-expert tensor names plus their index, and token
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN, write_byte_tokenizer
+from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer, write_byte_tokenizer
 from retrofit.io.writer import atomic_directory, write_json, write_sharded
 from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, hub_state_dict
 
@@ -72,13 +73,13 @@ def hub_config_dict(**dims) -> dict:
     }
 
 
-def build_tiny_model(seed: int = 0, router=None, **dims) -> LLaDAMoEModelLM:
+def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_ID, **dims) -> LLaDAMoEModelLM:
     """A randomly initialised tiny model (fp32). Gate weights get a larger scale than the default init so
     that routing is far from uniform, as in a trained checkpoint."""
     raw = hub_config_dict(**dims)
     fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "model_type", "torch_dtype",
                                                         "transformers_version")}
-    config = LLaDAMoEConfig(**fields, mask_token_id=TINY_MASK_ID, router=router)
+    config = LLaDAMoEConfig(**fields, mask_token_id=mask_token_id, router=router)
     torch.manual_seed(seed)
     model = LLaDAMoEModelLM(config)
     with torch.no_grad():
@@ -91,22 +92,35 @@ def build_tiny_model(seed: int = 0, router=None, **dims) -> LLaDAMoEModelLM:
 
 
 def write_hub_snapshot(model: LLaDAMoEModelLM, out: str | Path, max_shard_bytes: int = 96 * 1024,
-                       dtype: torch.dtype = torch.bfloat16, force: bool = False) -> Path:
-    """Write ``model`` as a Hub-style snapshot directory (atomically)."""
-    dims = {k: getattr(model.config, k) for k in TINY_DIMS}
+                       dtype: torch.dtype = torch.bfloat16, force: bool = False,
+                       write_tokenizer: Callable[[Path], dict[str, int]] = write_byte_tokenizer) -> Path:
+    """Write ``model`` as a Hub-style snapshot directory (atomically); ``write_tokenizer`` writes the
+    tokenizer files and returns its special ids, which must be the ones the model was built with."""
+    cfg = model.config
+    dims = {k: getattr(cfg, k) for k in TINY_DIMS}
     tensors = {k: v.detach().to(dtype) for k, v in hub_state_dict(model).items()}
     with atomic_directory(out, force=force) as tmp:
-        config = hub_config_dict(**dims)
+        config = hub_config_dict(**dims, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
         write_sharded(tmp, tensors, max_shard_bytes)
-        ids = write_byte_tokenizer(tmp)
-        assert ids == {EOS_TOKEN: TINY_EOS_ID, MASK_TOKEN: TINY_MASK_ID}, ids
-        write_json(tmp / "generation_config.json", {"eos_token_id": TINY_EOS_ID, "pad_token_id": TINY_EOS_ID})
+        ids = write_tokenizer(tmp)
+        if ids != {EOS_TOKEN: cfg.eos_token_id, MASK_TOKEN: cfg.mask_token_id}:
+            raise ValueError(f"tokenizer special ids {ids} differ from the model's (eos {cfg.eos_token_id}, "
+                             f"mask {cfg.mask_token_id})")
+        write_json(tmp / "generation_config.json", {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id})
     return Path(out).expanduser().resolve()
 
 
 def create_tiny(out: str | Path, seed: int = 0, max_shard_bytes: int = 96 * 1024, force: bool = False,
-                dtype: torch.dtype = torch.bfloat16) -> Path:
-    return write_hub_snapshot(build_tiny_model(seed), out, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                              force=force)
+                dtype: torch.dtype = torch.bfloat16, tokenizer_texts=None, vocab_size: int | None = None,
+                **dims) -> Path:
+    """A tiny random snapshot; with ``tokenizer_texts`` its tokenizer is a BPE of ``vocab_size`` trained on them
+    (specials first: EOS 0, mask 1), otherwise the 258-token byte tokenizer."""
+    if tokenizer_texts is None:
+        return write_hub_snapshot(build_tiny_model(seed, **dims), out, max_shard_bytes=max_shard_bytes,
+                                  dtype=dtype, force=force)
+    texts = list(tokenizer_texts)
+    model = build_tiny_model(seed, mask_token_id=1, eos_token_id=0, pad_token_id=0, vocab_size=vocab_size, **dims)
+    return write_hub_snapshot(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype, force=force,
+                              write_tokenizer=lambda d: train_bpe_tokenizer(texts, vocab_size, d))

@@ -77,7 +77,8 @@ def write_model_directory(src: CheckpointDir, dest: Path, replaced: dict[str, to
             shutil.copyfile(src.path / INDEX_NAME, dest / INDEX_NAME)
     for f in tokenizer_files(src.path):
         shutil.copyfile(f, dest / f.name)
-    save_tensors(dest / ROUTER_FILE, replaced, {"format": "pt", "router": json.dumps(config["router"])})
+    routers = {n: t for n, t in replaced.items() if n.endswith(".mlp.gate.weight")}
+    save_tensors(dest / ROUTER_FILE, routers, {"format": "pt", "router": json.dumps(config["router"])})
     (dest / "README.md").write_text(card)
     write_json(dest / "config.json", config)
     return WrittenShards(sorted(rewrite), [s for s in src.shards if s not in rewrite])

@@ -40,20 +40,42 @@ def mask_token_id(directory: Path) -> int | None:
     return vocab.get(MASK_TOKEN) if isinstance(vocab, dict) else None
 
 
+def _byte_level(model):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def write_byte_tokenizer(directory: Path) -> dict[str, int]:
     """A byte-level BPE with no merges: 256 byte tokens, then ``<|endoftext|>`` and ``<|mask|>``.
 
-    Returns the special token ids. Loadable with ``transformers.AutoTokenizer.from_pretrained``.
+    Returns the special token ids. Loadable with ``transformers.PreTrainedTokenizerFast.from_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import models
     from tokenizers.pre_tokenizers import ByteLevel
 
-    alphabet = ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = _byte_level(models.BPE(vocab=vocab, merges=[]))
     tok.add_special_tokens([EOS_TOKEN, MASK_TOKEN])
+    return _save(tok, directory)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, directory: Path) -> dict[str, int]:
+    """Train a byte-level BPE of ``vocab_size`` tokens on ``texts`` (the two special tokens included)."""
+    from tokenizers import models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, MASK_TOKEN],
+                                  initial_alphabet=ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _save(tok, directory)
+
+
+def _save(tok, directory: Path) -> dict[str, int]:
     tok.save(str(directory / "tokenizer.json"))
     ids = {EOS_TOKEN: tok.token_to_id(EOS_TOKEN), MASK_TOKEN: tok.token_to_id(MASK_TOKEN)}
     write_json(directory / "tokenizer_config.json", {

@@ -85,10 +85,14 @@ def build_sequences(section: DataSection, recipe_dir: Path, tokenizer) -> TokenB
     if eos is None:
         raise RetrofitError("the tokenizer has no EOS token")
     if section.objective == "pretrain":
-        _require_fields(records, [section.text_field], section.path)
-        tokens = records.map(lambda batch: {"ids": [ids + [eos] for ids in tokenizer(batch[section.text_field])
-                                                    ["input_ids"]]},
-                             batched=True, remove_columns=records.column_names)
+        fields = [section.text_field] if isinstance(section.text_field, str) else section.text_field
+        _require_fields(records, fields, section.path)
+
+        def encode_text(batch):
+            texts = ["\n".join(parts) for parts in zip(*(batch[f] for f in fields))]
+            return {"ids": [ids + [eos] for ids in tokenizer(texts)["input_ids"]]}
+
+        tokens = records.map(encode_text, batched=True, remove_columns=records.column_names)
         flat = torch.tensor([t for ids in tokens["ids"] for t in ids], dtype=torch.long)
         count = flat.numel() // section.seq_len
         if count == 0:

@@ -42,6 +42,19 @@ def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(x.float(), dim=-1).pow(2).mean() for x in router_logits]).mean()
 
 
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-style balance loss for top-k routing, averaged over layers: E · Σ_e f_e · P_e, where f_e is the
+    share of (token, choice) slots expert e receives and P_e its mean probability; 1.0 when perfectly even."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        num_experts = probs.shape[-1]
+        chosen = torch.zeros_like(probs).scatter(-1, probs.topk(top_k, dim=-1).indices, 1.0)
+        share = chosen.mean(0) / top_k
+        losses.append(num_experts * (share.detach() * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
 def distillation_kl(student_logits, teacher_logits, masked: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher ‖ student) averaged over masked positions; the teacher carries no gradient."""
     if not masked.any():

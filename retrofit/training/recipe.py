@@ -32,7 +32,7 @@ class DataSection(Section):
     format: Literal["auto", "json", "text", "parquet", "csv"] = "auto"
     split: str = "train"
     objective: Literal["pretrain", "sft"] = "pretrain"
-    text_field: str = "text"
+    text_field: str | list[str] = Field(default="text", description="field, or fields joined by newlines")
     prompt_field: str = "question"
     response_field: str = "answer"
     seq_len: int = Field(default=256, ge=8)
@@ -47,6 +47,8 @@ class DistillSection(Section):
 class ObjectiveSection(Section):
     eps: float = Field(default=1e-3, gt=0, lt=1, description="minimum mask probability")
     z_loss: float = Field(default=0.0, ge=0, description="router z-loss coefficient (EC-DLM used 1e-3)")
+    balance_loss: float = Field(default=0.0, ge=0, description="top-k load-balancing loss coefficient (TC "
+                                                               "pretraining; EC is balanced by construction)")
     distill: DistillSection = Field(default_factory=DistillSection)
 
 
@@ -58,7 +60,7 @@ class LoraSection(Section):
 
 
 class TrainableSection(Section):
-    mode: Literal["routers", "routers+lora"] = "routers"
+    mode: Literal["routers", "routers+lora", "all"] = "routers"
     lora: LoraSection = Field(default_factory=LoraSection)
 
 

@@ -17,7 +17,10 @@ def router_parameter_names(model: nn.Module) -> list[str]:
 
 
 def make_trainable(model: LLaDAMoEModelLM, section: TrainableSection) -> nn.Module:
-    """Freeze all but the routers (and LoRA adapters); returns the module to train (a PeftModel with LoRA)."""
+    """Freeze all but the routers (and LoRA adapters); returns the module to train (a PeftModel with LoRA).
+    ``all`` trains every parameter (pretraining a model from scratch)."""
+    if section.mode == "all":
+        return model.requires_grad_(True)
     model.requires_grad_(False)
     if section.mode == "routers+lora":
         from peft import LoraConfig, get_peft_model

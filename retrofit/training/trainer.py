@@ -24,10 +24,17 @@ from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.io.model_dir import converted_config, write_model_directory
 from retrofit.io.sources import Source, resolve_source
+from retrofit.models.llada_moe import hub_state_dict
 from retrofit.routers import TokenChoiceRouter
 from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.data import TokenBatches, build_sequences, load_tokenizer
-from retrofit.training.objective import add_noise, diffusion_loss, distillation_kl, router_z_loss
+from retrofit.training.objective import (
+    add_noise,
+    diffusion_loss,
+    distillation_kl,
+    load_balancing_loss,
+    router_z_loss,
+)
 from retrofit.training.recipe import Recipe, resolve_path
 from retrofit.training.trainable import base_model, make_trainable, router_parameter_names
 
@@ -87,7 +94,7 @@ class Finetune:
         if optim.activation_checkpointing:
             model.model.gradient_checkpointing = True
         for block in model.moe_blocks():
-            block.keep_router_logits = recipe.objective.z_loss > 0
+            block.keep_router_logits = recipe.objective.z_loss > 0 or recipe.objective.balance_loss > 0
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
@@ -136,8 +143,11 @@ class Finetune:
         with self.autocast:
             logits = self.model(input_ids=noisy, mask_ratio=t).logits
         terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), _to(noise, self.device))}
+        router_logits = [b.router_logits for b in self.base.moe_blocks()]
         if obj.z_loss > 0:
-            terms["z_loss"] = router_z_loss([b.router_logits for b in self.base.moe_blocks()])
+            terms["z_loss"] = router_z_loss(router_logits)
+        if obj.balance_loss > 0:
+            terms["balance"] = load_balancing_loss(router_logits, self.config.num_experts_per_tok)
         if obj.distill.weight > 0:
             with torch.no_grad(), self.teacher_routing(), self.autocast:
                 teacher = self.model(input_ids=noisy, mask_ratio=t).logits
@@ -146,7 +156,7 @@ class Finetune:
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         obj = self.recipe.objective
-        weights = {"diffusion": 1.0, "z_loss": obj.z_loss, "distill": obj.distill.weight}
+        weights = {"diffusion": 1.0, "z_loss": obj.z_loss, "balance": obj.balance_loss, "distill": obj.distill.weight}
         return sum(weights[k] * v for k, v in terms.items())
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -211,8 +221,11 @@ class Finetune:
     def export(self) -> None:
         """Turn the output directory into a full model directory (plus a peft adapter with LoRA)."""
         base = self.base
-        trained = {name: p.detach().float().cpu() for name, p in base.named_parameters()
-                   if name in set(router_parameter_names(base))}
+        if self.recipe.trainable.mode == "all":
+            trained = {k: v.detach().float().cpu() for k, v in hub_state_dict(base).items()}
+        else:
+            routers = set(router_parameter_names(base))
+            trained = {name: p.detach().float().cpu() for name, p in base.named_parameters() if name in routers}
         config = converted_config(self.ckpt.config, self.config.mask_token_id, self.config.router_settings)
         partial = self.output_dir / ".export-partial"
         if partial.exists():
