@@ -8,7 +8,7 @@ that becomes the output only after the result has been reloaded and checked agai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +21,10 @@ from retrofit.io.load import checkpoint_config
 from retrofit.io.model_dir import ROUTER_FILE, converted_config, write_model_directory
 from retrofit.io.sources import Source
 from retrofit.io.writer import atomic_directory, check_destination
-from retrofit.models.llada_moe import LLaDAMoEConfig
+from retrofit.models.llada_moe import LLaDAMoEConfig, router_tensor_name
 from retrofit.routers import RouterSettings, build_router
 from retrofit.verify import compare_tensors, probe_input, streamed_logits
+
 
 @dataclass
 class RouterSwap:
@@ -42,10 +43,6 @@ class ConversionPlan:
     swaps: list[RouterSwap]
     out: Path
 
-    @property
-    def shards_to_rewrite(self) -> list[str]:
-        return list(dict.fromkeys(s.shard for s in self.swaps))
-
 
 @dataclass
 class ConversionReport:
@@ -55,11 +52,6 @@ class ConversionReport:
     tensors_checked: int
     logits_identical: bool | None
     max_logit_diff: float
-    notes: list[str] = field(default_factory=list)
-
-
-def router_tensor_name(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.gate.weight"
 
 
 def default_out(source: Source, target: RouterSettings) -> Path:

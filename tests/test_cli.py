@@ -98,11 +98,12 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, created, tmp_path):
     assert not any(p.endswith(".py") or p.endswith(".bin") for p in asked["allow_patterns"])
 
 
-def test_embedded_tiny_not_built_yet_is_explained():
-    if sources._embedded_path("tiny") is not None:
-        pytest.skip("the embedded tiny model ships with this build")
-    line = one_line_error(run("convert", "--src", "tiny", "--router", "ec"))
-    assert "create-tiny" in line
+def test_src_tiny_is_the_embedded_model(tmp_path):
+    """`--src tiny` converts the pretrained model shipped in the package."""
+    result = run("convert", "--src", "tiny", "--router", "ec", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    record = json.loads((sources._embedded_path("tiny") / "training.json").read_text())
+    assert record["heldout_masked_token_loss"] < record["unigram_baseline_loss"] - 1.0
 
 
 def test_corrupt_shard(created, tmp_path):

@@ -274,3 +274,52 @@ def test_shipped_tiny_recipe_runs_from_the_repo_root(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.config.router_settings.type == "ec"
+
+
+def test_load_balancing_loss_matches_a_loop():
+    from retrofit.training.objective import load_balancing_loss
+
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    probs = torch.softmax(logits, -1)
+    share, mean_prob = [0.0] * 4, [0.0] * 4
+    for t in range(12):
+        for e in probs[t].topk(2).indices.tolist():
+            share[e] += 1 / (12 * 2)
+        for e in range(4):
+            mean_prob[e] += probs[t, e].item() / 12
+    expected = 4 * sum(f * p for f, p in zip(share, mean_prob))
+    assert load_balancing_loss([logits], 2).item() == pytest.approx(expected, rel=1e-6)
+    uniform = torch.zeros(8, 4)
+    assert load_balancing_loss([uniform], 2).item() == pytest.approx(1.0)
+
+
+def test_all_parameter_training_from_a_bpe_snapshot(tmp_path):
+    from retrofit.tiny import create_tiny
+
+    texts = [json.loads(line) for line in GSM8K.read_text().splitlines()[:300]]
+    src = create_tiny(tmp_path / "init", tokenizer_texts=[t["question"] + "\n" + t["answer"] for t in texts],
+                      vocab_size=400, hidden_size=32, expert_intermediate_size=16)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    assert {t["content"]: t["id"] for t in tok["added_tokens"]} == {"<|endoftext|>": 0, "<|mask|>": 1}
+    path = write_recipe(tmp_path, src, model={"router": {"type": "tc"}}, trainable={"mode": "all"},
+                        objective={"balance_loss": 0.01}, data={"text_field": ["question", "answer"]})
+    _, result = finetune(path, "optim.max_steps=4")
+    a, b = CheckpointDir(src), CheckpointDir(result.output_dir)
+    changed = [n for n in a.weight_map if not torch.equal(a.read([n])[n].float(), b.read([n])[n].float())]
+    assert len(changed) == len(a.weight_map), "every tensor trains in `all` mode"
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(result.output_dir / "router.safetensors"))) == {
+        f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    last = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["balance"] >= 1.0 - 1e-6
+
+
+def test_heldout_unigram_baseline_by_hand():
+    from retrofit.eval.heldout import unigram_loss
+
+    train = torch.tensor([[0, 0, 1, 2]])
+    heldout = torch.tensor([[0, 2]])
+    # add-one counts over a vocabulary of 4: [3, 2, 2, 1] / 8
+    expected = -(torch.log(torch.tensor(3 / 8)) + torch.log(torch.tensor(2 / 8))).item() / 2
+    assert unigram_loss(train, heldout, 4) == pytest.approx(expected)

@@ -20,7 +20,7 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
 from retrofit.io.tokenizer_files import tokenizer_files
 from retrofit.io.writer import save_tensors, write_index, write_json
-from retrofit.models.llada_moe import MODEL_TYPE
+from retrofit.models.llada_moe import MODEL_TYPE, is_router_tensor
 from retrofit.routers import RouterSettings
 
 ROUTER_FILE = "router.safetensors"
@@ -77,7 +77,7 @@ def write_model_directory(src: CheckpointDir, dest: Path, replaced: dict[str, to
             shutil.copyfile(src.path / INDEX_NAME, dest / INDEX_NAME)
     for f in tokenizer_files(src.path):
         shutil.copyfile(f, dest / f.name)
-    routers = {n: t for n, t in replaced.items() if n.endswith(".mlp.gate.weight")}
+    routers = {n: t for n, t in replaced.items() if is_router_tensor(n)}
     save_tensors(dest / ROUTER_FILE, routers, {"format": "pt", "router": json.dumps(config["router"])})
     (dest / "README.md").write_text(card)
     write_json(dest / "config.json", config)

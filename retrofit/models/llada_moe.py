@@ -483,6 +483,15 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
 
 # ------------------------------------------------------------------------------- checkpoint naming
 
+def router_tensor_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.weight"
+
+
+def is_router_tensor(name: str) -> bool:
+    """Router (gate) weights, also under a peft wrapper's longer prefix."""
+    return name.endswith(".mlp.gate.weight")
+
+
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from retrofit.models.llada_moe import LLaDAMoEModelLM
+from retrofit.models.llada_moe import LLaDAMoEModelLM, is_router_tensor
 from retrofit.training.recipe import TrainableSection
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if name.endswith("mlp.gate.weight")]
+    return [name for name, _ in model.named_parameters() if is_router_tensor(name)]
 
 
 def make_trainable(model: LLaDAMoEModelLM, section: TrainableSection) -> nn.Module:

@@ -1,0 +1,452 @@
+"""CPU benchmark of retrofit's MoE paths: ``python -m retrofit.bench [--out DIR] [--quick]``.
+
+Everything is measured side by side in one process (fp32, 2 threads; each figure the median of repeated runs
+after a warm-up run), so the tables compare implementations on the same machine at the same moment:
+
+1. one MoE layer at LLaDA-MoE size: the reference modeling code's per-expert loop, the grouped token-choice
+   path and the batched expert-choice path (time, speed-up, achieved FLOP rate against a dense matmul);
+2. one 32-token denoising block: unique experts touched and layer time of token choice, expert choice and
+   block routing (algorithms.md §6);
+3. the tiny model end to end: router-only vs full training (throughput, peak memory), likelihood scoring and
+   generation.
+
+A "Targets" section checks the measured figures against the project's goals. No figure is hard-coded: every
+number written comes from the run that writes it. Results go to ``DIR/bench.md`` and ``DIR/bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit.eval.likelihood import mc_loglikelihood
+from retrofit.eval.sampler import SamplerSettings, generate
+from retrofit.models.llada_moe import StackedExperts
+from retrofit.routers import Router, RouterSettings, RoutingContext, build_router
+from retrofit.tiny import TINY_EOS_ID, build_tiny_model
+from retrofit.training.objective import add_noise, diffusion_loss
+from retrofit.training.recipe import TrainableSection
+from retrofit.training.trainable import make_trainable
+
+THREADS = 2
+LLADA_MOE = dict(d=2048, f=1024, experts=64, top_k=8)
+LAYER_TOKENS = (64, 512, 2048)
+TARGET_TOKENS = 512
+BLOCK = RouterSettings(type="block", block_length=32, core_threshold=0.6, guard_size=16)
+MODEL_DIMS = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, expert_intermediate_size=256)
+TRAIN_BATCH, TRAIN_LENGTH = 8, 128
+WARMUP = 1
+LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = WARMUP) -> float:
+    """Median wall time of ``fn`` in ms; the warm-up absorbs one-off costs (first allocations, kernel choice)
+    and the median ignores the odd run slowed by the rest of the machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+# ------------------------------------------------------------------------------------------ MoE layer
+
+
+class MoeLayer:
+    """One MoE layer's weights, shared by every implementation so that all compute from the same tensors.
+
+    Experts are frozen (std 0.02), as in router-only training; the gate is trainable with std 0.5 so that
+    routing is peaked like a trained checkpoint's rather than near-uniform.
+    """
+
+    def __init__(self, d: int, f: int, experts: int, top_k: int, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.d, self.f, self.num_experts, self.top_k = d, f, experts, top_k
+        self.experts = StackedExperts(experts, d, f).requires_grad_(False)
+        for p in self.experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=self.gen) * 0.02)
+        self.gate = nn.Parameter(torch.randn(experts, d, generator=self.gen) * 0.5)
+
+    def tokens(self, count: int) -> torch.Tensor:
+        return torch.randn(count, self.d, generator=self.gen)
+
+    def router(self, settings: RouterSettings) -> Router:
+        """A router of the given kind that shares (not copies) this layer's gate weight."""
+        router = build_router(settings, self.d, self.num_experts, self.top_k)
+        router.weight = self.gate
+        return router
+
+
+def tc_loop(layer: MoeLayer, x: torch.Tensor) -> torch.Tensor:
+    """The reference modeling code's MoE block, kept faithful as the baseline: a one-hot expert mask and a
+    Python loop that runs every expert on the tokens ``torch.where`` finds for it."""
+    probs = F.softmax(F.linear(x, layer.gate), dim=-1, dtype=torch.float32)
+    weights, selected = probs.topk(layer.top_k, dim=-1)
+    weights = weights.to(x.dtype)
+    mask = F.one_hot(selected, num_classes=layer.num_experts).permute(2, 1, 0)
+    ex = layer.experts
+    out = torch.zeros_like(x)
+    for e in range(layer.num_experts):
+        idx, top_x = torch.where(mask[e])
+        h = x[top_x]
+        h = F.linear(F.silu(F.linear(h, ex.gate_proj[e])) * F.linear(h, ex.up_proj[e]), ex.down_proj[e])
+        out.index_add_(0, top_x, h * weights[top_x, idx, None])
+    return out
+
+
+@dataclass
+class Implementation:
+    """An MoE layer forward (router included) and the router whose choice it makes, to count its pairs."""
+
+    router: Router
+    run: Callable[[torch.Tensor], torch.Tensor]
+
+    def routing(self, x: torch.Tensor):
+        with torch.no_grad():
+            return self.router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0]))
+
+
+def routed(layer: MoeLayer, settings: RouterSettings) -> Implementation:
+    """The native path: the router chooses, StackedExperts runs grouped (token layout) or batched (expert)."""
+    router = layer.router(settings)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return layer.experts(x, router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0])))
+
+    return Implementation(router, run)
+
+
+def implementations(layer: MoeLayer) -> dict[str, Implementation]:
+    """The three rows of the layer table; the loop re-implements the TC router's choice inline, as the
+    reference code does, so the TC router only counts its pairs."""
+    tc = RouterSettings(type="tc")
+    return {
+        LOOP: Implementation(layer.router(tc), partial(tc_loop, layer)),
+        GROUPED: routed(layer, tc),
+        BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
+    }
+
+
+def forward(run: Callable, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return run(x)
+
+
+def forward_backward(run: Callable, x: torch.Tensor, gate: nn.Parameter) -> tuple[torch.Tensor, ...]:
+    """Frozen experts: gradients reach only the input and the gate, as in router-only training."""
+    x = x.detach().requires_grad_(True)
+    return torch.autograd.grad(run(x).pow(2).mean(), (x, gate))
+
+
+def dense_rate(rows: int, inner: int, cols: int, repeats: int) -> dict:
+    """The machine's plain-matmul rate on a shape of the same FLOPs as the experts' work, the ceiling an
+    MoE implementation can approach."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    ms = median_ms(partial(torch.matmul, a, b), repeats)
+    return {"shape": f"[{rows}, {inner}] x [{inner}, {cols}]", "ms": ms, "gflops": 2 * rows * inner * cols / ms / 1e6}
+
+
+def pass_figures(ms: float, loop_ms: float, flops: float, dense_gflops: float) -> dict:
+    gflops = flops / ms / 1e6
+    return {"ms": ms, "speedup": loop_ms / ms, "gflops": gflops, "pct_dense": 100 * gflops / dense_gflops}
+
+
+def layer_rows(layer: MoeLayer, x: torch.Tensor, repeats: int, dense_gflops: float) -> list[dict]:
+    """One row per implementation at ``len(x)`` tokens. Useful FLOPs are 2·3·d·f per (token, expert) pair;
+    fwd+bwd counts twice that, since with frozen experts backward runs only the input-gradient matmuls."""
+    impls = implementations(layer)
+    times = {name: {"fwd": median_ms(partial(forward, impl.run, x), repeats),
+                    "fwd+bwd": median_ms(partial(forward_backward, impl.run, x, layer.gate), repeats)}
+             for name, impl in impls.items()}
+    rows = []
+    for name, impl in impls.items():
+        pairs = impl.routing(x).indices.numel()
+        flops = 2 * 3 * layer.d * layer.f * pairs
+        row = {"tokens": x.shape[0], "implementation": name, "pairs": pairs}
+        for kind, multiple in (("fwd", 1), ("fwd+bwd", 2)):
+            row[kind] = pass_figures(times[name][kind], times[LOOP][kind], multiple * flops, dense_gflops)
+        rows.append(row)
+    return rows
+
+
+def moe_layer_table(layer: MoeLayer, tokens: tuple[int, ...], repeats: int) -> dict:
+    """Table 1: the three implementations at each token count, with the dense-matmul reference of each."""
+    rows, dense = [], []
+    for count in tokens:
+        ref = dense_rate(count * layer.top_k, layer.d, 3 * layer.f, repeats)
+        dense.append({"tokens": count, **ref})
+        rows += layer_rows(layer, layer.tokens(count), repeats, ref["gflops"])
+    shape = dict(d=layer.d, f=layer.f, experts=layer.num_experts, top_k=layer.top_k)
+    return {"shape": shape, "rows": rows, "dense": dense}
+
+
+# ---------------------------------------------------------------------------------------- block routing
+
+
+def block_table(layer: MoeLayer, settings: RouterSettings, repeats: int) -> dict:
+    """Table 2: one denoising block (``block_length`` tokens, one forward) under each router. Unique experts
+    is what block routing cuts; at this size the layer reads each touched expert's weights for a handful of
+    tokens, so its time should follow the unique-expert count."""
+    x = layer.tokens(settings.block_length)
+    impls = {GROUPED: routed(layer, RouterSettings(type="tc")),
+             BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
+             BLOCKED: routed(layer, settings)}
+    rows = [{"router": name, "tokens": x.shape[0],
+             "unique_experts": int(impl.routing(x).pairs()[1].unique().numel()),
+             "ms": median_ms(partial(forward, impl.run, x), repeats)} for name, impl in impls.items()]
+    tc = rows[0]
+    for row in rows:
+        row["unique_ratio"] = tc["unique_experts"] / row["unique_experts"]
+        row["speedup"] = tc["ms"] / row["ms"]
+    return {"settings": settings.describe(), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ tiny model
+
+
+def random_ids(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Ordinary byte tokens, below the tiny tokenizer's special ids."""
+    return torch.randint(0, TINY_EOS_ID, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def workload(mode: str, dims: dict, batch: int, length: int) -> tuple[nn.Module, Callable[[], None]]:
+    """The model and one step of ``mode``: "inference" (a no_grad forward) or a masked-diffusion training step
+    with AdamW on "routers" (gate weights only) or "all" parameters; fresh noise each step."""
+    model = build_tiny_model(**dims)
+    ids = random_ids((batch, length))
+    if mode == "inference":
+        return model, partial(forward, model, ids)
+    model = make_trainable(model.train(), TrainableSection(mode=mode))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    prompt_len = torch.zeros(batch, dtype=torch.long)
+
+    def step() -> None:
+        noise = add_noise(ids, prompt_len, model.config.mask_token_id, 1e-3, gen)
+        logits = model(input_ids=noise.noisy, mask_ratio=noise.t).logits
+        diffusion_loss(logits, ids, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(mode: str, dims: dict, batch: int, length: int) -> dict:
+    """Peak resident memory of one step above the resident memory just before it (Linux). A tiny forward
+    first loads the kernels, so their one-off cost is not charged to the step; the first training step
+    includes creating the optimiser state, which is part of what training costs."""
+    torch.set_num_threads(THREADS)
+    model, step = workload(mode, dims, batch, length)
+    forward(model, random_ids((1, 8)))
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = proc_status_kib("VmRSS")
+    step()
+    peak = proc_status_kib("VmHWM")
+    return {"baseline_mib": before / 1024, "peak_mib": peak / 1024, "above_baseline_mib": (peak - before) / 1024}
+
+
+def fresh_process_peak(mode: str, dims: dict, batch: int, length: int) -> dict:
+    """:func:`peak_memory` in a new interpreter, so nothing an earlier measurement left resident skews it."""
+    args = json.dumps(dict(mode=mode, dims=dims, batch=batch, length=length))
+    code = ("import json, sys; from retrofit.bench import peak_memory; "
+            "print(json.dumps(peak_memory(**json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def loglikelihood_rate(model: nn.Module, repeats: int) -> float:
+    """Requests/s of Monte-Carlo scoring: a 48-token context, an 8-token continuation, 8 samples in one batch."""
+    ids = random_ids((56,)).tolist()
+    score = partial(mc_loglikelihood, model, ids[:48], ids[48:], mask_id=model.config.mask_token_id,
+                    mc_num=8, batch_size=8, seed=0, device="cpu")
+    return 1e3 / median_ms(score, repeats)
+
+
+def generation_rate(model: nn.Module, repeats: int) -> float:
+    """Generated tokens/s: one 32-token block after a 48-token prompt, 32 steps, batch 1."""
+    settings = SamplerSettings(gen_length=32, steps=32, block_length=32)
+    run = partial(generate, model, random_ids((1, 48)), model.config.mask_token_id, settings)
+    return settings.gen_length * 1e3 / median_ms(run, repeats)
+
+
+def model_table(dims: dict, repeats: int, batch: int = TRAIN_BATCH, length: int = TRAIN_LENGTH,
+                probe: Callable[..., dict] = fresh_process_peak) -> dict:
+    """Table 3: the tiny model's step rates and peak memory per mode, then likelihood and generation rates.
+    ``probe`` measures one mode's peak memory (a fresh process by default)."""
+    steps = {}
+    for mode in ("inference", "routers", "all"):
+        ms = median_ms(workload(mode, dims, batch, length)[1], repeats)
+        steps[mode] = {"ms": ms, "tokens_per_s": batch * length * 1e3 / ms,
+                       "memory": probe(mode=mode, dims=dims, batch=batch, length=length)}
+    above = {mode: s["memory"]["above_baseline_mib"] for mode, s in steps.items()}
+    model = build_tiny_model(**dims)
+    return {"dims": dims, "batch": batch, "length": length, "steps": steps,
+            "memory_ratio": above["routers"] / above["inference"] if above["inference"] else math.inf,
+            "loglikelihood_requests_per_s": loglikelihood_rate(model, repeats),
+            "generation_tokens_per_s": generation_rate(model, repeats)}
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
+    """The project's goals, each with the figure measured in this run and whether it was met."""
+    layer = {r["implementation"]: r for r in results["moe_layer"]["rows"] if r["tokens"] == tokens}
+    ec = layer[BATCHED]["fwd+bwd"]
+    block = next(r for r in results["block"]["rows"] if r["router"] == BLOCKED)
+    checks = [
+        (f"EC fwd+bwd vs TC loop at {tokens} tokens", ec["speedup"], ">=", 1.5, "x"),
+        (f"EC fwd+bwd share of dense-matmul rate at {tokens} tokens", ec["pct_dense"], ">=", 85.0, "%"),
+        ("TC / block unique experts in one block", block["unique_ratio"], ">=", 3.0, "x"),
+        ("block MoE-layer speed-up over TC in one block", block["speedup"], ">=", 2.0, "x"),
+        ("routers-only training peak / inference peak", results["model"]["memory_ratio"], "<=", 1.3, "x"),
+    ]
+    return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit,
+             "met": value >= bound if op == ">=" else value <= bound}
+            for name, value, op, bound, unit in checks]
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+def num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def md_table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(num(c) if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
+
+
+def layer_markdown(table: dict) -> list[str]:
+    passes = ("fwd", "fwd+bwd")
+    headers = ["tokens", "implementation"] + [f"{p} {h}" for p in passes
+                                              for h in ("ms", "speed-up", "GFLOP/s", "% dense")]
+    rows = [[r["tokens"], r["implementation"]] + [v for p in passes for v in
+            (r[p]["ms"], f"{num(r[p]['speedup'])}x", r[p]["gflops"], f"{num(r[p]['pct_dense'])}%")]
+            for r in table["rows"]]
+    dense = [[d["tokens"], d["shape"], d["ms"], d["gflops"]] for d in table["dense"]]
+    shape = table["shape"]
+    return [f"## 1. MoE layer (d={shape['d']}, f={shape['f']}, E={shape['experts']}, k={shape['top_k']}, "
+            "one sequence, experts frozen)", "",
+            "Times include the router. Useful expert FLOPs = 2·3·d·f per routed (token, expert) pair; fwd+bwd "
+            "counts 2x the forward FLOPs, because with frozen experts backward runs only the input-gradient "
+            "matmuls (x and gate get gradients). Speed-up is against the TC per-expert loop; % dense is the "
+            "achieved rate over the plain-matmul rate measured below at the same FLOPs.", "",
+            *md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
+            *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
+
+
+def block_markdown(table: dict) -> list[str]:
+    body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x"]
+            for r in table["rows"]]
+    return [f"## 2. One denoising block ({table['settings']}, same layer, random tokens)", "",
+            *md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
+                       "TC / this (time)"], body), ""]
+
+
+def model_markdown(m: dict) -> list[str]:
+    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only", "all": "train all"}
+    body = [[labels[mode], s["ms"], s["tokens_per_s"], s["memory"]["above_baseline_mib"], s["memory"]["peak_mib"]]
+            for mode, s in m["steps"].items()]
+    return [f"## 3. Tiny model ({', '.join(f'{k}={v}' for k, v in m['dims'].items())}; TC router)", "",
+            f"Steps on a batch of {m['batch']} x {m['length']} tokens (training: masked-diffusion loss, backward, "
+            "AdamW). Peak memory is VmHWM of one step in a fresh process, above the resident memory just before "
+            "it (the first step, so it includes creating the optimiser state).", "",
+            *md_table(["mode", "step ms", "tokens/s", "peak above baseline MiB", "peak RSS MiB"], body), "",
+            f"Routers-only training peak / inference peak: {num(m['memory_ratio'])}x", "",
+            *md_table(["loglikelihood requests/s (mc_num 8, batch 8, 48+8 tokens)",
+                       "generation tokens/s (gen 32, steps 32, block 32, batch 1)"],
+                      [[m["loglikelihood_requests_per_s"], m["generation_tokens_per_s"]]]), ""]
+
+
+def targets_markdown(checks: list[dict]) -> list[str]:
+    body = [[c["target"], f"{num(c['measured'])}{c['unit']}", f"{c['op']} {num(c['bound'])}{c['unit']}",
+             "PASS" if c["met"] else "MISS"] for c in checks]
+    return ["## Targets", "", *md_table(["target", "measured", "goal", "result"], body), ""]
+
+
+def render(results: dict) -> str:
+    env = results["environment"]
+    head = ["# retrofit benchmark", "",
+            f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
+            f"runs after {env['warmup']} warm-up.", ""]
+    lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
+             + model_markdown(results["model"])
+             + targets_markdown(results["targets"]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def environment(repeats: int) -> dict:
+    return {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": repeats, "warmup": WARMUP}
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def run(quick: bool) -> dict:
+    """All three tables at the sizes of the brief; ``quick`` runs once per figure and drops 2048 tokens."""
+    torch.set_num_threads(THREADS)
+    repeats = 1 if quick else 5
+    tokens = tuple(t for t in LAYER_TOKENS if not (quick and t > TARGET_TOKENS))
+    layer = MoeLayer(**LLADA_MOE)
+    results = {
+        "environment": environment(repeats),
+        "moe_layer": moe_layer_table(layer, tokens, repeats),
+        "block": block_table(layer, BLOCK, repeats),
+        "model": model_table(MODEL_DIMS, repeats),
+    }
+    results["targets"] = targets(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m retrofit.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for bench.md/json")
+    parser.add_argument("--quick", action="store_true", help="one run per figure, no 2048-token layer")
+    args = parser.parse_args(argv)
+    results = run(args.quick)
+    text = render(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(text)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The benchmark's tables at tiny sizes: structure, finite figures, and the MoE implementations it times agree.
+Timings are only reported by the benchmark, never asserted here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from retrofit import bench
+from retrofit.routers import RouterSettings
+
+TOKENS = 16
+BLOCK = RouterSettings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
+DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
+            num_experts_per_tok=2, expert_intermediate_size=16)
+
+
+def pairwise_reference(layer: bench.MoeLayer, x: torch.Tensor, routing) -> torch.Tensor:
+    """Sum over the routing's (token, expert, gate) triples, one pair at a time."""
+    ex, out = layer.experts, torch.zeros_like(x)
+    for token, expert, gate in zip(*(t.tolist() for t in routing.pairs())):
+        h = x[token]
+        h = torch.nn.functional.silu(ex.gate_proj[expert] @ h) * (ex.up_proj[expert] @ h)
+        out[token] += gate * (ex.down_proj[expert] @ h)
+    return out
+
+
+def test_implementations_agree():
+    layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
+    x = layer.tokens(TOKENS)
+    impls = bench.implementations(layer)
+    outs = {name: bench.forward(impl.run, x) for name, impl in impls.items()}
+    torch.testing.assert_close(outs[bench.LOOP], outs[bench.GROUPED], atol=1e-5, rtol=0)
+    ec = impls[bench.BATCHED]
+    torch.testing.assert_close(outs[bench.BATCHED], pairwise_reference(layer, x, ec.routing(x)), atol=1e-5, rtol=0)
+
+
+def test_tables_and_report():
+    layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
+    results = {
+        "environment": bench.environment(repeats=1),
+        "moe_layer": bench.moe_layer_table(layer, (TOKENS,), repeats=1),
+        "block": bench.block_table(layer, BLOCK, repeats=1),
+        "model": bench.model_table(DIMS, repeats=1, batch=2, length=16, probe=bench.peak_memory),
+    }
+    rows = results["moe_layer"]["rows"]
+    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED]
+    assert all(r["pairs"] == TOKENS * 2 for r in rows)  # EC at capacity factor 1.0: the same FLOPs as TC
+    figures = [v for r in rows for p in ("fwd", "fwd+bwd") for v in r[p].values()]
+    figures += [r[key] for r in results["block"]["rows"] for key in ("ms", "unique_ratio", "speedup")]
+    assert all(math.isfinite(v) and v > 0 for v in figures)
+    assert [r["router"] for r in results["block"]["rows"]] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]
+
+    model = results["model"]
+    assert set(model["steps"]) == {"inference", "routers", "all"}
+    for step in model["steps"].values():
+        assert step["tokens_per_s"] > 0 and step["memory"]["peak_mib"] >= step["memory"]["baseline_mib"] > 0
+    assert model["loglikelihood_requests_per_s"] > 0 and model["generation_tokens_per_s"] > 0
+
+    results["targets"] = bench.targets(results, tokens=TOKENS)
+    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
+    text = bench.render(results)
+    for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## Targets"):
+        assert heading in text
