@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_CPU = torch==2.13.0
 
-.PHONY: setup test clean tiny demo
+.PHONY: setup test bench clean tiny demo
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+
+# CPU benchmark of the MoE paths (several minutes); results in bench/results/bench.{md,json}.
+bench: setup
+	$(PY) -m retrofit.bench --out bench/results
 
 # Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~10 min).
 tiny: setup

@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -260,7 +261,6 @@ def peak_memory(mode: str, dims: dict, batch: int, length: int) -> dict:
     """Peak resident memory of one step above the resident memory just before it (Linux). A tiny forward
     first loads the kernels, so their one-off cost is not charged to the step; the first training step
     includes creating the optimiser state, which is part of what training costs."""
-    torch.set_num_threads(THREADS)
     model, step = workload(mode, dims, batch, length)
     forward(model, random_ids((1, 8)))
     gc.collect()
@@ -274,8 +274,8 @@ def peak_memory(mode: str, dims: dict, batch: int, length: int) -> dict:
 def fresh_process_peak(mode: str, dims: dict, batch: int, length: int) -> dict:
     """:func:`peak_memory` in a new interpreter, so nothing an earlier measurement left resident skews it."""
     args = json.dumps(dict(mode=mode, dims=dims, batch=batch, length=length))
-    code = ("import json, sys; from retrofit.bench import peak_memory; "
-            "print(json.dumps(peak_memory(**json.loads(sys.argv[1]))))")
+    code = ("import json, sys, torch; from retrofit.bench import THREADS, peak_memory; "
+            "torch.set_num_threads(THREADS); print(json.dumps(peak_memory(**json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -308,6 +308,7 @@ def model_table(dims: dict, repeats: int, batch: int = TRAIN_BATCH, length: int 
     model = build_tiny_model(**dims)
     return {"dims": dims, "batch": batch, "length": length, "steps": steps,
             "memory_ratio": above["routers"] / above["inference"] if above["inference"] else math.inf,
+            "rss_ratio": steps["routers"]["memory"]["peak_mib"] / steps["inference"]["memory"]["peak_mib"],
             "loglikelihood_requests_per_s": loglikelihood_rate(model, repeats),
             "generation_tokens_per_s": generation_rate(model, repeats)}
 
@@ -336,7 +337,7 @@ def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
 
 
 def num(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
 
 
 def md_table(headers: list[str], rows: list[list]) -> list[str]:
@@ -380,7 +381,8 @@ def model_markdown(m: dict) -> list[str]:
             "AdamW). Peak memory is VmHWM of one step in a fresh process, above the resident memory just before "
             "it (the first step, so it includes creating the optimiser state).", "",
             *md_table(["mode", "step ms", "tokens/s", "peak above baseline MiB", "peak RSS MiB"], body), "",
-            f"Routers-only training peak / inference peak: {num(m['memory_ratio'])}x", "",
+            f"Routers-only training peak / inference peak (above baseline): {num(m['memory_ratio'])}x; "
+            f"whole-process peak RSS ratio: {num(m['rss_ratio'])}x", "",
             *md_table(["loglikelihood requests/s (mc_num 8, batch 8, 48+8 tokens)",
                        "generation tokens/s (gen 32, steps 32, block 32, batch 1)"],
                       [[m["loglikelihood_requests_per_s"], m["generation_tokens_per_s"]]]), ""]
@@ -396,7 +398,8 @@ def render(results: dict) -> str:
     env = results["environment"]
     head = ["# retrofit benchmark", "",
             f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
-            f"runs after {env['warmup']} warm-up.", ""]
+            f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
+            f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.", ""]
     lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
              + model_markdown(results["model"])
              + targets_markdown(results["targets"]))
@@ -407,8 +410,10 @@ def render(results: dict) -> str:
 
 
 def environment(repeats: int) -> dict:
+    """What the figures depend on besides the code; the load average shows whether other work shared the
+    CPU (with 2 threads on a busy machine every parallel region waits for a free core)."""
     return {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": repeats, "warmup": WARMUP}
+            "repeats": repeats, "warmup": WARMUP, "load_avg_1min": [os.getloadavg()[0]]}
 
 
 def cpu_name() -> str:
@@ -431,6 +436,7 @@ def run(quick: bool) -> dict:
         "block": block_table(layer, BLOCK, repeats),
         "model": model_table(MODEL_DIMS, repeats),
     }
+    results["environment"]["load_avg_1min"].append(os.getloadavg()[0])
     results["targets"] = targets(results)
     return results
 

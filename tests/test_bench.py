@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from retrofit import bench
@@ -14,6 +15,15 @@ TOKENS = 16
 BLOCK = RouterSettings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
 DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
             num_experts_per_tok=2, expert_intermediate_size=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Only structure is checked: one thread keeps the test fast even while other work holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pairwise_reference(layer: bench.MoeLayer, x: torch.Tensor, routing) -> torch.Tensor:
