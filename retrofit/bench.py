@@ -55,17 +55,20 @@ WARMUP = 1
 LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = WARMUP) -> float:
-    """Median wall time of ``fn`` in ms; the warm-up absorbs one-off costs (first allocations, kernel choice)
-    and the median ignores the odd run slowed by the rest of the machine."""
+def median_ms(fns: dict, repeats: int, warmup: int = WARMUP) -> dict:
+    """Median wall time in ms of each function of ``fns``, timed in interleaved rounds (each function once per
+    round) so that a change in machine load hits every contender alike; the warm-up rounds absorb one-off
+    costs (first allocations, kernel choice) and the median ignores the odd slowed run."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {key: [] for key in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------ MoE layer
@@ -157,44 +160,44 @@ def forward_backward(run: Callable, x: torch.Tensor, gate: nn.Parameter) -> tupl
     return torch.autograd.grad(run(x).pow(2).mean(), (x, gate))
 
 
-def dense_rate(rows: int, inner: int, cols: int, repeats: int) -> dict:
-    """The machine's plain-matmul rate on a shape of the same FLOPs as the experts' work, the ceiling an
-    MoE implementation can approach."""
-    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
-    ms = median_ms(partial(torch.matmul, a, b), repeats)
-    return {"shape": f"[{rows}, {inner}] x [{inner}, {cols}]", "ms": ms, "gflops": 2 * rows * inner * cols / ms / 1e6}
-
-
 def pass_figures(ms: float, loop_ms: float, flops: float, dense_gflops: float) -> dict:
     gflops = flops / ms / 1e6
     return {"ms": ms, "speedup": loop_ms / ms, "gflops": gflops, "pct_dense": 100 * gflops / dense_gflops}
 
 
-def layer_rows(layer: MoeLayer, x: torch.Tensor, repeats: int, dense_gflops: float) -> list[dict]:
-    """One row per implementation at ``len(x)`` tokens. Useful FLOPs are 2·3·d·f per (token, expert) pair;
+def layer_figures(layer: MoeLayer, count: int, repeats: int) -> tuple[dict, list[dict]]:
+    """The dense-matmul reference and one row per implementation at ``count`` tokens, timed together.
+
+    The reference multiplies ``[count·k, d] x [d, 3f]``: the FLOPs of the experts' forward in one matmul, the
+    ceiling an MoE implementation can approach. Useful expert FLOPs are 2·3·d·f per (token, expert) pair;
     fwd+bwd counts twice that, since with frozen experts backward runs only the input-gradient matmuls."""
-    impls = implementations(layer)
-    times = {name: {"fwd": median_ms(partial(forward, impl.run, x), repeats),
-                    "fwd+bwd": median_ms(partial(forward_backward, impl.run, x, layer.gate), repeats)}
-             for name, impl in impls.items()}
+    x, impls = layer.tokens(count), implementations(layer)
+    a, b = torch.randn(count * layer.top_k, layer.d), torch.randn(layer.d, 3 * layer.f)
+    fns = {"dense": partial(torch.matmul, a, b)}
+    for name, impl in impls.items():
+        fns[name, "fwd"] = partial(forward, impl.run, x)
+        fns[name, "fwd+bwd"] = partial(forward_backward, impl.run, x, layer.gate)
+    times = median_ms(fns, repeats)
+    dense = {"tokens": count, "shape": f"[{a.shape[0]}, {layer.d}] x [{layer.d}, {b.shape[1]}]",
+             "ms": times["dense"], "gflops": 2 * a.numel() * b.shape[1] / times["dense"] / 1e6}
     rows = []
     for name, impl in impls.items():
         pairs = impl.routing(x).indices.numel()
         flops = 2 * 3 * layer.d * layer.f * pairs
-        row = {"tokens": x.shape[0], "implementation": name, "pairs": pairs}
+        row = {"tokens": count, "implementation": name, "pairs": pairs}
         for kind, multiple in (("fwd", 1), ("fwd+bwd", 2)):
-            row[kind] = pass_figures(times[name][kind], times[LOOP][kind], multiple * flops, dense_gflops)
+            row[kind] = pass_figures(times[name, kind], times[LOOP, kind], multiple * flops, dense["gflops"])
         rows.append(row)
-    return rows
+    return dense, rows
 
 
 def moe_layer_table(layer: MoeLayer, tokens: tuple[int, ...], repeats: int) -> dict:
     """Table 1: the three implementations at each token count, with the dense-matmul reference of each."""
     rows, dense = [], []
     for count in tokens:
-        ref = dense_rate(count * layer.top_k, layer.d, 3 * layer.f, repeats)
-        dense.append({"tokens": count, **ref})
-        rows += layer_rows(layer, layer.tokens(count), repeats, ref["gflops"])
+        reference, count_rows = layer_figures(layer, count, repeats)
+        dense.append(reference)
+        rows += count_rows
     shape = dict(d=layer.d, f=layer.f, experts=layer.num_experts, top_k=layer.top_k)
     return {"shape": shape, "rows": rows, "dense": dense}
 
@@ -210,9 +213,9 @@ def block_table(layer: MoeLayer, settings: RouterSettings, repeats: int) -> dict
     impls = {GROUPED: routed(layer, RouterSettings(type="tc")),
              BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
              BLOCKED: routed(layer, settings)}
-    rows = [{"router": name, "tokens": x.shape[0],
-             "unique_experts": int(impl.routing(x).pairs()[1].unique().numel()),
-             "ms": median_ms(partial(forward, impl.run, x), repeats)} for name, impl in impls.items()]
+    times = median_ms({name: partial(forward, impl.run, x) for name, impl in impls.items()}, repeats)
+    rows = [{"router": name, "tokens": x.shape[0], "ms": times[name],
+             "unique_experts": int(impl.routing(x).pairs()[1].unique().numel())} for name, impl in impls.items()]
     tc = rows[0]
     for row in rows:
         row["unique_ratio"] = tc["unique_experts"] / row["unique_experts"]
@@ -280,37 +283,33 @@ def fresh_process_peak(mode: str, dims: dict, batch: int, length: int) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def loglikelihood_rate(model: nn.Module, repeats: int) -> float:
-    """Requests/s of Monte-Carlo scoring: a 48-token context, an 8-token continuation, 8 samples in one batch."""
-    ids = random_ids((56,)).tolist()
-    score = partial(mc_loglikelihood, model, ids[:48], ids[48:], mask_id=model.config.mask_token_id,
-                    mc_num=8, batch_size=8, seed=0, device="cpu")
-    return 1e3 / median_ms(score, repeats)
-
-
-def generation_rate(model: nn.Module, repeats: int) -> float:
-    """Generated tokens/s: one 32-token block after a 48-token prompt, 32 steps, batch 1."""
+def evaluation_rates(model: nn.Module, repeats: int) -> dict:
+    """Likelihood requests/s (a 48-token context, an 8-token continuation, 8 Monte-Carlo samples in one batch)
+    and generated tokens/s (one 32-token block after a 48-token prompt, 32 steps, batch 1)."""
+    ids, mask_id = random_ids((56,)).tolist(), model.config.mask_token_id
     settings = SamplerSettings(gen_length=32, steps=32, block_length=32)
-    run = partial(generate, model, random_ids((1, 48)), model.config.mask_token_id, settings)
-    return settings.gen_length * 1e3 / median_ms(run, repeats)
+    times = median_ms({
+        "score": partial(mc_loglikelihood, model, ids[:48], ids[48:], mask_id=mask_id, mc_num=8, batch_size=8,
+                         seed=0, device="cpu"),
+        "generate": partial(generate, model, random_ids((1, 48)), mask_id, settings),
+    }, repeats)
+    return {"loglikelihood_requests_per_s": 1e3 / times["score"],
+            "generation_tokens_per_s": settings.gen_length * 1e3 / times["generate"]}
 
 
 def model_table(dims: dict, repeats: int, batch: int = TRAIN_BATCH, length: int = TRAIN_LENGTH,
                 probe: Callable[..., dict] = fresh_process_peak) -> dict:
     """Table 3: the tiny model's step rates and peak memory per mode, then likelihood and generation rates.
     ``probe`` measures one mode's peak memory (a fresh process by default)."""
-    steps = {}
-    for mode in ("inference", "routers", "all"):
-        ms = median_ms(workload(mode, dims, batch, length)[1], repeats)
-        steps[mode] = {"ms": ms, "tokens_per_s": batch * length * 1e3 / ms,
-                       "memory": probe(mode=mode, dims=dims, batch=batch, length=length)}
+    modes = ("inference", "routers", "all")
+    times = median_ms({mode: workload(mode, dims, batch, length)[1] for mode in modes}, repeats)
+    steps = {mode: {"ms": times[mode], "tokens_per_s": batch * length * 1e3 / times[mode],
+                    "memory": probe(mode=mode, dims=dims, batch=batch, length=length)} for mode in modes}
     above = {mode: s["memory"]["above_baseline_mib"] for mode, s in steps.items()}
-    model = build_tiny_model(**dims)
     return {"dims": dims, "batch": batch, "length": length, "steps": steps,
             "memory_ratio": above["routers"] / above["inference"] if above["inference"] else math.inf,
             "rss_ratio": steps["routers"]["memory"]["peak_mib"] / steps["inference"]["memory"]["peak_mib"],
-            "loglikelihood_requests_per_s": loglikelihood_rate(model, repeats),
-            "generation_tokens_per_s": generation_rate(model, repeats)}
+            **evaluation_rates(build_tiny_model(**dims), repeats)}
 
 
 # ------------------------------------------------------------------------------------------ targets

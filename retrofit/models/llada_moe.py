@@ -308,19 +308,17 @@ class StackedExperts(nn.Module):
 
     def _token_major(self, x, experts, gates):
         # TC/block: sort the (token, expert) pairs by expert once, then run each expert on its contiguous run.
+        # split() (not slicing in a loop) so the backward builds the gradient of `chosen` once, not per expert.
         num_tokens, k = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         token_of = order // k
-        chosen = x[token_of]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                h = chosen[start:start + n]
+        outs = []
+        for e, h in enumerate(x[token_of].split(counts)):
+            if h.shape[0]:
                 h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
                 outs.append(F.linear(h, self.down_proj[e]))
-            start += n
         out = torch.cat(outs) * gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 

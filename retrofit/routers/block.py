@@ -1,9 +1,13 @@
 """Block-level routing (dMoE, algorithms.md §6), adapted to a softmax token-choice checkpoint.
 
 The positions of a sequence are cut into consecutive blocks of ``block_length`` (during cached denoising a
-forward pass *is* one block). Inside a block every valid token votes with its own top-k probabilities; the
-normalised vote picks a core set of experts (top-p at ``core_threshold``, at least ``guard_size``), and each
-token then takes its top-k experts inside that core set. Far fewer unique experts are touched per block.
+forward pass *is* one block; the last block of a longer pass is padded with positions that never vote and
+are dropped afterwards). Inside a block every valid token votes with its own top-k probabilities (its other
+probabilities count zero); the votes are summed over the block and normalised. The core set is the top-p set
+of that vote at ``core_threshold`` (experts ranked by vote, kept while the cumulative vote is ≤ p, plus the
+first one that crosses p), widened to the top-``guard_size`` experts by vote when smaller. Every token,
+padding included, then takes its top-k experts inside its block's core set. Far fewer unique experts are
+touched per block than under token choice.
 """
 
 from __future__ import annotations
@@ -17,46 +21,57 @@ from retrofit.routers.settings import RouterSettings
 
 class BlockRouter(Router):
     """Gates are the token's own probabilities on its k chosen experts, renormalised over those k as the
-    paper's router does (``renormalize=False`` keeps the checkpoint's raw-gate convention). A block without
-    any valid token (all padding) has an all-zero vote; its core set is then every expert."""
+    paper's router does *(choose: renormalised; ``renormalize=False`` keeps the checkpoint's raw-gate
+    convention)*. A block without any valid token (all padding) has an all-zero vote: every expert's cumulative
+    vote is 0 ≤ p, so its core set is every expert *(choice: its padding tokens then route like token choice)*.
+    Ties in the vote (zero votes, in practice) are broken by the lower expert id (stable sort)."""
 
     kind = "block"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings):
         super().__init__(hidden_size, num_experts, top_k)
         if settings.guard_size < top_k:
-            raise ValueError(f"guard_size ({settings.guard_size}) must be at least top_k ({top_k}) so every token "
-                             "finds k experts in the core set")
+            raise ValueError(
+                f"block router: guard_size ({settings.guard_size}) must be at least top_k ({top_k}), so that every "
+                "token finds k experts in its block's core set"
+            )
         self.block_length = settings.block_length
         self.core_threshold = settings.core_threshold
         self.guard_size = min(settings.guard_size, num_experts)
         self.renormalize = settings.renormalize
 
-    def core_sets(self, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``probs`` ``[B, N, n, E]`` blocked, ``valid`` ``[B, N, n]`` → bool ``[B, N, E]`` core experts."""
+    def votes(self, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Unnormalised vote ``[B, N, E]``: the sum over each block's valid tokens of their own top-k probs."""
         top, idx = probs.topk(self.top_k, dim=-1)
         own = torch.zeros_like(probs).scatter(-1, idx, top) * valid.unsqueeze(-1)
-        vote = own.sum(2)
-        vote = vote / vote.sum(-1, keepdim=True).clamp(min=torch.finfo(vote.dtype).tiny)
+        return own.sum(-2)
+
+    def core_sets(self, vote: torch.Tensor) -> torch.Tensor:
+        """``vote`` ``[..., E]`` (need not be normalised) → bool ``[..., E]``, True for the core experts.
+
+        An expert is kept when the cumulative vote up to and including it is ≤ p · total, plus the first one
+        that crosses. Comparing unnormalised sums against p times the cumsum's own last entry is the same rule
+        as on the normalised vote, but exact at p = 1 (zero-vote experts at the tail then stay within p).
+        """
         ranked, order = vote.sort(dim=-1, descending=True, stable=True)
-        # Keep the experts whose cumulative vote stays within p, plus the first one that crosses it.
-        size = ((ranked.cumsum(-1) <= self.core_threshold).sum(-1) + 1).clamp(max=self.num_experts)
-        size = size.clamp(min=self.guard_size)
-        rank = torch.arange(self.num_experts, device=probs.device)
+        cumulative = ranked.cumsum(-1)
+        within = cumulative <= self.core_threshold * cumulative[..., -1:]
+        size = (within.sum(-1) + 1).clamp(max=self.num_experts).clamp(min=self.guard_size)
+        rank = torch.arange(self.num_experts, device=vote.device)
         return torch.zeros_like(vote, dtype=torch.bool).scatter(-1, order, rank < size.unsqueeze(-1))
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
         batch, length, num_experts = probs.shape
         n = self.block_length
         pad = (-length) % n
-        blocked = F.pad(probs, (0, 0, 0, pad)).view(batch, -1, n, num_experts)
-        valid = F.pad(ctx.valid, (0, pad), value=False).view(batch, -1, n)
-        core = self.core_sets(blocked, valid)
+        blocked = F.pad(probs, (0, 0, 0, pad)).reshape(batch, -1, n, num_experts)  # [B, N, n, E]
+        valid = F.pad(ctx.valid, (0, pad), value=False).reshape(batch, -1, n)
+        core = self.core_sets(self.votes(blocked, valid))  # [B, N, E]
         inside = blocked.masked_fill(~core.unsqueeze(2), float("-inf"))
-        _, experts = inside.topk(self.top_k, dim=-1)
+        _, experts = inside.topk(self.top_k, dim=-1)  # core sets hold ≥ guard_size ≥ k experts
         gates = blocked.gather(-1, experts)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
-        experts = experts.view(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
-        gates = gates.view(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
+        experts = experts.reshape(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
+        gates = gates.reshape(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
         return Routing("token", experts, gates, num_experts)

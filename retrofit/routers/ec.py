@@ -1,10 +1,12 @@
 """Expert choice (algorithms.md §4, §5; Zhou et al. 2022): each expert picks its top-C tokens.
 
-Per sequence *(choose: per sequence first; per batch as an option)*: C_b = round(L_b · k_b / E · capacity
-factor), clamped to [1, L_b], where L_b is the sequence's non-pad length and k_b the experts per token its
-capacity schedule gives for its mask ratio (the checkpoint's top-k for the constant schedule). ``round`` is
-Python's (half to even). Padding scores −∞, so it is never chosen. A token may be chosen by any number of
-experts, including none; nothing caps that (capping hurt quality in Zhou et al.).
+Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option)*: C_b = round(L_b · k_b / E ·
+capacity_factor), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
+non-pad length and k_b the experts per token its capacity schedule gives for its mask ratio (the checkpoint's
+top-k for the constant schedule). ``round`` is half to even (Python's and torch's). Padding scores −∞, so it
+is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
+hurt quality in Zhou et al.). In per-batch mode each expert chooses C = Σ_b C_b tokens among all valid tokens
+of the batch, so the total FLOPs are the same as per sequence but a sequence may get more or less than C_b.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from retrofit.routers.schedules import experts_per_token
 from retrofit.routers.settings import RouterSettings
 
 
-def sequence_capacity(valid: torch.Tensor, k: torch.Tensor, num_experts: int, capacity_factor: float):
-    """C_b for each sequence: ``valid`` ``[B, L]`` bool, ``k`` ``[B]`` experts per token → long ``[B]``."""
-    lengths = valid.sum(-1)
+def sequence_capacity(lengths: torch.Tensor, k: torch.Tensor, num_experts: int, capacity_factor: float):
+    """C_b for each sequence: non-pad ``lengths`` ``[B]`` and experts per token ``k`` ``[B]`` → long ``[B]``.
+
+    Computed in float64 so that round() sees the exact product for any realistic L and k.
+    """
     capacity = torch.round(lengths.double() * k.double() / num_experts * capacity_factor).long()
     return torch.minimum(capacity.clamp(min=1), lengths)
 
 
 class ExpertChoiceRouter(Router):
+    """Each expert chooses its top-C_b tokens of each sequence by softmax probability; the gate of a chosen
+    (token, expert) pair is the token's probability for that expert. Layout ``"expert"``: ``indices[E, ΣC_b]``
+    are flat token ids, sequences in batch order, each in descending score order; ``capacity`` is C_b."""
+
     kind = "ec"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings):
@@ -33,20 +41,38 @@ class ExpertChoiceRouter(Router):
         self.schedule = settings.schedule
 
     def capacities(self, ctx: RoutingContext) -> torch.Tensor:
-        k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio.cpu()).to(ctx.valid.device)
-        return sequence_capacity(ctx.valid, k, self.num_experts, self.capacity_factor)
+        """Per-sequence capacity C_b, a long CPU tensor ``[B]``: the shapes of the selection depend on it, so it
+        is brought to the host once here rather than synchronised piecemeal later."""
+        lengths = ctx.valid.sum(-1).cpu()
+        k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio.detach().cpu())
+        return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
-        batch, length, num_experts = probs.shape
         capacity = self.capacities(ctx)
         scores = probs.masked_fill(~ctx.valid.unsqueeze(-1), float("-inf"))
         if self.per_batch:
-            gates, tokens = scores.reshape(-1, num_experts).T.topk(int(capacity.sum()), dim=-1)
-            return Routing("expert", tokens, gates, num_experts, capacity=capacity)
-        # One topk at the largest capacity, then each sequence keeps its own first C_b (topk is sorted).
-        top, idx = scores.transpose(1, 2).topk(int(capacity.max()), dim=-1)
-        keep = torch.arange(top.shape[-1], device=probs.device) < capacity.unsqueeze(-1)  # [B, C_max]
-        idx = idx + (torch.arange(batch, device=probs.device) * length).view(batch, 1, 1)
-        tokens = idx.permute(1, 0, 2)[:, keep]  # [E, sum C_b], sequences in order
-        gates = top.permute(1, 0, 2)[:, keep]
-        return Routing("expert", tokens, gates, num_experts, capacity=capacity)
+            tokens, gates = self._choose_per_batch(scores, int(capacity.sum()))
+        else:
+            tokens, gates = self._choose_per_sequence(scores, capacity)
+        return Routing("expert", tokens, gates, self.num_experts, capacity=capacity)
+
+    @staticmethod
+    def _choose_per_batch(scores: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert's top-``total`` tokens over the whole batch (``total`` ≤ valid tokens, so no padding)."""
+        gates, tokens = scores.reshape(-1, scores.shape[-1]).T.topk(total, dim=-1)
+        return tokens, gates
+
+    @staticmethod
+    def _choose_per_sequence(scores: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One topk at the largest capacity over ``[B, E, L]``, then each sequence keeps its own first C_b
+        (topk is sorted, so those are its top-C_b; C_b ≤ L_b, so none of them is padding)."""
+        batch, length, num_experts = scores.shape
+        device = scores.device
+        c_max = int(capacity.max()) if batch else 0
+        top, idx = scores.transpose(1, 2).topk(c_max, dim=-1)  # [B, E, C_max]
+        # Which of the B * C_max columns to keep, worked out on the host so the device never synchronises.
+        keep = (torch.arange(c_max) < capacity.unsqueeze(-1)).reshape(-1).nonzero().squeeze(1).to(device)
+        idx = idx + (torch.arange(batch, device=device) * length).view(batch, 1, 1)  # flat token ids
+        tokens = idx.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)  # [E, ΣC_b], in order
+        gates = top.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)
+        return tokens, gates
