@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from retrofit.eval.heldout import masked_token_loss, text_sequences
 from retrofit.eval.runner import run_eval
 from retrofit.io.sources import resolve_source
 from retrofit.routers import RouterSettings
+from retrofit.training.data import load_tokenizer
 from retrofit.training.recipe import load_recipe
 from retrofit.training.trainer import Finetune
 
@@ -29,8 +31,8 @@ DATA = REPO.parent / "shared" / "data"
 console = Console()
 
 
-def prepare(out: Path) -> dict[str, tuple[str, str | None]]:
-    """Build the EC and EC fine-tuned models; returns variant → (model, router override)."""
+def prepare(out: Path) -> dict[str, tuple[str, dict]]:
+    """Build the EC and EC fine-tuned models; returns variant → (model, router overrides)."""
     ec = out / "tiny-ec"
     console.print("[bold]1. convert[/] tiny -> expert choice")
     convert(plan_conversion(resolve_source("tiny"), RouterSettings(type="ec"), ec), force=True)
@@ -38,12 +40,11 @@ def prepare(out: Path) -> dict[str, tuple[str, str | None]]:
     recipe, recipe_dir = load_recipe(REPO / "recipes" / "tiny-ec.yaml",
                                      [f"model.source={ec}", f"checkpoint.output_dir={out / 'tiny-ec-ft'}"])
     if (out / "tiny-ec-ft").exists():
-        import shutil
-
         shutil.rmtree(out / "tiny-ec-ft")
     Finetune(recipe, recipe_dir).run()
-    return {"TC (checkpoint)": ("tiny", None), "EC": (str(ec), None),
-            "EC fine-tuned": (str(out / "tiny-ec-ft"), None), "block (32)": ("tiny", "block")}
+    # guard 2 of 8 experts is the paper's 16 of 64 scaled to the tiny model.
+    return {"TC (checkpoint)": ("tiny", {}), "EC": (str(ec), {}), "EC fine-tuned": (str(out / "tiny-ec-ft"), {}),
+            "block (32, guard 2)": ("tiny", {"router": "block", "guard_size": 2})}
 
 
 def tasks_available() -> list[str]:
@@ -55,17 +56,19 @@ def tasks_available() -> list[str]:
     return names
 
 
-def evaluate_variant(model: str, router: str | None, tasks: list[str], limit: int, heldout) -> dict:
-    lm = RetrofitLM(model, router=router, mc_num=8, batch_size=8, gen_length=64, steps=64, block_length=32,
+def evaluate_variant(model: str, router: dict, tasks: list[str], limit: int, heldout) -> dict:
+    lm = RetrofitLM(model, **router, mc_num=8, batch_size=8, gen_length=64, steps=64, block_length=32,
                     progress=False)
     loss = masked_token_loss(lm.model, heldout, lm.mask_id)
-    lm.model.enable_routing_stats()
+    lm.model.enable_routing_stats(block_length=32)
     started = time.perf_counter()
     record = run_eval(lm, tasks, limit=limit, data_dir=DATA)
     elapsed = time.perf_counter() - started
     generated = limit * lm.sampler.gen_length  # gsm8k is generated; its requests dominate the time
-    return {"results": record["results"], "heldout_loss": loss, "unique_experts": record["routing"]["unique_experts"],
-            "tokens_per_s": generated / elapsed, "router": lm.router.describe()}
+    routing = record["routing"]
+    return {"results": record["results"], "heldout_loss": loss, "unique_experts": routing["unique_experts"],
+            "unique_experts_per_block": routing["unique_experts_per_block"], "tokens_per_s": generated / elapsed,
+            "router": lm.router.describe()}
 
 
 def table(rows: dict[str, dict], tasks: list[str]) -> Table:
@@ -78,12 +81,12 @@ def table(rows: dict[str, dict], tasks: list[str]) -> Table:
         metrics.append(("mmlu", "acc"))
     for task, metric in metrics:
         out.add_column(f"{task} {metric.split('[')[0]}")
-    for col in ("held-out loss", "unique experts", "gen tok/s"):
+    for col in ("held-out loss", "unique experts / forward", "unique experts / 32-block", "gen tok/s"):
         out.add_column(col)
     for name, row in rows.items():
         scores = [f"{row['results'].get(t, {}).get(m, float('nan')):.3f}" for t, m in metrics]
         out.add_row(name, *scores, f"{row['heldout_loss']:.3f}", f"{row['unique_experts']:.1f}",
-                    f"{row['tokens_per_s']:.0f}")
+                    f"{row['unique_experts_per_block']:.2f}", f"{row['tokens_per_s']:.0f}")
     return out
 
 
@@ -96,8 +99,6 @@ def main() -> None:
     variants = prepare(args.out)
     tasks = tasks_available()
     source = resolve_source("tiny").path
-    from retrofit.training.data import load_tokenizer
-
     heldout = text_sequences(load_tokenizer(source), DATA / "gsm8k" / "test.jsonl", ["question", "answer"],
                              max_examples=200)
     rows = {}

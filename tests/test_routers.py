@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from retrofit.routers import (
+    ROUTERS,
     BlockRouter,
     ExpertChoiceRouter,
     RouterSettings,
@@ -19,11 +22,12 @@ from retrofit.routers import (
 
 
 def random_case(seed: int, batch: int, length: int, experts: int, pad: bool = True):
+    """Continuous random probabilities (no ties); sequence b > 0 ends in 3·b padding positions."""
     gen = torch.Generator().manual_seed(seed)
     probs = torch.softmax(torch.randn(batch, length, experts, generator=gen) * 2, dim=-1)
     valid = torch.ones(batch, length, dtype=torch.bool)
     if pad:
-        for b in range(1, batch):  # later sequences end in padding of different lengths
+        for b in range(1, batch):
             valid[b, length - 3 * b:] = False
     mask_ratio = torch.rand(batch, generator=gen)
     return probs, RoutingContext(valid=valid, mask_ratio=mask_ratio)
@@ -41,13 +45,17 @@ def pairs_of(routing) -> dict[tuple[int, int], float]:
 # ------------------------------------------------------------------------------------- references
 
 
+def ranked(values: list[float]) -> list[int]:
+    """Indices by descending value; equal values keep index order."""
+    return sorted(range(len(values)), key=lambda i: -values[i])
+
+
 def ref_tc(probs, k):
     out = {}
-    flat = probs.reshape(-1, probs.shape[-1])
-    for t in range(flat.shape[0]):
-        ranked = sorted(range(flat.shape[1]), key=lambda e: -flat[t, e].item())
-        for e in ranked[:k]:
-            out[(t, e)] = flat[t, e].item()
+    flat = probs.reshape(-1, probs.shape[-1]).tolist()
+    for t, row in enumerate(flat):
+        for e in ranked(row)[:k]:
+            out[(t, e)] = row[e]
     return out
 
 
@@ -84,64 +92,92 @@ def ref_capacities(ctx, settings, top_k, experts):
 
 def ref_ec(probs, ctx, settings, top_k):
     batch, length, experts = probs.shape
+    flat = probs.reshape(-1, experts).tolist()
     caps = ref_capacities(ctx, settings, top_k, experts)
     out = {}
     groups = [list(range(batch))] if settings.per_batch else [[b] for b in range(batch)]
     for group in groups:
         capacity = sum(caps[b] for b in group)
-        candidates = [(b * length + i) for b in group for i in range(length) if ctx.valid[b, i]]
+        candidates = [b * length + i for b in group for i in range(length) if ctx.valid[b, i]]
         for e in range(experts):
-            ranked = sorted(candidates, key=lambda t: -probs.reshape(-1, experts)[t, e].item())
-            for t in ranked[:capacity]:
-                out[(t, e)] = probs.reshape(-1, experts)[t, e].item()
+            for t in sorted(candidates, key=lambda t: -flat[t][e])[:capacity]:
+                out[(t, e)] = flat[t][e]
     return out
+
+
+def ref_core(vote: list[float], threshold: float, guard: int) -> list[int]:
+    """Top-p core set. Cumulative raw votes against p · (their total, summed in the same order): the same rule
+    as on the normalised vote, without a division that could push the last cumulative value past p = 1."""
+    order = ranked(vote)
+    total = sum(vote[e] for e in order)
+    core, cumulative = [], 0.0
+    for e in order:
+        core.append(e)
+        cumulative += vote[e]
+        if cumulative > threshold * total:
+            break
+    return core if len(core) >= guard else order[:guard]
 
 
 def ref_block(probs, ctx, settings, top_k):
     batch, length, experts = probs.shape
-    guard = min(settings.guard_size, experts)
     out = {}
     for b in range(batch):
+        rows = probs[b].tolist()
         for start in range(0, length, settings.block_length):
             block = range(start, min(start + settings.block_length, length))
             vote = [0.0] * experts
             for i in block:
                 if ctx.valid[b, i]:
-                    for e in sorted(range(experts), key=lambda e: -probs[b, i, e].item())[:top_k]:
-                        vote[e] += probs[b, i, e].item()
-            total = sum(vote)
-            vote = [v / total if total > 0 else 0.0 for v in vote]
-            ranked = sorted(range(experts), key=lambda e: -vote[e])
-            core, cumulative = [], 0.0
-            for e in ranked:
-                core.append(e)
-                cumulative += vote[e]
-                if cumulative > settings.core_threshold:
-                    break
-            if len(core) < guard:
-                core = ranked[:guard]
+                    for e in ranked(rows[i])[:top_k]:
+                        vote[e] += rows[i][e]
+            core = ref_core(vote, settings.core_threshold, min(settings.guard_size, experts))
             for i in block:
-                chosen = sorted(core, key=lambda e: -probs[b, i, e].item())[:top_k]
-                norm = sum(probs[b, i, e].item() for e in chosen) if settings.renormalize else 1.0
+                chosen = sorted(core, key=lambda e: -rows[i][e])[:top_k]
+                norm = sum(rows[i][e] for e in chosen) if settings.renormalize else 1.0
                 for e in chosen:
-                    out[(b * length + i, e)] = probs[b, i, e].item() / norm
+                    out[(b * length + i, e)] = rows[i][e] / norm
     return out
 
 
 def assert_same(ours: dict, ref: dict, tol: float = 0.0):
-    assert set(ours) == set(ref), (sorted(set(ours) ^ set(ref)))[:10]
+    assert set(ours) == set(ref), sorted(set(ours) ^ set(ref))[:10]
     for key, g in ref.items():
         assert abs(ours[key] - g) <= tol * max(1.0, abs(g)), (key, ours[key], g)
 
 
-# ------------------------------------------------------------------------------------------- tests
+# ---------------------------------------------------------------------------------------- registry
+
+
+def test_registry_builds_each_kind():
+    assert set(ROUTERS) == {"tc", "ec", "block"}
+    for kind, cls in ROUTERS.items():
+        router = build_router(RouterSettings(type=kind, guard_size=4), 6, 8, 2)
+        assert type(router) is cls and router.kind == kind
+        assert router.weight.shape == (8, 6) and router.top_k == 2
+
+
+@pytest.mark.parametrize("kind", ["tc", "ec", "block"])
+def test_forward_scores_with_softmax_and_keeps_logits(kind):
+    router = build_router(RouterSettings(type=kind, guard_size=2, block_length=4), 6, 8, 2)
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(2, 5, 6)
+    ctx = RoutingContext.unpadded(2, 5)
+    routing = router(hidden, ctx)
+    logits = hidden.reshape(-1, 6) @ router.weight.T
+    torch.testing.assert_close(routing.logits, logits)
+    expected = router.select(torch.softmax(logits.float(), -1).view(2, 5, 8), ctx)
+    assert pairs_of(routing) == pytest.approx(pairs_of(expected), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ token choice
 
 
 @pytest.mark.parametrize("seed, batch, length, experts, k", [(0, 1, 7, 8, 2), (1, 3, 40, 16, 4), (2, 2, 13, 8, 1)])
 def test_tc_matches_reference(seed, batch, length, experts, k):
     probs, ctx = random_case(seed, batch, length, experts)
     routing = TokenChoiceRouter(4, experts, k).select(probs, ctx)
-    assert routing.layout == "token" and routing.indices.shape == (batch * length, k)
+    assert routing.layout == "token" and routing.indices.shape == (batch * length, k), "padding is routed too"
     assert_same(pairs_of(routing), ref_tc(probs, k))
 
 
@@ -153,6 +189,25 @@ def test_tc_gates_are_raw_softmax_values():
     probs = torch.softmax(hidden.reshape(-1, 6) @ router.weight.T, dim=-1)
     assert torch.equal(routing.gates, probs.topk(2).values)
     assert (routing.gates.sum(-1) < 1).all(), "not renormalised, as the checkpoint's reference does"
+
+
+def test_tc_is_bit_exact_with_the_reference_block_in_bf16():
+    # The reference MoE block: logits = gate(hidden[T, d]) in the model dtype, softmax(dim=1, dtype=float),
+    # topk(k, dim=-1), gates used raw.
+    torch.manual_seed(0)
+    router = TokenChoiceRouter(32, 16, 4).to(torch.bfloat16)
+    torch.nn.init.normal_(router.weight)
+    hidden = torch.randn(3, 11, 32, dtype=torch.bfloat16)
+    routing = router(hidden, RoutingContext.unpadded(3, 11))
+    gate = torch.nn.Linear(32, 16, bias=False, dtype=torch.bfloat16)
+    gate.weight.data.copy_(router.weight.data)
+    weights = F.softmax(gate(hidden.view(-1, 32)), dim=1, dtype=torch.float)
+    gates, experts = torch.topk(weights, 4, dim=-1)
+    assert routing.gates.dtype == torch.float32
+    assert torch.equal(routing.indices, experts) and torch.equal(routing.gates, gates)
+
+
+# ----------------------------------------------------------------------------------- expert choice
 
 
 EC_CASES = [
@@ -174,9 +229,24 @@ def test_ec_matches_reference(options, seed, batch, length, experts, k):
     settings = RouterSettings(type="ec", **options)
     probs, ctx = random_case(seed, batch, length, experts)
     routing = ExpertChoiceRouter(4, experts, k, settings).select(probs, ctx)
-    assert routing.layout == "expert" and routing.indices.shape[0] == experts
+    caps = ref_capacities(ctx, settings, k, experts)
+    assert routing.layout == "expert" and routing.indices.shape == (experts, sum(caps))
     assert_same(pairs_of(routing), ref_ec(probs, ctx, settings, k))
-    assert routing.capacity.tolist() == ref_capacities(ctx, settings, k, experts)
+    assert routing.capacity.tolist() == caps
+
+
+def test_ec_layout_is_sequences_in_order_each_in_descending_score():
+    probs, ctx = random_case(4, 3, 20, 8)
+    routing = ExpertChoiceRouter(4, 8, 2, RouterSettings(type="ec", capacity_factor=2.0)).select(probs, ctx)
+    flat = probs.reshape(-1, 8)
+    bounds = [0] + torch.cumsum(routing.capacity, 0).tolist()
+    for e in range(8):
+        for b in range(3):
+            tokens = routing.indices[e, bounds[b]:bounds[b + 1]]
+            assert ((tokens // 20) == b).all(), "the b-th slice belongs to sequence b"
+            gates = routing.gates[e, bounds[b]:bounds[b + 1]]
+            assert torch.equal(gates, flat[tokens, e]), "gates are the token's own probability"
+            assert (gates[:-1] > gates[1:]).all(), "descending score inside a sequence"
 
 
 def test_ec_never_chooses_padding_even_when_capacity_exceeds_length():
@@ -187,21 +257,44 @@ def test_ec_never_chooses_padding_even_when_capacity_exceeds_length():
     assert routing.capacity.tolist() == ctx.valid.sum(-1).tolist(), "capacity is clamped to the valid length"
 
 
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_ec_sequence_of_padding_only_gets_no_capacity(per_batch):
+    probs, ctx = random_case(8, 3, 12, 8)
+    ctx.valid[1] = False
+    settings = RouterSettings(type="ec", per_batch=per_batch)
+    routing = ExpertChoiceRouter(4, 8, 2, settings).select(probs, ctx)
+    assert routing.capacity.tolist() == [3, 0, 2]  # round(12·2/8), empty, round(6·2/8) = round(1.5) = 2
+    assert not ((routing.indices >= 12) & (routing.indices < 24)).any()
+    assert_same(pairs_of(routing), ref_ec(probs, ctx, settings, 2))
+
+
 @pytest.mark.parametrize("length, k, experts, factor, expected", [(64, 8, 64, 1.0, 8), (10, 2, 8, 1.0, 2),
-                                                                   (3, 2, 64, 1.0, 1), (512, 8, 64, 1.25, 80)])
+                                                                   (3, 2, 64, 1.0, 1), (512, 8, 64, 1.25, 80),
+                                                                   (20, 2, 8, 1.0, 5), (6, 1, 4, 1.0, 2),
+                                                                   (7, 4, 16, 0.5, 1), (5, 8, 4, 1.0, 5)])
 def test_ec_capacity_formula(length, k, experts, factor, expected):
+    # C = round(L·k/E·factor) (half to even: 6·1/4 = 1.5 → 2), at least 1, at most L.
     ctx = RoutingContext.unpadded(1, length)
     router = ExpertChoiceRouter(4, experts, k, RouterSettings(type="ec", capacity_factor=factor))
     assert router.capacities(ctx).tolist() == [expected]
 
 
+def test_ec_capacity_counts_only_valid_tokens():
+    ctx = RoutingContext(valid=torch.arange(64).expand(2, 64) < torch.tensor([[64], [32]]),
+                         mask_ratio=torch.zeros(2))
+    router = ExpertChoiceRouter(4, 64, 8, RouterSettings(type="ec"))
+    assert router.capacities(ctx).tolist() == [8, 4]
+
+
 def test_ec_capacity_follows_mask_ratio():
     settings = RouterSettings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=8))
     router = ExpertChoiceRouter(4, 8, 2, settings)
-    ctx = RoutingContext(valid=torch.ones(2, 32, dtype=torch.bool), mask_ratio=torch.tensor([0.05, 0.95]))
-    low, high = router.capacities(ctx).tolist()
-    assert low > high, "linear-reverse spends more capacity on lightly masked sequences"
-    assert (low, high) == (round(32 * 8 / 8), round(32 * 1 / 8))
+    ctx = RoutingContext(valid=torch.ones(3, 32, dtype=torch.bool), mask_ratio=torch.tensor([0.05, 0.5, 0.95]))
+    low, mid, high = router.capacities(ctx).tolist()
+    assert low > mid > high, "linear-reverse spends more capacity on lightly masked sequences"
+    assert (low, mid, high) == (round(32 * 8 / 8), round(32 * 4 / 8), round(32 * 1 / 8))  # k = 8, round(4.5), 1
+    routing = router.select(torch.softmax(torch.randn(3, 32, 8), -1), ctx)
+    assert routing.indices.shape == (8, low + mid + high)
 
 
 def test_ec_reads_observed_mask_ratio_through_the_model():
@@ -217,11 +310,16 @@ def test_ec_reads_observed_mask_ratio_through_the_model():
     assert caps[0] > caps[1]
 
 
+# ----------------------------------------------------------------------------------- block routing
+
+
 BLOCK_CASES = [
     dict(block_length=4, core_threshold=0.6, guard_size=4),
     dict(block_length=5, core_threshold=0.3, guard_size=5),
     dict(block_length=32, core_threshold=0.9, guard_size=4, renormalize=False),
     dict(block_length=3, core_threshold=1.0, guard_size=16),
+    dict(block_length=7, core_threshold=1.0, guard_size=4),
+    dict(block_length=1, core_threshold=0.5, guard_size=4),
 ]
 
 
@@ -233,6 +331,64 @@ def test_block_matches_reference(options, seed, batch, length, experts, k):
     routing = BlockRouter(4, experts, k, settings).select(probs, ctx)
     assert routing.layout == "token" and routing.indices.shape == (batch * length, k)
     assert_same(pairs_of(routing), ref_block(probs, ctx, settings, k), tol=1e-6)
+
+
+# Integer votes, so cumulative sums and p · total are exact: normalised 0.5, 0.7, 0.85, 0.95, 1.0 in rank order.
+VOTE = torch.tensor([1.0, 10.0, 0.0, 3.0, 4.0, 2.0, 0.0, 0.0])  # ranked: 1, 4, 3, 5, 0, then 2, 6, 7 (ties: id)
+
+
+@pytest.mark.parametrize("threshold, guard, core", [
+    (0.6, 1, [1, 4]),  # 0.5 ≤ 0.6, then 0.7 crosses: kept as the first crossing
+    (0.5, 1, [1, 4]),  # 0.5 is within p (≤), 0.7 is the first crossing
+    (0.4, 1, [1]),  # the first expert already crosses: still at least one
+    (0.4, 3, [1, 4, 3]),  # fewer than guard_size: top-guard by vote instead
+    (0.9, 2, [1, 4, 3, 5]),  # 0.95 crosses at expert 5
+    (0.96, 2, [1, 4, 3, 5, 0]),  # 1.0 crosses at expert 0; the zero-vote experts stay out
+    (0.96, 6, [1, 4, 3, 5, 0, 2]),  # the guard takes a zero-vote expert, the lowest id first
+    (1.0, 2, [1, 4, 3, 5, 0, 2, 6, 7]),  # nothing ever crosses p = 1: zero-vote experts too
+    (0.6, 8, [1, 4, 3, 5, 0, 2, 6, 7]),
+])
+def test_block_core_set_respects_threshold_and_guard(threshold, guard, core):
+    settings = RouterSettings(type="block", core_threshold=threshold, guard_size=guard)
+    router = BlockRouter(4, 8, 1, settings)
+    for scale in (1.0, 0.25, 3.0):  # the vote need not be normalised
+        chosen = router.core_sets(VOTE * scale)
+        assert chosen.nonzero().squeeze(1).tolist() == sorted(core)
+        assert ref_core((VOTE * scale).tolist(), threshold, guard) == core
+
+
+def test_block_core_sets_are_per_block():
+    votes = torch.stack([VOTE, VOTE.flip(0), torch.zeros(8)]).view(1, 3, 8)
+    core = BlockRouter(4, 8, 1, RouterSettings(type="block", core_threshold=0.6, guard_size=1)).core_sets(votes)
+    assert [c.nonzero().squeeze(1).tolist() for c in core[0]] == [[1, 4], [3, 6], list(range(8))]
+
+
+def test_block_tokens_stay_inside_their_blocks_core_set():
+    probs, ctx = random_case(12, 2, 40, 16)
+    settings = RouterSettings(type="block", block_length=8, core_threshold=0.5, guard_size=4)
+    routing = BlockRouter(4, 16, 2, settings).select(probs, ctx)
+    experts = routing.indices.view(2, 5, 8, 2)
+    for b in range(2):
+        for n in range(5):
+            vote = torch.zeros(16)
+            for i in range(8):
+                if ctx.valid[b, n * 8 + i]:
+                    top = probs[b, n * 8 + i].topk(2)
+                    vote[top.indices] += top.values
+            core = set(ref_core(vote.tolist(), 0.5, 4))
+            assert set(experts[b, n].reshape(-1).tolist()) <= core
+    torch.testing.assert_close(routing.gates.sum(-1), torch.ones(80), msg="renormalised over the k")
+
+
+def test_block_of_padding_only_routes_like_renormalised_token_choice():
+    probs, ctx = random_case(13, 2, 10, 8, pad=False)
+    ctx.valid[1, 5:] = False  # the second sequence's second block (positions 5..9) is all padding
+    settings = RouterSettings(type="block", block_length=5, core_threshold=0.3, guard_size=2)
+    routing = BlockRouter(4, 8, 2, settings).select(probs, ctx)
+    top = probs[1, 5:].topk(2)
+    rows = slice(15, 20)
+    assert torch.equal(routing.indices[rows], top.indices)
+    torch.testing.assert_close(routing.gates[rows], top.values / top.values.sum(-1, keepdim=True))
 
 
 def test_block_touches_fewer_experts_than_tc():
@@ -248,6 +404,24 @@ def test_block_refuses_guard_smaller_than_k():
         build_router(RouterSettings(type="block", guard_size=1), 4, 8, 2)
 
 
+# -------------------------------------------------------------------------------------- statistics
+
+
+def loop_counts(routing, valid, experts):
+    load = [0] * experts
+    per_token = {}
+    flat_valid = valid.reshape(-1).tolist()
+    for (t, e) in pairs_of(routing):
+        if flat_valid[t]:
+            load[e] += 1
+            per_token[t] = per_token.get(t, 0) + 1
+    histogram = [0] * (experts + 1)
+    for t, ok in enumerate(flat_valid):
+        if ok:
+            histogram[per_token.get(t, 0)] += 1
+    return load, histogram, sum(flat_valid)
+
+
 @pytest.mark.parametrize("kind", ["tc", "ec", "block"])
 def test_stats_match_a_loop_count(kind):
     probs, ctx = random_case(9, 3, 20, 8)
@@ -255,24 +429,47 @@ def test_stats_match_a_loop_count(kind):
     routing = build_router(settings, 4, 8, 2).select(probs, ctx)
     stats = RoutingStats(8)
     stats.update(routing, ctx.valid)
-    load = [0] * 8
-    per_token = {}
-    flat_valid = ctx.valid.reshape(-1).tolist()
-    for (t, e) in pairs_of(routing):
-        if flat_valid[t]:
-            load[e] += 1
-            per_token[t] = per_token.get(t, 0) + 1
-    histogram = [0] * 9
-    for t, ok in enumerate(flat_valid):
-        if ok:
-            histogram[per_token.get(t, 0)] += 1
+    load, histogram, tokens = loop_counts(routing, ctx.valid, 8)
     assert stats.tokens_per_expert.tolist() == load
     assert stats.experts_per_token.tolist() == histogram
     assert stats.unique_experts == sum(1 for n in load if n)
     assert stats.tokens_with_zero_experts == histogram[0]
-    assert stats.num_tokens == sum(flat_valid)
+    assert stats.num_tokens == tokens == 20 + 17 + 14
+    assert stats.capacity == (routing.capacity.tolist() if kind == "ec" else None)
     again = RoutingStats(8)
     again.update(routing, ctx.valid)
     stats.merge(again)
     assert stats.unique_experts == sum(1 for n in load if n), "the mean over routings is kept"
     assert stats.tokens_per_expert.tolist() == [2 * n for n in load]
+    assert stats.routings == 2
+
+
+def test_stats_average_unique_experts_over_routings_and_serialise():
+    probs, ctx = random_case(10, 2, 16, 16, pad=False)
+    ec = ExpertChoiceRouter(4, 16, 2, RouterSettings(type="ec", capacity_factor=0.5)).select(probs, ctx)
+    narrow = BlockRouter(4, 16, 2, RouterSettings(type="block", guard_size=2, core_threshold=0.1)).select(probs, ctx)
+    stats = RoutingStats(16)
+    stats.update(ec, ctx.valid)
+    stats.update(narrow, ctx.valid)
+    unique = [len({e for (_, e) in pairs_of(r)}) for r in (ec, narrow)]
+    assert stats.unique_experts == sum(unique) / 2
+    assert stats.unique_experts < 16, "the narrow block router touches fewer experts"
+    assert stats.capacity == [1, 1]  # round(16·2/16·0.5)
+    out = json.loads(json.dumps(stats.as_dict()))
+    assert out["experts_per_token_histogram"] == stats.experts_per_token.tolist()
+    assert out["tokens_with_zero_experts"] > 0, "EC at half capacity leaves tokens unchosen"
+    assert out["tokens"] == 64 and out["routings"] == 2
+
+
+def test_unique_experts_per_block_matches_a_loop():
+    probs, ctx = random_case(13, 2, 20, 8)
+    routing = build_router(RouterSettings(type="tc"), 4, 8, 2).select(probs, ctx)
+    stats = RoutingStats(8, block_length=6)
+    stats.update(routing, ctx.valid)
+    per_block = {}
+    flat_valid = ctx.valid.reshape(-1).tolist()
+    for (t, e) in pairs_of(routing):
+        if flat_valid[t]:
+            per_block.setdefault((t // 20, (t % 20) // 6), set()).add(e)
+    assert stats.blocks == len(per_block)
+    assert stats.unique_experts_per_block == pytest.approx(sum(map(len, per_block.values())) / len(per_block))

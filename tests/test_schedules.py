@@ -1,14 +1,35 @@
-"""Capacity schedules: their shapes at the ends and middle, and expected k for FLOP matching."""
+"""Capacity schedules: their shapes at the ends and middle, k(r) against a plain loop, expected k for FLOPs."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from retrofit.routers import ScheduleSettings, expected_k, experts_per_token
-from retrofit.routers.schedules import shape
+from retrofit.routers.schedules import SHAPES, shape
 
 R = torch.tensor([0.0, 0.5, 1.0])
+NAMES = [name for name in SHAPES if name != "constant"]
+
+
+def loop_shape(name: str, r: float, sigma: float = 0.22, threshold: float = 0.5) -> float:
+    """s(r) written out from algorithms.md §5, one number at a time."""
+    gauss = math.exp(-((r - 0.5) ** 2) / (2 * sigma**2))
+    edge = math.exp(-0.25 / (2 * sigma**2))
+    gauss = (gauss - edge) / (1 - edge)
+    return {
+        "linear": r,
+        "linear-reverse": 1 - r,
+        "cosine": (1 - math.cos(math.pi * r)) / 2,
+        "cosine-reverse": (1 + math.cos(math.pi * r)) / 2,
+        "bell": max(0.0, 1 - 4 * (r - 0.5) ** 2),
+        "gaussian": gauss,
+        "gaussian-reverse": 1 - gauss,
+        "step": 1.0 if r >= threshold else 0.0,
+        "step-reverse": 0.0 if r >= threshold else 1.0,
+    }[name]
 
 
 @pytest.mark.parametrize(
@@ -30,9 +51,35 @@ def test_shape_at_ends_and_middle(name, values):
                                atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_and_k_match_a_loop(name):
+    settings = ScheduleSettings(name=name, k_min=2, k_max=11, sigma=0.3, threshold=0.4)
+    r = torch.cat([torch.rand(200, generator=torch.Generator().manual_seed(0)), torch.tensor([0.0, 0.4, 1.0])])
+    s = shape(settings, r)
+    expected = [loop_shape(name, x, 0.3, 0.4) for x in r.tolist()]
+    torch.testing.assert_close(s, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert ((s >= 0) & (s <= 1)).all()
+    k = experts_per_token(settings, 8, r)
+    assert k.dtype == torch.long
+    assert k.tolist() == [min(max(round(2 + 9 * v), 2), 11) for v in s.tolist()]
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.22, 0.5])
+def test_gaussian_is_normalised_for_any_width(sigma):
+    values = shape(ScheduleSettings(name="gaussian", sigma=sigma), R).tolist()
+    assert values == pytest.approx([0, 1, 0], abs=1e-12)
+
+
 def test_k_is_rounded_and_clamped():
     s = ScheduleSettings(name="linear", k_min=8, k_max=32)
-    assert experts_per_token(s, 8, torch.tensor([0.0, 0.5, 1.0, 0.26])).tolist() == [8, 20, 32, 14]
+    assert experts_per_token(s, 8, torch.tensor([0.0, 0.5, 1.0, 0.26, -0.5, 1.5])).tolist() == [8, 20, 32, 14, 8, 32]
+
+
+def test_unset_bounds_default_to_top_k():
+    r = torch.tensor([0.0, 1.0])
+    assert experts_per_token(ScheduleSettings(name="linear", k_max=12), 4, r).tolist() == [4, 12]
+    assert experts_per_token(ScheduleSettings(name="linear", k_min=1), 4, r).tolist() == [1, 4]
+    assert experts_per_token(ScheduleSettings(name="linear"), 4, r).tolist() == [4, 4]
 
 
 def test_constant_ignores_mask_ratio_and_bounds():
@@ -41,16 +88,27 @@ def test_constant_ignores_mask_ratio_and_bounds():
     assert expected_k(s, 8) == 8
 
 
-@pytest.mark.parametrize("name", ["linear", "linear-reverse", "cosine", "cosine-reverse"])
+@pytest.mark.parametrize("name", ["linear", "linear-reverse", "cosine", "cosine-reverse", "step", "step-reverse"])
 def test_symmetric_schedules_match_the_papers_constant_20(name):
     # k_min = 8, k_max = 32 against a constant k = 20: the paper's matched-FLOPs comparison.
     assert expected_k(ScheduleSettings(name=name, k_min=8, k_max=32), 8) == pytest.approx(20, abs=0.01)
 
 
-def test_bell_spends_more_than_its_reverse():
+def test_expected_k_is_the_exact_mean_of_the_step_function():
+    # step at 0.3 between 8 and 32: 0.3·8 + 0.7·32; linear between 0 and 1 rounds to 0 below ½ and 1 above.
+    step = ScheduleSettings(name="step", k_min=8, k_max=32, threshold=0.3)
+    assert expected_k(step, 4) == pytest.approx(24.8, abs=1e-3)
+    assert expected_k(ScheduleSettings(name="linear", k_min=0, k_max=1), 4) == pytest.approx(0.5, abs=1e-4)
+    # bell has no neat closed form once rounded: check against a Riemann sum of the loop's k(r).
+    n = 20_000
+    loop = sum(min(max(round(8 + 24 * loop_shape("bell", (i + 0.5) / n)), 8), 32) for i in range(n)) / n
+    assert expected_k(ScheduleSettings(name="bell", k_min=8, k_max=32), 8) == pytest.approx(loop, abs=5e-3)
+
+
+def test_gaussian_and_its_reverse_share_the_budget():
     bell = expected_k(ScheduleSettings(name="gaussian", k_min=8, k_max=32), 8)
     reverse = expected_k(ScheduleSettings(name="gaussian-reverse", k_min=8, k_max=32), 8)
-    assert bell + reverse == pytest.approx(40, abs=0.01)
+    assert bell + reverse == pytest.approx(40, abs=0.01), "k(r) + k_reverse(r) = k_min + k_max at every r"
     assert 8 < reverse < 32 and 8 < bell < 32
 
 

@@ -67,7 +67,7 @@ class RetrofitLM(LM):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
         self.model = load_model(ckpt, router=self.router).to(self.device_)
-        self.model.enable_routing_stats()
+        self.model.enable_routing_stats(block_length=self.sampler.block_length)
         self.tokenizer = load_tokenizer(ckpt.path)
         self.mask_id = self.model.config.mask_token_id
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), int(max_length)

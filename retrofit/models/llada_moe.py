@@ -453,15 +453,17 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     def moe_blocks(self) -> list[SparseMoeBlock]:
         return [layer.mlp for layer in self.model.layers]
 
-    def enable_routing_stats(self, enabled: bool = True) -> None:
-        """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones."""
+    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
+        """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones.
+        ``block_length`` sets the blocks over which unique experts per block are counted."""
+        self._stats_block_length = block_length
         for block in self.moe_blocks():
-            block.stats = RoutingStats(self.config.num_experts) if enabled else None
+            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
 
     def routing_stats(self) -> RoutingStats:
         """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the
         mean per layer per forward)."""
-        merged = RoutingStats(self.config.num_experts)
+        merged = RoutingStats(self.config.num_experts, getattr(self, "_stats_block_length", 32))
         for block in self.moe_blocks():
             if block.stats is None:
                 raise RuntimeError("routing statistics are off; call enable_routing_stats() first")

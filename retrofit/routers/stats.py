@@ -17,8 +17,11 @@ class RoutingStats:
     """Counts accumulated over forwards (and, merged, over layers). All counts are sums except
     ``unique_experts``, the mean over the (layer, forward) routings seen."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, block_length: int = 32):
         self.num_experts = num_experts
+        self.block_length = block_length
+        self.block_experts_total = 0  # sum over (layer, forward, block) of unique experts in the block
+        self.blocks = 0
         self.tokens_per_expert = torch.zeros(num_experts, dtype=torch.long)
         self.experts_per_token = torch.zeros(num_experts + 1, dtype=torch.long)  # histogram over 0..E experts
         self.unique_experts_total = 0  # summed over routings; divided by ``routings`` in ``unique_experts``
@@ -34,6 +37,7 @@ class RoutingStats:
         flat_valid = valid.reshape(-1)
         keep = flat_valid[tokens]
         tokens, experts = tokens[keep], experts[keep]
+        self._count_blocks(tokens, experts, valid)
         # Count on the device, bring back only the [E] and [E + 1] results.
         load = torch.bincount(experts, minlength=self.num_experts)
         per_token = torch.bincount(tokens, minlength=flat_valid.numel())[flat_valid]
@@ -47,7 +51,19 @@ class RoutingStats:
             self.capacity = [int(c) for c in routing.capacity.tolist()]
             self.capacity_total += sum(self.capacity)
 
+    def _count_blocks(self, tokens: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor) -> None:
+        length = valid.shape[-1]
+        per_seq = -(-length // self.block_length)
+
+        def block_of(flat: torch.Tensor) -> torch.Tensor:
+            return (flat // length) * per_seq + (flat % length) // self.block_length
+
+        self.block_experts_total += int(torch.unique(block_of(tokens) * self.num_experts + experts).numel())
+        self.blocks += int(torch.unique(block_of(valid.reshape(-1).nonzero().squeeze(-1))).numel())
+
     def merge(self, other: "RoutingStats") -> None:
+        self.block_experts_total += other.block_experts_total
+        self.blocks += other.blocks
         """Accumulate another layer's (or run's) statistics into this one."""
         if other.num_experts != self.num_experts:
             raise ValueError(f"cannot merge statistics over {other.num_experts} experts into {self.num_experts}")
@@ -66,6 +82,11 @@ class RoutingStats:
         return self.unique_experts_total / max(self.routings, 1)
 
     @property
+    def unique_experts_per_block(self) -> float:
+        """Unique experts activated per MoE layer per block of ``block_length`` positions, averaged."""
+        return self.block_experts_total / max(self.blocks, 1)
+
+    @property
     def tokens_with_zero_experts(self) -> int:
         return int(self.experts_per_token[0])
 
@@ -73,6 +94,8 @@ class RoutingStats:
         """Plain JSON-ready summary."""
         return {
             "unique_experts": self.unique_experts,
+            "unique_experts_per_block": self.unique_experts_per_block,
+            "block_length": self.block_length,
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "experts_per_token_histogram": self.experts_per_token.tolist(),
             "tokens_with_zero_experts": self.tokens_with_zero_experts,
