@@ -333,3 +333,17 @@ def test_heldout_unigram_baseline_by_hand():
     # add-one counts over a vocabulary of 4: [3, 2, 2, 1] / 8
     expected = -(torch.log(torch.tensor(3 / 8)) + torch.log(torch.tensor(2 / 8))).item() / 2
     assert unigram_loss(train, heldout, 4) == pytest.approx(expected)
+
+
+def test_activation_checkpointing_gives_the_same_step(strong_tiny, tmp_path, one_thread):
+    losses = []
+    for flag in (False, True):
+        out = tmp_path / f"ckpt-{flag}"
+        out.mkdir()
+        _, result = finetune(write_recipe(out, strong_tiny), "optim.max_steps=2",
+                             f"optim.activation_checkpointing={str(flag).lower()}")
+        losses.append(result.losses)
+        weights = CheckpointDir(result.output_dir).read(["model.layers.0.mlp.gate.weight"])
+        losses[-1].append(weights["model.layers.0.mlp.gate.weight"])
+    assert losses[0][:2] == losses[1][:2]
+    torch.testing.assert_close(losses[0][2], losses[1][2], atol=1e-6, rtol=1e-5)
