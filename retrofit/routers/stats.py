@@ -62,11 +62,11 @@ class RoutingStats:
         self.blocks += int(torch.unique(block_of(valid.reshape(-1).nonzero().squeeze(-1))).numel())
 
     def merge(self, other: "RoutingStats") -> None:
-        self.block_experts_total += other.block_experts_total
-        self.blocks += other.blocks
         """Accumulate another layer's (or run's) statistics into this one."""
         if other.num_experts != self.num_experts:
             raise ValueError(f"cannot merge statistics over {other.num_experts} experts into {self.num_experts}")
+        self.block_experts_total += other.block_experts_total
+        self.blocks += other.blocks
         self.tokens_per_expert += other.tokens_per_expert
         self.experts_per_token += other.experts_per_token
         self.unique_experts_total += other.unique_experts_total
