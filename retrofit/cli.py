@@ -216,12 +216,13 @@ def finetune(
     tokens_per_step = parsed.optim.batch_size * parsed.optim.grad_accum * parsed.data.seq_len
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("", total=parsed.optim.max_steps)
-        started = {}
+        first: dict[str, float] = {}  # step and time of the first report (a resumed run starts mid-way)
 
         def report(done, total, values):
-            started.setdefault("t", bar.get_time() - 0.0)
-            started.setdefault("step", done - 1)
-            rate = tokens_per_step * (done - started["step"]) / max(bar.get_time() - started["t"], 1e-9)
+            first.setdefault("step", done)
+            first.setdefault("time", bar.get_time())
+            steps = done - first["step"]
+            rate = tokens_per_step * steps / max(bar.get_time() - first["time"], 1e-9) if steps else 0.0
             bar.update(task, completed=done, description=f"loss {values['diffusion']:.4f}  {rate:,.0f} tok/s")
 
         job.progress = report

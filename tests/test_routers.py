@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from retrofit.routers import (
     TokenChoiceRouter,
     build_router,
 )
+from tests.test_schedules import loop_shape
 
 
 def random_case(seed: int, batch: int, length: int, experts: int, pad: bool = True):
@@ -64,19 +64,7 @@ def ref_schedule_k(name, r, top_k, k_min, k_max, sigma=0.22, threshold=0.5):
         return top_k
     k_min = top_k if k_min is None else k_min
     k_max = top_k if k_max is None else k_max
-    edge = math.exp(-0.25 / (2 * sigma**2))
-    gauss = (math.exp(-((r - 0.5) ** 2) / (2 * sigma**2)) - edge) / (1 - edge)
-    s = {
-        "linear": r,
-        "linear-reverse": 1 - r,
-        "cosine": (1 - math.cos(math.pi * r)) / 2,
-        "cosine-reverse": (1 + math.cos(math.pi * r)) / 2,
-        "bell": max(0.0, 1 - 4 * (r - 0.5) ** 2),
-        "gaussian": gauss,
-        "gaussian-reverse": 1 - gauss,
-        "step": 1.0 if r >= threshold else 0.0,
-        "step-reverse": 1.0 if r < threshold else 0.0,
-    }[name]
+    s = loop_shape(name, r, sigma, threshold)
     return min(max(round(k_min + (k_max - k_min) * s), k_min), k_max)
 
 

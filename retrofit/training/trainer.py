@@ -232,7 +232,7 @@ class Finetune:
             shutil.rmtree(partial)
         partial.mkdir()
         write_model_directory(self.ckpt, partial, trained, config, self.model_card(), link=True)
-        if hasattr(self.model, "save_pretrained") and self.recipe.trainable.mode == "routers+lora":
+        if self.recipe.trainable.mode == "routers+lora":
             self.model.save_pretrained(str(partial / "adapter"))
         # Move into place with config.json last: the directory only looks complete once everything is there.
         names = sorted(p.name for p in partial.iterdir())
