@@ -63,7 +63,7 @@ def test_tables_and_report():
     assert [r["router"] for r in results["block"]["rows"]] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]
 
     model = results["model"]
-    assert set(model["steps"]) == {"inference", "routers", "all"}
+    assert set(model["steps"]) == {"inference", "routers", "routers+checkpointing", "all"}
     for step in model["steps"].values():
         assert step["tokens_per_s"] > 0 and step["memory"]["peak_mib"] >= step["memory"]["baseline_mib"] > 0
     assert model["loglikelihood_requests_per_s"] > 0 and model["generation_tokens_per_s"] > 0
