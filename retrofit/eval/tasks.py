@@ -57,7 +57,7 @@ def split_files(folder: Path, split: str) -> list[str]:
 
 def _variant(name: str, include: Path, folder: Path, splits: dict[str, str], extra: dict | None = None) -> dict:
     files = {}
-    for role, split in splits.items():
+    for split in splits.values():
         paths = split_files(folder, split)
         if paths:
             files[split] = paths
