@@ -170,3 +170,14 @@ def test_set_router_keeps_gate_weights_and_tc_is_identity(tiny_model):
     assert all(torch.equal(before[n], p) for n, p in tiny_model.state_dict().items())
     assert not torch.equal(tc_logits, ec_logits)
     assert torch.equal(tc_logits, again)
+
+
+def test_default_config_is_llada_moe_7b_a1b_to_the_parameter():
+    """algorithms.md §1: the public checkpoint has exactly 7,356,880,896 parameters, 2.1M of them routers."""
+    from retrofit.models.llada_moe import LLaDAMoEConfig, is_router_tensor
+
+    with torch.device("meta"):
+        model = LLaDAMoEModelLM(LLaDAMoEConfig())
+    assert sum(p.numel() for p in model.parameters()) == 7_356_880_896
+    assert sum(p.numel() for n, p in model.named_parameters() if is_router_tensor(n)) == 16 * 64 * 2048
+    assert model.config.mask_token_id == 156895 and model.config.eos_token_id == 156892
