@@ -270,7 +270,7 @@ def evaluate(
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="EC capacity override."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
-                                                                 "[default: <model>/eval-<tasks>.json]."),
+                                                                 "[default: out/eval/<model>-<tasks>.json]."),
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
@@ -286,7 +286,8 @@ def evaluate(
                         block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
                         router=router.value if router else None, capacity_factor=capacity_factor)
     record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
-    output = output or Path(lm.path) / f"eval-{'-'.join(names)}.json"
+    # Never into the model directory by default: it may be a read-only Hub cache snapshot.
+    output = output or Path("out") / "eval" / f"{Path(lm.path).name}-{'-'.join(names)}.json"
     write_record(record, output)
     out_console.print(_results_table(record))
     routing = record["routing"]
