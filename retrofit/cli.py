@@ -269,6 +269,7 @@ def evaluate(
     router: Optional[RouterChoice] = typer.Option(None, "--router", help="Evaluate with another router."),
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="EC capacity override."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
                                                                  "[default: out/eval/<model>-<tasks>.json]."),
 ):
@@ -284,7 +285,7 @@ def evaluate(
     with err_console.status("loading model"):
         lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
                         block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
-                        router=router.value if router else None, capacity_factor=capacity_factor)
+                        router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
     record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
     # Never into the model directory by default: it may be a read-only Hub cache snapshot.
     output = output or Path("out") / "eval" / f"{Path(lm.path).name}-{'-'.join(names)}.json"

@@ -213,3 +213,12 @@ def test_eval_errors_are_one_line(lm, tmp_path):
 
 def test_request_seed_depends_on_the_request_only():
     assert request_seed(0, [1, 2], [3]) == request_seed(0, [1, 2], [3]) != request_seed(0, [1, 2], [4])
+
+
+def test_bfloat16_weights_on_request(lm):
+    bf16 = RetrofitLM(str(lm.path), dtype="bfloat16", progress=False)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(lm.model.parameters()).dtype == torch.float32, "auto is fp32 on a CPU"
+    (ll, _), = bf16.loglikelihood([Request("Hell", "o")])
+    (ref, _), = lm.loglikelihood([Request("Hell", "o")])
+    assert abs(ll - ref) < 0.1
