@@ -51,6 +51,11 @@ BLOCK = RouterSettings(type="block", block_length=32, core_threshold=0.6, guard_
 MODEL_DIMS = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, expert_intermediate_size=256)
 TRAIN_BATCH, TRAIN_LENGTH = 8, 128
+# LLaDA-MoE's layer size with a small vocabulary: as in the real checkpoint the weights (about 1.7 GB per layer in
+# fp32) dominate memory, so the router-training/inference peak ratio means what it would at scale.
+LAYER_SIZE_MODEL = dict(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16,
+                        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, expert_intermediate_size=1024)
+MEMORY_BATCH, MEMORY_LENGTH = 1, 512
 WARMUP = 1
 LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
 
@@ -316,6 +321,15 @@ def model_table(dims: dict, repeats: int, batch: int = TRAIN_BATCH, length: int 
             **evaluation_rates(build_tiny_model(**dims), repeats)}
 
 
+def memory_table(dims: dict, batch: int = MEMORY_BATCH, length: int = MEMORY_LENGTH,
+                 probe: Callable[..., dict] = fresh_process_peak) -> dict:
+    """Table 4: whole-process peak memory of inference and of a routers-only training step on a model whose
+    weights dominate memory, as LLaDA-MoE-7B's do."""
+    peaks = {mode: probe(mode=mode, dims=dims, batch=batch, length=length) for mode in ("inference", "routers")}
+    return {"dims": dims, "batch": batch, "length": length, "peaks": peaks,
+            "ratio": peaks["routers"]["peak_mib"] / peaks["inference"]["peak_mib"]}
+
+
 # ------------------------------------------------------------------------------------------ targets
 
 
@@ -329,7 +343,8 @@ def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
         (f"EC fwd+bwd share of dense-matmul rate at {tokens} tokens", ec["pct_dense"], ">=", 85.0, "%"),
         ("TC / block unique experts in one block", block["unique_ratio"], ">=", 3.0, "x"),
         ("block MoE-layer speed-up over TC in one block", block["speedup"], ">=", 2.0, "x"),
-        ("routers-only training peak / inference peak", results["model"]["memory_ratio"], "<=", 1.3, "x"),
+        ("routers-only training peak / inference peak (LLaDA-MoE layer size)", results["memory"]["ratio"], "<=",
+         1.3, "x"),
     ]
     return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit,
              "met": value >= bound if op == ">=" else value <= bound}
@@ -393,6 +408,16 @@ def model_markdown(m: dict) -> list[str]:
                       [[m["loglikelihood_requests_per_s"], m["generation_tokens_per_s"]]]), ""]
 
 
+def memory_markdown(m: dict) -> list[str]:
+    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only"}
+    body = [[labels[mode], p["peak_mib"], p["baseline_mib"], p["above_baseline_mib"]] for mode, p in m["peaks"].items()]
+    return [f"## 4. Peak memory at LLaDA-MoE layer size ({', '.join(f'{k}={v}' for k, v in m['dims'].items())})", "",
+            f"One step on {m['batch']} x {m['length']} tokens in a fresh process; the peak is the whole process's "
+            "VmHWM, weights included, as a user would see it.", "",
+            *md_table(["mode", "peak RSS MiB", "before the step MiB", "step's own MiB"], body), "",
+            f"Routers-only training peak / inference peak: {num(m['ratio'])}x", ""]
+
+
 def targets_markdown(checks: list[dict]) -> list[str]:
     body = [[c["target"], f"{num(c['measured'])}{c['unit']}", f"{c['op']} {num(c['bound'])}{c['unit']}",
              "PASS" if c["met"] else "MISS"] for c in checks]
@@ -406,7 +431,7 @@ def render(results: dict) -> str:
             f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
             f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.", ""]
     lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
-             + model_markdown(results["model"])
+             + model_markdown(results["model"]) + memory_markdown(results["memory"])
              + targets_markdown(results["targets"]))
     return "\n".join(lines)
 
@@ -440,6 +465,7 @@ def run(quick: bool) -> dict:
         "moe_layer": moe_layer_table(layer, tokens, repeats),
         "block": block_table(layer, BLOCK, repeats),
         "model": model_table(MODEL_DIMS, repeats),
+        "memory": memory_table(MODEL_DIMS if quick else LAYER_SIZE_MODEL),
     }
     results["environment"]["load_avg_1min"].append(os.getloadavg()[0])
     results["targets"] = targets(results)

@@ -53,6 +53,7 @@ def test_tables_and_report():
         "moe_layer": bench.moe_layer_table(layer, (TOKENS,), repeats=1),
         "block": bench.block_table(layer, BLOCK, repeats=1),
         "model": bench.model_table(DIMS, repeats=1, batch=2, length=16, probe=bench.peak_memory),
+        "memory": bench.memory_table(DIMS, batch=2, length=16, probe=bench.peak_memory),
     }
     rows = results["moe_layer"]["rows"]
     assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED]
@@ -71,5 +72,7 @@ def test_tables_and_report():
     results["targets"] = bench.targets(results, tokens=TOKENS)
     assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
     text = bench.render(results)
-    for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## Targets"):
+    assert results["memory"]["ratio"] > 0
+    for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## 4. Peak memory",
+                    "## Targets"):
         assert heading in text
