@@ -58,6 +58,7 @@ LAYER_SIZE_MODEL = dict(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, 
 MEMORY_BATCH, MEMORY_LENGTH = 1, 512
 WARMUP = 1
 LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
+CEILING = "EC GEMMs alone"
 
 
 def median_ms(fns: dict, repeats: int, warmup: int = WARMUP) -> dict:
@@ -154,6 +155,31 @@ def implementations(layer: MoeLayer) -> dict[str, Implementation]:
     }
 
 
+class EcGemms:
+    """Only the batched matmuls of the EC path, on tensors of its shapes: what EC would cost with gather, scatter,
+    activation and router free. Its rate is the ceiling the EC row can approach with this matmul library."""
+
+    def __init__(self, layer: MoeLayer, count: int):
+        capacity = count * layer.top_k // layer.num_experts
+        ex, gen = layer.experts, layer.gen
+        self.weights = ex.gate_proj.transpose(1, 2), ex.up_proj.transpose(1, 2), ex.down_proj.transpose(1, 2)
+        self.chosen = torch.randn(layer.num_experts, capacity, layer.d, generator=gen)
+        self.hidden = torch.randn(layer.num_experts, capacity, layer.f, generator=gen)
+        self.pairs = layer.num_experts * capacity
+
+    def forward(self) -> None:
+        gate, up, down = self.weights
+        torch.bmm(self.chosen, gate), torch.bmm(self.chosen, up), torch.bmm(self.hidden, down)
+
+    def forward_backward(self) -> None:
+        """The forward, then the input-gradient matmuls autograd runs with frozen experts (down, then gate and
+        up accumulated into one gradient)."""
+        self.forward()
+        gate, up, down = self.weights
+        torch.bmm(self.chosen, down.transpose(1, 2))
+        torch.baddbmm(torch.bmm(self.hidden, gate.transpose(1, 2)), self.hidden, up.transpose(1, 2))
+
+
 def forward(run: Callable, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return run(x)
@@ -182,12 +208,14 @@ def layer_figures(layer: MoeLayer, count: int, repeats: int) -> tuple[dict, list
     for name, impl in impls.items():
         fns[name, "fwd"] = partial(forward, impl.run, x)
         fns[name, "fwd+bwd"] = partial(forward_backward, impl.run, x, layer.gate)
+    gemms = EcGemms(layer, count)
+    fns[CEILING, "fwd"], fns[CEILING, "fwd+bwd"] = gemms.forward, gemms.forward_backward
     times = median_ms(fns, repeats)
     dense = {"tokens": count, "shape": f"[{a.shape[0]}, {layer.d}] x [{layer.d}, {b.shape[1]}]",
              "ms": times["dense"], "gflops": 2 * a.numel() * b.shape[1] / times["dense"] / 1e6}
     rows = []
-    for name, impl in impls.items():
-        pairs = impl.routing(x).indices.numel()
+    pairs_of = {name: impl.routing(x).indices.numel() for name, impl in impls.items()} | {CEILING: gemms.pairs}
+    for name, pairs in pairs_of.items():
         flops = 2 * 3 * layer.d * layer.f * pairs
         row = {"tokens": count, "implementation": name, "pairs": pairs}
         for kind, multiple in (("fwd", 1), ("fwd+bwd", 2)):
@@ -197,7 +225,8 @@ def layer_figures(layer: MoeLayer, count: int, repeats: int) -> tuple[dict, list
 
 
 def moe_layer_table(layer: MoeLayer, tokens: tuple[int, ...], repeats: int) -> dict:
-    """Table 1: the three implementations at each token count, with the dense-matmul reference of each."""
+    """Table 1: the three implementations and the EC matmuls alone at each token count, with the dense-matmul
+    reference of each."""
     rows, dense = [], []
     for count in tokens:
         reference, count_rows = layer_figures(layer, count, repeats)
@@ -336,19 +365,20 @@ def memory_table(dims: dict, batch: int = MEMORY_BATCH, length: int = MEMORY_LEN
 def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
     """The project's goals, each with the figure measured in this run and whether it was met."""
     layer = {r["implementation"]: r for r in results["moe_layer"]["rows"] if r["tokens"] == tokens}
-    ec = layer[BATCHED]["fwd+bwd"]
+    ec, ceiling = layer[BATCHED]["fwd+bwd"], layer[CEILING]["fwd+bwd"]
     block = next(r for r in results["block"]["rows"] if r["router"] == BLOCKED)
     checks = [
-        (f"EC fwd+bwd vs TC loop at {tokens} tokens", ec["speedup"], ">=", 1.5, "x"),
-        (f"EC fwd+bwd share of dense-matmul rate at {tokens} tokens", ec["pct_dense"], ">=", 85.0, "%"),
-        ("TC / block unique experts in one block", block["unique_ratio"], ">=", 3.0, "x"),
-        ("block MoE-layer speed-up over TC in one block", block["speedup"], ">=", 2.0, "x"),
+        (f"EC fwd+bwd vs TC loop at {tokens} tokens", ec["speedup"], ">=", 1.5, "x", ceiling["speedup"]),
+        (f"EC fwd+bwd share of dense-matmul rate at {tokens} tokens", ec["pct_dense"], ">=", 85.0, "%",
+         ceiling["pct_dense"]),
+        ("TC / block unique experts in one block", block["unique_ratio"], ">=", 3.0, "x", None),
+        ("block MoE-layer speed-up over TC in one block", block["speedup"], ">=", 2.0, "x", None),
         ("routers-only training peak / inference peak (LLaDA-MoE layer size)", results["memory"]["ratio"], "<=",
-         1.3, "x"),
+         1.3, "x", None),
     ]
-    return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit,
+    return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit, "gemms_alone": alone,
              "met": value >= bound if op == ">=" else value <= bound}
-            for name, value, op, bound, unit in checks]
+            for name, value, op, bound, unit, alone in checks]
 
 
 # ----------------------------------------------------------------------------------------- rendering
@@ -420,8 +450,12 @@ def memory_markdown(m: dict) -> list[str]:
 
 def targets_markdown(checks: list[dict]) -> list[str]:
     body = [[c["target"], f"{num(c['measured'])}{c['unit']}", f"{c['op']} {num(c['bound'])}{c['unit']}",
-             "PASS" if c["met"] else "MISS"] for c in checks]
-    return ["## Targets", "", *md_table(["target", "measured", "goal", "result"], body), ""]
+             "PASS" if c["met"] else "MISS",
+             "" if c["gemms_alone"] is None else f"{num(c['gemms_alone'])}{c['unit']}"] for c in checks]
+    return ["## Targets", "",
+            f"The last column is the same figure for `{CEILING}` (table 1): the batched matmuls with everything "
+            "else free, i.e. the most the EC path could reach with this CPU's matmul library.", "",
+            *md_table(["target", "measured", "goal", "result", "EC GEMMs alone"], body), ""]
 
 
 def render(results: dict) -> str:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from retrofit import bench
 from retrofit.routers import RouterSettings
@@ -56,7 +57,7 @@ def test_tables_and_report():
         "memory": bench.memory_table(DIMS, batch=2, length=16, probe=bench.peak_memory),
     }
     rows = results["moe_layer"]["rows"]
-    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED]
+    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED, bench.CEILING]
     assert all(r["pairs"] == TOKENS * 2 for r in rows)  # EC at capacity factor 1.0: the same FLOPs as TC
     figures = [v for r in rows for p in ("fwd", "fwd+bwd") for v in r[p].values()]
     figures += [r[key] for r in results["block"]["rows"] for key in ("ms", "unique_ratio", "speedup")]
@@ -76,3 +77,31 @@ def test_tables_and_report():
     for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## 4. Peak memory",
                     "## Targets"):
         assert heading in text
+
+
+class BatchedMatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every batched matmul run under it (forward and autograd's backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
+            a = args[-2]
+            self.flops += 2 * a.shape[0] * a.shape[1] * a.shape[2] * out.shape[2]
+        return out
+
+
+def test_ec_gemms_alone_are_the_matmuls_of_the_ec_path():
+    """The ceiling row times exactly the batched-matmul work of the EC row's forward and forward+backward."""
+    layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
+    x, ec, gemms = layer.tokens(TOKENS), bench.implementations(layer)[bench.BATCHED], bench.EcGemms(layer, TOKENS)
+    for path, alone in ((lambda: bench.forward(ec.run, x), gemms.forward),
+                        (lambda: bench.forward_backward(ec.run, x, layer.gate), gemms.forward_backward)):
+        with BatchedMatmulFlops() as full:
+            path()
+        with BatchedMatmulFlops() as only:
+            alone()
+        assert full.flops == only.flops > 0
