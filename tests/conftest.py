@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,24 @@ def one_line_error(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     return lines[0]
+
+
+def write_arc_mmlu(root: Path) -> Path:
+    """Small ARC and MMLU files in their Hub schemas under ``root``, beside a link to the shared GSM8K."""
+    for folder in ("ARC-Challenge", "ARC-Easy"):
+        for split, n in (("train", 3), ("validation", 2), ("test", 4)):
+            rows = [{"id": f"{split}{i}", "question": f"What is {i} plus one?",
+                     "choices": {"text": [str(i + 1), str(i + 2), str(i)], "label": ["A", "B", "C"]},
+                     "answerKey": "A"} for i in range(n)]
+            path = root / "arc" / folder / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for subject in ("anatomy", "astronomy"):
+        for split, n in (("dev", 5), ("test", 3)):
+            rows = [{"question": f"{subject} {i}?", "subject": subject, "choices": ["w", "x", "y", "z"],
+                     "answer": i % 4} for i in range(n)]
+            path = root / "mmlu" / subject / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "gsm8k").symlink_to(SHARED_DATA / "gsm8k")
+    return root

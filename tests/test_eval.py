@@ -18,7 +18,7 @@ from retrofit.cli import app
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.likelihood import mc_loglikelihood, request_seed
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
-from tests.conftest import SHARED_DATA, one_line_error
+from tests.conftest import SHARED_DATA, one_line_error, write_arc_mmlu
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -147,26 +147,6 @@ def test_start_up_hook_registers_without_importing_torch():
             "print(heavy, get_model('retrofit').__name__, get_model('hf').__name__)") % str(hook_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "RetrofitLM", "HFLM"]
-
-
-def write_arc_mmlu(root: Path) -> Path:
-    for folder in ("ARC-Challenge", "ARC-Easy"):
-        for split, n in (("train", 3), ("validation", 2), ("test", 4)):
-            rows = [{"id": f"{split}{i}", "question": f"What is {i} plus one?",
-                     "choices": {"text": [str(i + 1), str(i + 2), str(i)], "label": ["A", "B", "C"]},
-                     "answerKey": "A"} for i in range(n)]
-            path = root / "arc" / folder / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for subject in ("anatomy", "astronomy"):
-        for split, n in (("dev", 5), ("test", 3)):
-            rows = [{"question": f"{subject} {i}?", "subject": subject, "choices": ["w", "x", "y", "z"],
-                     "answer": i % 4} for i in range(n)]
-            path = root / "mmlu" / subject / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "gsm8k").symlink_to(SHARED_DATA / "gsm8k")
-    return root
 
 
 def test_eval_gsm8k_end_to_end(lm, tmp_path):

@@ -1,0 +1,27 @@
+"""`make demo` end to end at a smaller size: every variant evaluated, ARC/MMLU picked up when local data exists."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from retrofit import demo
+from tests.conftest import write_arc_mmlu
+
+VARIANTS = ["TC (checkpoint)", "EC", "EC fine-tuned", "block (32, guard 2)"]
+
+
+def test_demo_runs_every_variant_on_every_local_task(tmp_path):
+    data = write_arc_mmlu(tmp_path / "data")
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--limit", "1", "--steps", "2", "--gen-length", "32", "--heldout-examples", "16",
+               "--data-dir", str(data)])
+    rows = json.loads((out / "demo.json").read_text())
+    assert list(rows) == VARIANTS
+    for row in rows.values():
+        assert {"gsm8k", "arc_challenge", "arc_easy", "mmlu"} <= set(row["results"])
+        assert math.isfinite(row["heldout_loss"]) and row["tokens_per_s"] > 0
+        assert 0 < row["unique_experts_per_block"] <= row["unique_experts"] <= 8
+    assert rows["block (32, guard 2)"]["router"].startswith("block") and rows["EC"]["router"].startswith("ec")
+    headers = [column.header for column in demo.table(rows, demo.tasks_available(data)).columns]
+    assert headers[1:5] == ["gsm8k exact_match", "arc_challenge acc", "arc_easy acc", "mmlu acc"]
