@@ -35,8 +35,9 @@ tiny: setup
 	$(PY) -m retrofit.embedded out/tiny-pretrain
 
 # The whole tool on the embedded tiny model: convert, fine-tune, evaluate, one comparison table.
+# Options go through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--limit 32"` (see `python -m retrofit.demo --help`).
 demo: setup
-	$(PY) -m retrofit.demo
+	$(PY) -m retrofit.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

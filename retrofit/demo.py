@@ -94,16 +94,30 @@ def table(rows: dict[str, dict], tasks: list[str]) -> Table:
     return out
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
-    parser.add_argument("--limit", type=int, default=8, help="documents per task")
+    parser = argparse.ArgumentParser(prog="python -m retrofit.demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo", help="where the models and demo.json go")
+    parser.add_argument("--limit", type=positive, default=8, help="documents per task")
     parser.add_argument("--data-dir", type=Path, default=DATA, help="local benchmark data (gsm8k/, arc/, mmlu/)")
-    parser.add_argument("--steps", type=int, default=None, help="router fine-tuning steps (default: the recipe's)")
-    parser.add_argument("--gen-length", type=int, default=64, help="generated tokens per GSM8K answer")
-    parser.add_argument("--heldout-examples", type=int, default=200,
+    parser.add_argument("--steps", type=positive, default=None,
+                        help="router fine-tuning steps (default: the recipe's)")
+    parser.add_argument("--gen-length", type=positive, default=64,
+                        help="generated tokens per GSM8K answer (a multiple of the 32-token block)")
+    parser.add_argument("--heldout-examples", type=positive, default=200,
                         help="GSM8K test examples in the held-out masked-token loss")
     args = parser.parse_args(argv)
+    if not (args.data_dir / "gsm8k" / "test.jsonl").is_file():
+        parser.error(f"no GSM8K test file at {args.data_dir / 'gsm8k' / 'test.jsonl'}; pass --data-dir DIR "
+                     "holding gsm8k/test.jsonl (the project's copy is ../shared/data)")
+    if args.gen_length % 32:
+        parser.error(f"--gen-length must be a multiple of 32 (the denoising block), got {args.gen_length}")
     args.out.mkdir(parents=True, exist_ok=True)
     variants = prepare(args.out, args.steps)
     tasks = tasks_available(args.data_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from retrofit import demo
 from tests.conftest import write_arc_mmlu
 
@@ -25,3 +27,15 @@ def test_demo_runs_every_variant_on_every_local_task(tmp_path):
     assert rows["block (32, guard 2)"]["router"].startswith("block") and rows["EC"]["router"].startswith("ec")
     headers = [column.header for column in demo.table(rows, demo.tasks_available(data)).columns]
     assert headers[1:5] == ["gsm8k exact_match", "arc_challenge acc", "arc_easy acc", "mmlu acc"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/nonexistent"], "no GSM8K test file at /nonexistent/gsm8k/test.jsonl; pass --data-dir"),
+    (["--limit", "0"], "--limit: must be at least 1, got 0"),
+    (["--gen-length", "40"], "--gen-length must be a multiple of 32"),
+])
+def test_demo_bad_options_are_one_line_errors(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(tmp_path), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
