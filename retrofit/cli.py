@@ -56,11 +56,12 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except RetrofitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape(): a message may hold "[word]" (a path, a list), which rich would take for markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            err_console.print(f"[bold red]error:[/] invalid {where}: {first['msg']}", highlight=False,
+            err_console.print(f"[bold red]error:[/] invalid {escape(where)}: {escape(first['msg'])}", highlight=False,
                               soft_wrap=True)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
@@ -102,7 +103,7 @@ def convert(
     block_length: int = typer.Option(32, "--block-length", help="block: positions per routing block."),
     core_threshold: float = typer.Option(0.6, "--core-threshold", help="block: cumulative vote kept (top-p)."),
     guard_size: int = typer.Option(16, "--guard-size", help="block: minimum core-set size."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory [default: out/<src>-<router>]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: out/<src>-<router>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show which routers would be replaced."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the result and check it against "
@@ -119,13 +120,13 @@ def convert(
     plan = plan_conversion(source, target, out)
     if dry_run:
         out_console.print(_plan_table(plan))
-        out_console.print(f"dry run: would write {plan.out}; nothing written.")
+        out_console.print(f"dry run: would write {escape(str(plan.out))}; nothing written.")
         return
     command = "retrofit " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""
     with err_console.status("converting") as status:
         report = run_convert(plan, force=force, command=command, verify=verify,
                              step=lambda msg: status.update(msg))
-    out_console.print(f"[green]wrote[/] {report.out}: router {target.describe()}")
+    out_console.print(f"[green]wrote[/] {escape(str(report.out))}: router {target.describe()}")
     out_console.print(f"  shards rewritten {len(report.rewritten)}, copied unchanged {len(report.copied)}")
     if verify:
         same = {True: "bit-identical to the source", None: f"max |diff| vs source {report.max_logit_diff:.3g}"}
@@ -173,7 +174,7 @@ def create_tiny(
     path = build(out_dir, seed=seed, max_shard_bytes=shard_kb * 1024, force=force, tokenizer_texts=texts,
                  vocab_size=vocab_size, **dims)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
-    out_console.print(f"[green]wrote[/] {path}: {len(shards)} shard(s), tokenizer, config.json")
+    out_console.print(f"[green]wrote[/] {escape(str(path))}: {len(shards)} shard(s), tokenizer, config.json")
 
 
 def _jsonl_texts(path: Path, fields: list[str]) -> list[str]:
@@ -227,7 +228,7 @@ def finetune(
 
         job.progress = report
         result = job.run()
-    out_console.print(f"[green]wrote[/] {result.output_dir}: {result.steps} steps, final loss "
+    out_console.print(f"[green]wrote[/] {escape(str(result.output_dir))}: {result.steps} steps, final loss "
                       f"{result.losses[-1]:.4f}" if result.losses else f"[green]wrote[/] {result.output_dir}")
 
 
@@ -245,8 +246,8 @@ def validate(
     if resolve_path(data, recipe_dir) is None and (data.startswith((".", "/", "~")) or "." in Path(data).suffix):
         raise RetrofitError(f"{recipe}: data file not found: {data} (looked beside the recipe and in the working "
                             "directory)")
-    out_console.print(f"[green]ok[/] {recipe}: {parsed.model.source} -> {parsed.checkpoint.output_dir}, "
-                      f"{parsed.trainable.mode}, {parsed.optim.max_steps} steps")
+    route = f"{recipe}: {parsed.model.source} -> {parsed.checkpoint.output_dir}"
+    out_console.print(f"[green]ok[/] {escape(route)}, {parsed.trainable.mode}, {parsed.optim.max_steps} steps")
 
 
 @app.command("eval")
@@ -254,24 +255,24 @@ def validate(
 def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
     model: str = typer.Option("llada-moe", "--model", help="Model directory, Hub id or registry name "
-                                                          "(llada-moe, llada-moe-instruct, tiny-random)."),
+                                                          "(llada-moe, llada-moe-instruct, tiny, tiny-random)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),
     gen_length: int = typer.Option(256, "--gen-length", help="Tokens to generate."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps [default: gen-length]."),
-    block_length: Optional[int] = typer.Option(None, "--block-length", help="Sampler block [default: gen-length]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: gen-length)."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", help="Sampler block (default: gen-length)."),
     temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
     remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence or random."),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples [default: the "
-                                                                          "task's; mmlu 5]."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the "
+                                                                          "task's; mmlu 5)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
     router: Optional[RouterChoice] = typer.Option(None, "--router", help="Evaluate with another router."),
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="EC capacity override."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
-                                                                 "[default: out/eval/<model>-<tasks>.json]."),
+                                                                 "(default: out/eval/<model>-<tasks>.json)."),
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
@@ -294,7 +295,7 @@ def evaluate(
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
                       f"per forward, {routing['tokens_with_zero_experts']} token-layer passes with no expert")
-    out_console.print(f"[green]wrote[/] {output}")
+    out_console.print(f"[green]wrote[/] {escape(str(output))}")
 
 
 def _results_table(record: dict) -> Table:

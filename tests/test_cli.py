@@ -144,6 +144,14 @@ def test_help_explains_commands():
     assert "convert" in result.output and "create-tiny" in result.output
     result = run("convert", "--help")
     assert "--capacity-factor" in result.output and "--dry-run" in result.output
+    # Defaults named in the help text survive rich's markup (square brackets would be eaten as tags).
+    assert "(default: out/<src>-<router>)" in result.output
+    assert "(default: gen-length)" in run("eval", "--help").output
+
+
+def test_error_text_is_printed_verbatim():
+    result = run("convert", "--src", "./missing[dir]", "--router", "ec")
+    assert result.exit_code == 1 and "--src ./missing[dir]: no such directory" in one_line_error(result)
 
 
 def test_tiny_random_is_generated_once_and_converts(tmp_path):
