@@ -84,7 +84,8 @@ def _arc(task: str, data_dir: Path) -> list[dict]:
     folder = next((d / _ARC_FOLDERS[task] for d in (data_dir / "arc", data_dir / "ai2_arc")
                    if (d / _ARC_FOLDERS[task]).is_dir()), data_dir / "arc" / _ARC_FOLDERS[task])
     if not folder.is_dir():
-        raise RetrofitError(f"no local data for {task}: expected {folder}")
+        raise RetrofitError(f"no local data for {task}: expected {folder} (train/validation/test files in the "
+                            "allenai/ai2_arc schema); leave arc out of --tasks, or drop --data-dir to read the Hub")
     return [_variant(task, builtin_task_file("arc", f"{task}.yaml"), folder,
                      {"training_split": "train", "validation_split": "validation", "test_split": "test"},
                      {"tag": []})]
@@ -93,7 +94,8 @@ def _arc(task: str, data_dir: Path) -> list[dict]:
 def _mmlu(data_dir: Path) -> list[dict]:
     root = data_dir / "mmlu"
     if not root.is_dir():
-        raise RetrofitError(f"no local data for mmlu: expected {root}")
+        raise RetrofitError(f"no local data for mmlu: expected {root} (<subject>/test and dev files in the "
+                            "cais/mmlu schema); leave mmlu out of --tasks, or drop --data-dir to read the Hub")
     template = builtin_task_file("mmlu", "default", "_default_template_yaml")
     subjects = sorted(d.name for d in root.iterdir() if d.is_dir() and split_files(d, "test") and d.name != "all")
     configs = []
