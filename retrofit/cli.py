@@ -61,8 +61,8 @@ def user_errors(command):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            err_console.print(f"[bold red]error:[/] invalid {escape(where)}: {escape(first['msg'])}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] invalid {escape(where)}: {escape(first['msg'])}",
+                              highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
         raise typer.Exit(1)
@@ -228,8 +228,8 @@ def finetune(
 
         job.progress = report
         result = job.run()
-    out_console.print(f"[green]wrote[/] {escape(str(result.output_dir))}: {result.steps} steps, final loss "
-                      f"{result.losses[-1]:.4f}" if result.losses else f"[green]wrote[/] {result.output_dir}")
+    final = f": {result.steps} steps, final loss {result.losses[-1]:.4f}" if result.losses else ""
+    out_console.print(f"[green]wrote[/] {escape(str(result.output_dir))}{final}")
 
 
 @app.command()
