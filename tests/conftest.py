@@ -72,3 +72,13 @@ def write_arc_mmlu(root: Path) -> Path:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "gsm8k").symlink_to(SHARED_DATA / "gsm8k")
     return root
+
+
+def pairwise_experts(experts, x: torch.Tensor, routing) -> torch.Tensor:
+    """The experts' output one (token, expert, gate) triple at a time."""
+    rows = [torch.zeros_like(x[0]) for _ in range(x.shape[0])]
+    for token, expert, gate in zip(*routing.pairs()):
+        h = x[token]
+        h = torch.nn.functional.silu(experts.gate_proj[expert] @ h) * (experts.up_proj[expert] @ h)
+        rows[token] = rows[token] + gate * (experts.down_proj[expert] @ h)
+    return torch.stack(rows)

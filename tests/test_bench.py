@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from retrofit import bench
 from retrofit.routers import RouterSettings
+from tests.conftest import pairwise_experts
 
 TOKENS = 16
 BLOCK = RouterSettings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
@@ -27,16 +28,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def pairwise_reference(layer: bench.MoeLayer, x: torch.Tensor, routing) -> torch.Tensor:
-    """Sum over the routing's (token, expert, gate) triples, one pair at a time."""
-    ex, out = layer.experts, torch.zeros_like(x)
-    for token, expert, gate in zip(*(t.tolist() for t in routing.pairs())):
-        h = x[token]
-        h = torch.nn.functional.silu(ex.gate_proj[expert] @ h) * (ex.up_proj[expert] @ h)
-        out[token] += gate * (ex.down_proj[expert] @ h)
-    return out
-
-
 def test_implementations_agree():
     layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
     x = layer.tokens(TOKENS)
@@ -44,7 +35,8 @@ def test_implementations_agree():
     outs = {name: bench.forward(impl.run, x) for name, impl in impls.items()}
     torch.testing.assert_close(outs[bench.LOOP], outs[bench.GROUPED], atol=1e-5, rtol=0)
     ec = impls[bench.BATCHED]
-    torch.testing.assert_close(outs[bench.BATCHED], pairwise_reference(layer, x, ec.routing(x)), atol=1e-5, rtol=0)
+    expected = pairwise_experts(layer.experts, x, ec.routing(x))
+    torch.testing.assert_close(outs[bench.BATCHED], expected, atol=1e-5, rtol=0)
 
 
 def test_tables_and_report():

@@ -19,7 +19,7 @@ from retrofit.models.llada_moe import (
 )
 from retrofit.routers.base import Routing
 from retrofit.tiny import hub_config_dict
-from tests.conftest import random_ids
+from tests.conftest import pairwise_experts, random_ids
 from tests.reference_llada import reference_logits
 
 
@@ -183,16 +183,6 @@ def test_default_config_is_llada_moe_7b_a1b_to_the_parameter():
     assert sum(p.numel() for p in model.parameters()) == 7_356_880_896
     assert sum(p.numel() for n, p in model.named_parameters() if is_router_tensor(n)) == 16 * 64 * 2048
     assert model.config.mask_token_id == 156895 and model.config.eos_token_id == 156892
-
-
-def pairwise_experts(experts: StackedExperts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The experts' output one (token, expert, gate) triple at a time."""
-    rows = [torch.zeros_like(x[0]) for _ in range(x.shape[0])]
-    for token, expert, gate in zip(*routing.pairs()):
-        h = x[token]
-        h = torch.nn.functional.silu(experts.gate_proj[expert] @ h) * (experts.up_proj[expert] @ h)
-        rows[token] = rows[token] + gate * (experts.down_proj[expert] @ h)
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("layout", ["token", "expert"])

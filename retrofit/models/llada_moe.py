@@ -315,7 +315,7 @@ class StackedExperts(nn.Module):
         # One gather split into per-expert views, so the backward builds the gradient of the gathered rows once;
         # each expert adds its gated output in place, so no [T·k, d] concatenation is allocated (at 2048 tokens
         # of a LLaDA-MoE layer that concatenation and its gating made the pass ~15% slower).
-        num_tokens, k = experts.shape
+        k = experts.shape[1]
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
