@@ -127,7 +127,7 @@ def convert(
         report = run_convert(plan, force=force, command=command, verify=verify,
                              step=lambda msg: status.update(msg))
     out_console.print(f"[green]wrote[/] {escape(str(report.out))}: router {target.describe()}")
-    out_console.print(f"  shards rewritten {len(report.rewritten)}, copied unchanged {len(report.copied)}")
+    out_console.print(f"  {report.shards.summary()}")
     if verify:
         same = {True: "bit-identical to the source", None: f"max |diff| vs source {report.max_logit_diff:.3g}"}
         out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits "

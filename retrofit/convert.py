@@ -1,9 +1,10 @@
 """`retrofit convert`: replace the routers of a checkpoint and write a complete model directory.
 
-Only router tensors can change, so the work is done on files, never on a whole model in memory: shards without
-router tensors are copied byte for byte, shards with them are read one at a time, their router tensors replaced
-by the new routers' state, and written back under the same name. Everything goes into a temporary directory
-that becomes the output only after the result has been reloaded and checked against the source.
+Only router tensors can change, and a router swap keeps the checkpoint's gate weights, so the work is done on
+files, never on a whole model in memory: the shards are hard links to the source's (copies across file
+systems); a router whose tensors do differ has its shard copied and patched (io/model_dir.py). Everything goes
+into a temporary directory that becomes the output only after the result has been checked against the source:
+linked shards by identity, the logits by one streamed forward that reads each layer once.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from retrofit import __version__
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config
-from retrofit.io.model_dir import ROUTER_FILE, converted_config, write_model_directory
+from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, converted_config, write_model_directory
 from retrofit.io.sources import Source
 from retrofit.io.writer import atomic_directory, check_destination
 from retrofit.models.llada_moe import LLaDAMoEConfig, router_tensor_name
 from retrofit.routers import RouterSettings, build_router
-from retrofit.verify import compare_tensors, probe_input, streamed_logits
+from retrofit.verify import compare_tensors, probe_input, streamed_logits_many
 
 
 @dataclass
@@ -47,8 +48,7 @@ class ConversionPlan:
 @dataclass
 class ConversionReport:
     out: Path
-    rewritten: list[str]
-    copied: list[str]
+    shards: WrittenShards
     tensors_checked: int
     logits_identical: bool | None
     max_logit_diff: float
@@ -98,12 +98,15 @@ def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify
     ckpt = CheckpointDir(plan.source.path)
     check_destination(plan.out.expanduser().resolve(), force)
     routers = new_router_tensors(ckpt, plan)
+    # Routers keep the checkpoint's gate weights, so usually no tensor changes and every shard is a hard link.
+    source = ckpt.read(list(routers))
+    changed = {n: t for n, t in routers.items() if t.dtype != source[n].dtype or not torch.equal(t, source[n])}
     config = converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
     with atomic_directory(plan.out, force=force) as tmp:
-        shards = write_model_directory(ckpt, tmp, routers, config, model_card(plan, command), step=step)
-        report = ConversionReport(plan.out, shards.rewritten, shards.copied, 0, None, 0.0)
+        shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step)
+        report = ConversionReport(plan.out, shards, 0, None, 0.0)
         if verify:
-            step("verify")
+            step("verify: reading each layer once")
             _verify(ckpt, CheckpointDir(tmp), plan, routers, report)
     return report
 
@@ -118,7 +121,8 @@ def _verify(src: CheckpointDir, out: CheckpointDir, plan: ConversionPlan, router
         if not torch.equal(written[name], tensor):
             raise RetrofitError(f"verification failed: router tensor {name} was not written as built")
     ids = probe_input(plan.config)
-    src_logits, out_logits = streamed_logits(src, ids), streamed_logits(out, ids)
+    dtype = src.read([plan.swaps[0].name])[plan.swaps[0].name].dtype  # compute as the checkpoint is stored
+    src_logits, out_logits = streamed_logits_many(src, ids, [src, out], dtype=dtype)
     if not torch.isfinite(out_logits).all():
         raise RetrofitError("verification failed: the converted model produces non-finite logits")
     report.max_logit_diff = float((src_logits - out_logits).abs().max())
@@ -139,8 +143,9 @@ library_name: retrofit
 # {plan.out.name}
 
 LLaDA-MoE checkpoint `{src}` with its token-choice routers replaced by **{plan.target.describe()}**, written
-by retrofit {__version__}. Only the routers changed: every other tensor is byte-identical to the source, and
-the router weights are the source's gate weights (the same softmax scores; only who chooses differs).
+by retrofit {__version__}. Only the routers changed, and they keep the source's gate weights (the same softmax
+scores; only who chooses differs): every tensor is byte-identical to the source, and the shards are hard
+links to (or copies of) the source's files.
 
 Made with:
 

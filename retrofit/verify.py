@@ -1,51 +1,96 @@
 """Check a written checkpoint against its source without holding either model in memory.
 
-Tensors are compared shard by shard; logits come from a *streamed* forward that loads one decoder layer at a
-time into a one-layer shell of the same architecture, so verifying a 7B conversion needs about one layer of
-memory (plus embeddings), not two whole models.
+Tensors are compared shard by shard, and not at all where the written shard *is* the source's file (a hard
+link: same inode, same bytes). Logits come from a *streamed* forward: one decoder layer at a time is read into
+a one-layer shell, the embedding rows the probe uses and the output head in row chunks, so verifying a 7B
+conversion needs about one layer of memory. Several variants (the source's routing and the converted one) run
+through each layer while it is loaded, so every layer is read once.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import checkpoint_config
-from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, stack_expert_tensors
+from retrofit.io.load import checkpoint_config, fill_from_checkpoint
+from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
 
-_OUTER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+_HEAD_CHUNK_ROWS = 32768  # output-head rows per matmul: 128 MiB of fp32 weights at LLaDA-MoE's width
 
 
-def _one_layer_shell(config: LLaDAMoEConfig) -> LLaDAMoEModelLM:
+def _one_layer_shell(config: LLaDAMoEConfig, dtype: torch.dtype) -> LLaDAMoEModelLM:
+    """A one-layer model whose embedding and head stay on the meta device (they are streamed instead)."""
     fields = config.to_dict()
     fields.update(num_hidden_layers=1, moe_layer_freq=[1])
     shell_config = LLaDAMoEConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
-    return LLaDAMoEModelLM(shell_config).eval()
+    with torch.device("meta"):
+        shell = LLaDAMoEModelLM(shell_config).to(dtype)
+    shell.model.layers.to_empty(device="cpu")
+    shell.model.norm.to_empty(device="cpu")
+    rotary = shell.model.rotary_emb.to_empty(device="cpu")
+    rotary.inv_freq.copy_(rotary.frequencies())
+    return shell.eval()
 
 
-def _load_prefixed(module: torch.nn.Module, ckpt: CheckpointDir, prefix: str, num_experts: int, dtype) -> None:
-    names = [n for n in ckpt.weight_map if n.startswith(prefix)]
-    tensors = stack_expert_tensors(ckpt.read(names), num_experts)
-    module.load_state_dict({k.removeprefix(prefix): v.to(dtype) for k, v in tensors.items()}, strict=True)
+def _embed(ckpt: CheckpointDir, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The embedding of ``input_ids``, reading only the rows they use."""
+    used, positions = input_ids.unique(return_inverse=True)
+    rows = ckpt.read_rows("model.embed_tokens.weight", used.tolist()).to(dtype)
+    return rows[positions]
+
+
+def _head(ckpt: CheckpointDir, config: LLaDAMoEConfig, hidden: torch.Tensor) -> torch.Tensor:
+    name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    chunks = []
+    for start in range(0, config.vocab_size, _HEAD_CHUNK_ROWS):
+        rows = list(range(start, min(start + _HEAD_CHUNK_ROWS, config.vocab_size)))
+        chunks.append(torch.nn.functional.linear(hidden, ckpt.read_rows(name, rows).to(hidden.dtype)))
+    return torch.cat(chunks, dim=-1)
 
 
 @torch.no_grad()
+def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants: list[CheckpointDir],
+                         attention_mask: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Logits on ``input_ids`` of each variant: ``ckpt``'s weights with the variant's routers (its router
+    settings and router tensors). The variants' other tensors must equal ``ckpt``'s (see compare_tensors)."""
+    config = checkpoint_config(ckpt)
+    shell = _one_layer_shell(config, dtype)
+    x0, layer_args = shell.model.prepare(input_ids, attention_mask, embeds=_embed(ckpt, input_ids, dtype))
+    fill_from_checkpoint(shell.model.norm, ckpt, ["model.norm.weight"], lambda n: "weight")
+    layer = shell.model.layers[0]
+    routers = [_variant_router(v, config) for v in variants]
+    streams = [x0] * len(variants)
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        names = [n for n in ckpt.weight_map if n.startswith(prefix)]
+        fill_from_checkpoint(layer, ckpt, names, lambda n: n.removeprefix(prefix))
+        for v, (variant, build) in enumerate(zip(variants, routers)):
+            layer.mlp.gate = build(variant.read([prefix + "mlp.gate.weight"])[prefix + "mlp.gate.weight"])
+            streams[v] = layer(streams[v], *layer_args)
+    return [_head(ckpt, config, shell.model.norm(x)) for x in streams]
+
+
+def _variant_router(variant: CheckpointDir, base: LLaDAMoEConfig):
+    from retrofit.routers import build_router
+
+    settings = checkpoint_config(variant).router_settings
+
+    def build(weight: torch.Tensor):
+        router = build_router(settings, base.hidden_size, base.num_experts, base.num_experts_per_tok)
+        router.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return router
+
+    return build
+
+
 def streamed_logits(ckpt: CheckpointDir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits of the checkpoint (with its own router settings) on ``input_ids``, one layer in memory."""
-    config = checkpoint_config(ckpt)
-    shell = _one_layer_shell(config).to(dtype)
-    outer = ckpt.read([n for n in _OUTER if n in ckpt.weight_map])
-    if config.tie_word_embeddings:
-        outer["lm_head.weight"] = outer["model.embed_tokens.weight"]
-    shell.load_state_dict({k: v.to(dtype) for k, v in outer.items()}, strict=False)
-    x, layer_args = shell.model.prepare(input_ids, attention_mask)
-    layer = shell.model.layers[0]
-    for i in range(config.num_hidden_layers):
-        _load_prefixed(layer, ckpt, f"model.layers.{i}.", config.num_experts, dtype)
-        x = layer(x, *layer_args)
-    return shell.lm_head(shell.model.norm(x))
+    return streamed_logits_many(ckpt, input_ids, [ckpt], attention_mask, dtype)[0]
 
 
 def probe_input(config: LLaDAMoEConfig, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -58,16 +103,25 @@ def probe_input(config: LLaDAMoEConfig, length: int = 24, seed: int = 0) -> torc
 
 
 def compare_tensors(src: CheckpointDir, out: CheckpointDir, skip: set[str]) -> int:
-    """Every tensor of ``src`` not in ``skip`` must be present in ``out`` and equal in dtype and bytes."""
+    """Every tensor of ``src`` not in ``skip`` must be present in ``out`` and equal in dtype and bytes.
+    A shard of ``out`` that is the very file of ``src`` (a hard link) holds the same bytes and is not read."""
     if set(src.weight_map) != set(out.weight_map):
         diff = sorted(set(src.weight_map) ^ set(out.weight_map))
         raise RetrofitError(f"verification failed: tensor names differ from the source: {diff[:5]}")
     checked = 0
     for shard in src.shards:
         names = [n for n in src.tensors_in(shard) if n not in skip]
+        if all(_same_file(src, out, n) for n in names):
+            checked += len(names)
+            continue
         ours = out.read(names)
         for name, theirs in src.read(names).items():
             if ours[name].dtype != theirs.dtype or not torch.equal(ours[name], theirs):
                 raise RetrofitError(f"verification failed: {name} differs from the source")
             checked += 1
     return checked
+
+
+def _same_file(src: CheckpointDir, out: CheckpointDir, name: str) -> bool:
+    a, b = src.path / src.weight_map[name], out.path / out.weight_map[name]
+    return a.name == b.name and os.path.samefile(a, b)

@@ -78,7 +78,7 @@ class RetrofitLM(LM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
-        self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_)).to(self.device_)
+        self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_), device=self.device_)
         self.model.enable_routing_stats(block_length=self.sampler.block_length)
         self.tokenizer = load_tokenizer(ckpt.path)
         self.mask_id = self.model.config.mask_token_id

@@ -118,6 +118,32 @@ class CheckpointDir:
             sl = f.get_slice(name)
             return sl.get_dtype(), tuple(sl.get_shape())
 
+    def entries(self, names: list[str]):
+        """Stored dtype, shape and byte range of each named tensor, from the shard headers alone."""
+        from retrofit.io.safetensors_file import read_header
+
+        out = {}
+        for shard in dict.fromkeys(self.weight_map[n] for n in names):
+            header = read_header(self.path / shard)
+            out.update({n: header[n] for n in names if self.weight_map[n] == shard})
+        return out
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows of a 2-D tensor (``[len(rows), d]``, the stored dtype), reading only those rows' bytes."""
+        entry = self.entries([name])[name]
+        width = entry.shape[1]
+        row_bytes = width * entry.dtype.itemsize
+        out = torch.empty(len(rows), width, dtype=entry.dtype)
+        buffer = out.view(torch.uint8).numpy()
+        with open(self.path / self.weight_map[name], "rb") as f:
+            for i, row in enumerate(rows):
+                if not 0 <= row < entry.shape[0]:
+                    raise RetrofitError(f"row {row} is outside {name} ({entry.shape[0]} rows)")
+                if rows[i - 1] + 1 != row or i == 0:  # consecutive rows need no seek
+                    f.seek(entry.start + row * row_bytes)
+                f.readinto(memoryview(buffer[i]).cast("B"))
+        return out
+
     def shard_metadata(self, shard: str) -> dict[str, str] | None:
         with self._open(shard) as f:
             return f.metadata()

@@ -1,14 +1,25 @@
-"""Load a checkpoint directory (Hub snapshot, converted or fine-tuned) into retrofit's native model."""
+"""Load a checkpoint directory (Hub snapshot, converted or fine-tuned) into retrofit's native model.
+
+The one loading path of eval, finetune, the demo and the benches. The model is built on the meta device
+(no memory, no random init), given its dtype there, then allocated once; every checkpoint tensor is read
+straight from its shard into its place (an expert's ``[f, d]`` weight into its slot of the stacked
+``[E, f, d]`` parameter), cast on the way when the dtypes differ. Nothing is held twice: peak memory is the
+model plus one tensor, so LLaDA-MoE-7B loads in bf16 within ~15 GB.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
+from retrofit.io.safetensors_file import read_header, read_into
 from retrofit.io.tokenizer_files import mask_token_id
-from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, config_from_checkpoint, load_hub_tensors
+from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, config_from_checkpoint, parse_expert_key
 from retrofit.routers import RouterSettings
 
 
@@ -26,14 +37,101 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
 
 
 def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None = None,
-               dtype: torch.dtype = torch.float32) -> LLaDAMoEModelLM:
-    """Build the model from config.json and load every tensor strictly (a missing or extra tensor is an
-    error). Weights are cast to ``dtype`` (fp32 by default: bf16 matmuls are ~3x slower on CPUs)."""
+               dtype: torch.dtype = torch.float32, router_dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", check_memory: bool = True) -> LLaDAMoEModelLM:
+    """Build the model from config.json and load every tensor strictly (a missing or extra tensor is an error).
+
+    ``dtype``: the weights' dtype (fp32 by default: bf16 matmuls are ~3x slower on CPUs). ``router_dtype``:
+    the routers' own dtype when it should differ, e.g. fp32 master copies of routers that train while the
+    frozen weights stay bf16 (the router casts its weight to the activations' dtype in the forward pass).
+    """
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     config = checkpoint_config(ckpt, router)
-    model = LLaDAMoEModelLM(config)
-    tensors = {}
-    for shard in ckpt.shards:
-        tensors.update({k: v.to(dtype) for k, v in ckpt.read_shard(shard).items()})
-    load_hub_tensors(model, tensors)
-    return model.to(dtype).eval()
+    with torch.device("meta"):
+        model = LLaDAMoEModelLM(config)
+    model.to(dtype)
+    if router_dtype is not None:
+        for block in model.moe_blocks():
+            block.gate.to(router_dtype)
+    device = torch.device(device)
+    if check_memory and device.type == "cpu":
+        _check_fits(model, dtype)
+    model.to_empty(device=device)
+    _fill(model, ckpt)
+    with torch.no_grad():  # non-persistent buffers are not in the checkpoint; to_empty left them uninitialised
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.copy_(rotary.frequencies())
+    return model.eval()
+
+
+def _fill(model: LLaDAMoEModelLM, ckpt: CheckpointDir) -> None:
+    fill_from_checkpoint(model, ckpt, list(ckpt.weight_map))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: list[str],
+                         rename: Callable[[str], str] = lambda name: name) -> None:
+    """Read the named checkpoint tensors into ``module``'s parameters (``rename``: checkpoint name → the
+    module's Hub-style name), shard by shard; every parameter must be filled exactly once."""
+    params = dict(module.named_parameters())
+    experts = next((m.gate_proj.shape[0] for m in module.modules() if hasattr(m, "gate_proj")), 0)
+    filled: dict[str, int] = {}  # parameter name -> elements written
+    by_shard: dict[str, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(ckpt.weight_map[name], []).append(name)
+    with torch.no_grad():
+        for shard, shard_names in by_shard.items():
+            entries = read_header(ckpt.path / shard)
+            with open(ckpt.path / shard, "rb") as f:
+                for name in shard_names:
+                    if name not in entries:
+                        raise RetrofitError(f"shard {shard} lacks tensor {name} that the index promises")
+                    target, slot = _destination(rename(name), params, experts)
+                    read_into(f, entries[name], slot, name)
+                    filled[target] = filled.get(target, 0) + slot.numel()
+    tied = {"lm_head.weight"} if getattr(getattr(module, "config", None), "tie_word_embeddings", False) else set()
+    missing = sorted(n for n, p in params.items() if filled.get(n, 0) != p.numel() and n not in tied)
+    if missing:
+        raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: missing {missing[:5]}")
+
+
+def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int) -> tuple[str, torch.Tensor]:
+    """The parameter a Hub-named tensor belongs to, and the view of it the tensor fills."""
+    parsed = parse_expert_key(name)
+    if parsed is not None:
+        prefix, expert, proj = parsed
+        stacked = f"{prefix}.{proj}"
+        if stacked in params and expert < experts:
+            return stacked, params[stacked].data[expert]
+    elif name in params:
+        return name, params[name].data
+    raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: unexpected {name}")
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _check_fits(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Refuse up front, by name, a model that cannot fit in this machine's memory, instead of being killed."""
+    needed = model_bytes(model)
+    available = _available_memory()
+    if available is not None and needed > available:
+        hint = " (try bfloat16: --dtype bfloat16 for eval, optim.precision=bf16 for finetune)" \
+            if dtype != torch.bfloat16 else ""
+        raise RetrofitError(f"the model needs {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} but "
+                            f"only {available / 2**30:.1f} GiB of memory is available{hint}")
+
+
+def _available_memory() -> int | None:
+    if os.environ.get("RETROFIT_SKIP_MEMORY_CHECK"):
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+

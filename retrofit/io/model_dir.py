@@ -1,8 +1,10 @@
 """Write a complete model directory from a source checkpoint plus a few replaced tensors.
 
-Shared by `convert` (new routers) and `finetune` (trained routers): shards that hold no replaced tensor are
-copied byte for byte (or hard-linked), the others are read one at a time and rewritten under the same name,
-so peak memory stays near one shard and everything that did not change is identical to the source.
+Shared by `convert` (new routers) and `finetune` (trained routers). Only what changed is written: shards that
+hold no changed tensor are hard links to the source's files (copies across file systems); a shard holding a
+changed tensor of the same dtype and shape (a trained router) is copied inside the kernel and those tensors'
+bytes overwritten in place, so no shard passes through this process's memory and every other byte is the
+source's.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
+from retrofit.io.safetensors_file import read_header
 from retrofit.io.tokenizer_files import tokenizer_files
 from retrofit.io.writer import save_tensors, write_index, write_json
-from retrofit.models.llada_moe import MODEL_TYPE, is_router_tensor
+from retrofit.models.llada_moe import MODEL_TYPE
 from retrofit.routers import RouterSettings
 
 ROUTER_FILE = "router.safetensors"
@@ -28,8 +31,22 @@ ROUTER_FILE = "router.safetensors"
 
 @dataclass
 class WrittenShards:
-    rewritten: list[str]
-    copied: list[str]
+    linked: list[str]  # unchanged, hard-linked to the source (no bytes written)
+    copied: list[str]  # unchanged, copied (the source is on another file system)
+    patched: list[str]  # copied, then the changed tensors' bytes overwritten in place
+    rewritten: list[str]  # re-serialised (a changed tensor has a new dtype or shape)
+
+    @property
+    def unchanged(self) -> list[str]:
+        return self.linked + self.copied
+
+    def summary(self) -> str:
+        parts = [f"{len(self.linked)} hard-linked", f"{len(self.copied)} copied"]
+        if self.copied:
+            parts[-1] += " (another file system: hard links impossible)"
+        if self.patched or self.rewritten:
+            parts.append(f"{len(self.patched) + len(self.rewritten)} rewritten with changed tensors")
+        return "shards: " + ", ".join(parts)
 
 
 def converted_config(raw: dict, mask_token_id: int, router: RouterSettings) -> dict:
@@ -40,35 +57,77 @@ def converted_config(raw: dict, mask_token_id: int, router: RouterSettings) -> d
     return out
 
 
-def _copy(src: Path, dest: Path, link: bool) -> None:
-    if link:
-        try:
-            os.link(src, dest)
-            return
-        except OSError:
-            pass  # another file system, or links not allowed: fall back to a copy
-    shutil.copyfile(src, dest)
+def _link_or_copy(src: Path, dest: Path) -> bool:
+    """Hard-link ``src`` to ``dest`` (no bytes written), or copy it when linking is impossible; True if linked."""
+    try:
+        os.link(src, dest)
+        return True
+    except OSError:  # another file system, or links not allowed
+        _copy_file(src, dest)
+        return False
 
 
-def write_model_directory(src: CheckpointDir, dest: Path, replaced: dict[str, torch.Tensor], config: dict,
-                          card: str, link: bool = False,
+def _copy_file(src: Path, dest: Path) -> None:
+    """A fresh copy (a new inode: safe to modify). copy_file_range shares blocks where the file system can
+    (reflinks on XFS/Btrfs) and copies inside the kernel otherwise; no bytes pass through this process."""
+    try:
+        with open(src, "rb") as fin, open(dest, "wb") as fout:
+            remaining = os.fstat(fin.fileno()).st_size
+            while remaining > 0:
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), remaining)
+                if done == 0:
+                    raise OSError("copy_file_range made no progress")
+                remaining -= done
+    except (OSError, AttributeError):
+        shutil.copyfile(src, dest)
+
+
+def _patch(path: Path, changed: dict[str, torch.Tensor]) -> None:
+    """Overwrite tensors of a safetensors file in place; each must keep its stored dtype and shape."""
+    entries = read_header(path)
+    with open(path, "r+b") as f:
+        for name, tensor in changed.items():
+            data = tensor.detach().to("cpu").contiguous()
+            f.seek(entries[name].start)
+            f.write(memoryview(data.view(torch.uint8).numpy()).cast("B"))
+
+
+def _fits_in_place(src: CheckpointDir, shard: str, changed: dict[str, torch.Tensor]) -> bool:
+    entries = read_header(src.path / shard)
+    return all(entries[n].dtype == t.dtype and entries[n].shape == tuple(t.shape) for n, t in changed.items())
+
+
+def write_model_directory(src: CheckpointDir, dest: Path, changed: dict[str, torch.Tensor],
+                          routers: dict[str, torch.Tensor], config: dict, card: str,
                           step: Callable[[str], None] = lambda msg: None) -> WrittenShards:
-    unknown = sorted(set(replaced) - set(src.weight_map))
+    """``dest`` becomes a complete model directory: the source's shards with ``changed`` tensors replaced,
+    its index and tokenizer, ``router.safetensors`` (``routers``, e.g. fp32 originals of trained routers),
+    the model card and config.json. Only shards holding a changed tensor are written; the others are hard links.
+    A changed tensor keeping its stored dtype and shape is patched into a copy of its shard, byte for byte."""
+    unknown = sorted(set(changed) - set(src.weight_map))
     if unknown:
         raise RetrofitError(f"cannot replace tensors the source does not have: {unknown[:5]}")
-    rewrite = {src.weight_map[name] for name in replaced}
+    written = WrittenShards([], [], [], [])
     size_change = 0
     for shard in src.shards:
-        step(f"{'rewrite' if shard in rewrite else 'copy'} {shard}")
-        if shard in rewrite:
+        mine = {n: t for n, t in changed.items() if src.weight_map[n] == shard}
+        if not mine:
+            step(f"link {shard}")
+            (written.linked if _link_or_copy(src.path / shard, dest / shard) else written.copied).append(shard)
+        elif _fits_in_place(src, shard, mine):
+            step(f"patch {shard}")
+            _copy_file(src.path / shard, dest / shard)
+            _patch(dest / shard, mine)
+            written.patched.append(shard)
+        else:
+            step(f"rewrite {shard}")
             tensors = src.read_shard(shard)
-            for name in tensors.keys() & replaced.keys():
-                size_change += (replaced[name].element_size() - tensors[name].element_size()) * tensors[name].numel()
-                tensors[name] = replaced[name]
+            for name, tensor in mine.items():
+                size_change += tensor.element_size() * tensor.numel() - tensors[name].element_size() * tensors[name].numel()
+                tensors[name] = tensor
             save_tensors(dest / shard, tensors, src.shard_metadata(shard))
             del tensors
-        else:
-            _copy(src.path / shard, dest / shard, link)
+            written.rewritten.append(shard)
     if src.is_sharded:
         if size_change:
             index = src.index
@@ -77,8 +136,7 @@ def write_model_directory(src: CheckpointDir, dest: Path, replaced: dict[str, to
             shutil.copyfile(src.path / INDEX_NAME, dest / INDEX_NAME)
     for f in tokenizer_files(src.path):
         shutil.copyfile(f, dest / f.name)
-    routers = {n: t for n, t in replaced.items() if is_router_tensor(n)}
     save_tensors(dest / ROUTER_FILE, routers, {"format": "pt", "router": json.dumps(config["router"])})
     (dest / "README.md").write_text(card)
     write_json(dest / "config.json", config)
-    return WrittenShards(sorted(rewrite), [s for s in src.shards if s not in rewrite])
+    return written

@@ -308,7 +308,8 @@ class StackedExperts(nn.Module):
             chosen, self.up_proj.transpose(1, 2))
         hidden = hidden * gates.to(x.dtype).unsqueeze(-1)
         out = torch.bmm(hidden, self.down_proj.transpose(1, 2))
-        return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]))
+        # Under autocast the matmuls return bf16 while x may be fp32: accumulate in x's dtype.
+        return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]).to(x.dtype))
 
     def _token_major(self, x, experts, gates):
         # TC/block: sort the (token, expert) pairs by expert once, then run each expert on its contiguous run.
@@ -326,7 +327,7 @@ class StackedExperts(nn.Module):
         for e, (h, rows, gate) in enumerate(runs):
             if rows.shape[0]:
                 h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]) * gate
-                out.index_add_(0, rows, F.linear(h, self.down_proj[e]))
+                out.index_add_(0, rows, F.linear(h, self.down_proj[e]).to(x.dtype))  # autocast: bf16 -> x's dtype
         return out
 
 
@@ -413,10 +414,11 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
             mask_ratio = masked.float() / valid.sum(-1).clamp(min=1).float()
         return RoutingContext(valid=valid, mask_ratio=mask_ratio.float())
 
-    def prepare(self, input_ids, attention_mask=None, mask_ratio=None):
-        """Everything the layers need besides the hidden states: rotary tables, padding bias, routing context."""
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None):
+        """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables,
+        padding bias, routing context."""
         ctx = self.routing_context(input_ids, attention_mask, mask_ratio)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary_emb(positions, x.dtype)
         key_bias = None
@@ -499,7 +501,7 @@ def is_router_tensor(name: str) -> bool:
     return name.endswith(".mlp.gate.weight")
 
 
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 

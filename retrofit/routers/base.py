@@ -86,7 +86,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+        # A router that trains may keep an fp32 master weight beside bf16 activations: compute in the
+        # activations' dtype (a no-op cast when they agree, so the checkpoint's own routing stays bit-exact).
+        return F.linear(hidden, self.weight.to(hidden.dtype))
 
     @staticmethod
     def probabilities(logits: torch.Tensor) -> torch.Tensor:

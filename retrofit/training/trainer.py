@@ -83,9 +83,17 @@ class Finetune:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if optim.device == "auto"
                                    else optim.device)
         use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        # bf16: frozen weights stay bf16 and the weights that train keep fp32 master copies; on a GPU bf16
+        # autocast covers the remaining mixed-dtype ops. On a CPU plain bf16 weights need no autocast.
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if use_bf16 and self.device.type == "cuda" else nullcontext())
         torch.manual_seed(optim.seed)
-        model = load_model(self.ckpt, router=recipe.model.router).to(self.device)
+        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        # mode "all" trains every weight: the whole model then needs fp32 masters.
+        if recipe.trainable.mode == "all":
+            dtype = torch.float32
+        model = load_model(self.ckpt, router=recipe.model.router, dtype=dtype, router_dtype=torch.float32,
+                           device=self.device)
         self.base = model
         self.config = model.config
         self.data: TokenBatches = build_sequences(recipe.data, recipe_dir, load_tokenizer(self.ckpt.path))
@@ -187,6 +195,16 @@ class Finetune:
                                {"source": str(self.source.path)})
 
     def run(self) -> FinetuneResult:
+        created = not self.output_dir.exists()
+        try:
+            return self._run()
+        except BaseException:
+            # A run that failed before its first checkpoint leaves nothing that could pass for a result.
+            if created and latest_checkpoint(self.output_dir) is None:
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise
+
+    def _run(self) -> FinetuneResult:
         optim, every = self.recipe.optim, self.recipe.checkpoint.every
         start = 0
         if self.resume:
@@ -221,17 +239,19 @@ class Finetune:
     def export(self) -> None:
         """Turn the output directory into a full model directory (plus a peft adapter with LoRA)."""
         base = self.base
-        if self.recipe.trainable.mode == "all":
-            trained = {k: v.detach().float().cpu() for k, v in hub_state_dict(base).items()}
-        else:
-            routers = set(router_parameter_names(base))
-            trained = {name: p.detach().float().cpu() for name, p in base.named_parameters() if name in routers}
+        routers = set(router_parameter_names(base))
+        masters = {name: p.detach().float().cpu() for name, p in base.named_parameters() if name in routers}
+        trained = hub_state_dict(base) if self.recipe.trainable.mode == "all" else masters
+        # Stored in the checkpoint's own dtype (config.json's torch_dtype stays true); the fp32 masters of the
+        # routers go to router.safetensors.
+        stored = {name: entry.dtype for name, entry in self.ckpt.entries(list(trained)).items()}
+        changed = {name: t.detach().cpu().to(stored[name]) for name, t in trained.items()}
         config = converted_config(self.ckpt.config, self.config.mask_token_id, self.config.router_settings)
         partial = self.output_dir / ".export-partial"
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir()
-        write_model_directory(self.ckpt, partial, trained, config, self.model_card(), link=True)
+        write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
         if self.recipe.trainable.mode == "routers+lora":
             self.model.save_pretrained(str(partial / "adapter"))
         # Move into place with config.json last: the directory only looks complete once everything is there.
@@ -240,6 +260,9 @@ class Finetune:
             dest = self.output_dir / name
             if dest.is_dir():
                 shutil.rmtree(dest)
+            elif dest.exists():
+                # rename() onto another hard link of the same file does nothing (POSIX): remove it first.
+                dest.unlink()
             os.replace(partial / name, dest)
         partial.rmdir()
 
