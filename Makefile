@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_CPU = torch==2.13.0
 
-.PHONY: setup test bench clean tiny demo
+.PHONY: setup test bench bench-7b clean tiny demo
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,13 @@ test: setup
 # CPU benchmark of the MoE paths (several minutes); results in bench/results/bench.{md,json}.
 bench: setup
 	$(PY) -m retrofit.bench --out bench/results
+
+# The real model's size (not part of `make test`): convert, load, forward, finetune and eval a random
+# LLaDA-MoE-7B-A1B snapshot (written on first use, 14.7 GB; ~30 GB of disk in all); results in
+# bench/results/bench-7b.{md,json}. SNAPSHOT=DIR reuses a snapshot made by `retrofit create-tiny --preset llada-moe-7b`.
+SNAPSHOT ?= out/llada-moe-7b-random
+bench-7b: setup
+	$(PY) -m retrofit.bench_7b --snapshot $(SNAPSHOT) --out bench/results
 
 # Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~10 min).
 tiny: setup

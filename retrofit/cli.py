@@ -147,7 +147,15 @@ def _plan_table(plan) -> Table:
 @app.command("create-tiny")
 @user_errors
 def create_tiny(
+    ctx: typer.Context,
     out_dir: Path = typer.Argument(..., help="Directory to write, laid out like a Hub snapshot."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", metavar="NAME",
+        help="Write a real model's full shapes instead of a tiny one. 'llada-moe-7b': LLaDA-MoE-7B-A1B "
+             "(7,356,880,896 parameters, vocab 157,184, 16 layers, 64 experts top-8) with random bf16 "
+             "weights in the Hub's three 5 GB shards, about 14.7 GB on disk and a few minutes to write "
+             "(one tensor in memory at a time), and a byte-level tokenizer padded to the real vocabulary "
+             "(<|endoftext|> 156892, <|mask|> 156895). Only --seed and --force go with it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     shard_kb: int = typer.Option(96, "--shard-kb", help="Maximum shard size in KiB (small, to get several)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
@@ -162,7 +170,36 @@ def create_tiny(
     top_k: int = typer.Option(2, "--top-k"),
     expert_size: int = typer.Option(32, "--expert-size", help="Expert intermediate size."),
 ):
-    """Write a tiny random LLaDA-MoE (default 2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot."""
+    """Write a tiny random LLaDA-MoE (default 2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot;
+    with --preset llada-moe-7b, the full-size model's shapes (~14.7 GB)."""
+    if preset is not None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        from retrofit.io.writer import check_destination
+        from retrofit.tiny import create_preset, preset_total_bytes
+
+        shape_flags = {"shard_kb": "--shard-kb", "tokenizer_data": "--tokenizer-data", "text_fields": "--text-fields",
+                       "vocab_size": "--vocab-size", "hidden_size": "--hidden-size", "layers": "--layers",
+                       "heads": "--heads", "experts": "--experts", "top_k": "--top-k", "expert_size": "--expert-size"}
+        # typer vendors click, so compare the ParameterSource by name (COMMANDLINE or ENVIRONMENT = given).
+        given = [flag for param, flag in shape_flags.items()
+                 if getattr(ctx.get_parameter_source(param), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+        if given:
+            raise RetrofitError(f"--preset fixes the shapes; drop {', '.join(given)} (only --seed and --force "
+                                f"go with --preset)")
+        total = preset_total_bytes(preset)  # an unknown preset fails here, before anything is written
+        check_destination(out_dir.expanduser().resolve(), force)  # before the progress bar shows
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err_console, transient=False) as progress:
+            task = progress.add_task(f"writing {preset}", total=total)
+            path = create_preset(out_dir, preset, seed=seed, force=force,
+                                 on_bytes=lambda n: progress.advance(task, n))
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+        out_console.print(f"[green]wrote[/] {escape(str(path))}: {preset}, {len(shards)} shard(s), "
+                          f"{total / 1e9:.2f} GB of weights, tokenizer, config.json")
+        return
     from retrofit.tiny import create_tiny as build
 
     dims = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,

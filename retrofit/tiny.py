@@ -3,18 +3,27 @@
 ``write_hub_snapshot`` lays a model out exactly like the Hub snapshot of inclusionAI/LLaDA-MoE-7B-A1B-Base:
 a config.json with the Hub's ``model_type: "llada"``/``architectures``/``auto_map`` and every public field,
 bf16 safetensors shards with per-expert tensor names plus their index, and tokenizer files.
+
+``create_preset`` writes the same layout at full size (``retrofit create-tiny --preset llada-moe-7b``: the real
+7.36B-parameter shapes, 14.7 GB of random bf16 weights in the Hub's three 5 GB shards) without ever building
+the model: it plans every tensor's name, dtype and shape, then makes and writes one tensor at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer, write_byte_tokenizer
-from retrofit.io.writer import atomic_directory, write_json, write_sharded
-from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, hub_state_dict
+from retrofit.errors import RetrofitError
+from retrofit.io.tokenizer_files import (EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer, write_byte_tokenizer,
+                                         write_padded_byte_tokenizer)
+from retrofit.io.writer import (TensorSpec, atomic_directory, plan_shards, write_json, write_sharded,
+                                write_streaming_sharded)
+from retrofit.models.llada_moe import DEFAULT_MASK_TOKEN_ID, LLaDAMoEConfig, LLaDAMoEModelLM, hub_state_dict
 
 # Small enough for a CPU test in milliseconds; 8 experts, top-2 as the issue asks.
 TINY_DIMS = dict(
@@ -124,3 +133,127 @@ def create_tiny(out: str | Path, seed: int = 0, max_shard_bytes: int = 96 * 1024
     model = build_tiny_model(seed, mask_token_id=1, eos_token_id=0, pad_token_id=0, vocab_size=vocab_size, **dims)
     return write_hub_snapshot(model, out, max_shard_bytes=max_shard_bytes, dtype=dtype, force=force,
                               write_tokenizer=lambda d: train_bpe_tokenizer(texts, vocab_size, d))
+
+
+# --- Full-size presets: the real shapes, streamed to disk --------------------------------------------------
+
+HUB_MAX_SHARD_BYTES = 5_000_000_000  # save_pretrained's max_shard_size="5GB", which the Hub snapshot used
+ROUTER_STD = 0.5  # as build_tiny_model: routing far from uniform, as in a trained checkpoint
+NORM_RANGE = (0.5, 1.5)  # as build_tiny_model
+CHUNK_ELEMENTS = 1 << 23  # generate at most 8M fp32 values (32 MiB) at once
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dims: dict = field(hash=False)
+    eos_token_id: int
+    mask_token_id: int
+    max_shard_bytes: int = HUB_MAX_SHARD_BYTES
+    dtype: torch.dtype = torch.bfloat16
+    initializer_range: float = 0.02
+
+
+def _llada_moe_7b() -> Preset:
+    """LLaDA-MoE-7B-A1B: the shapes are LLaDAMoEConfig's defaults, which are the Hub config's."""
+    defaults = LLaDAMoEConfig()
+    return Preset("llada-moe-7b", {k: getattr(defaults, k) for k in TINY_DIMS}, defaults.eos_token_id,
+                  DEFAULT_MASK_TOKEN_ID, initializer_range=defaults.initializer_range)
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"llada-moe-7b": _llada_moe_7b}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """A preset by name; ``overrides`` (tests only) replace fields, ``dims`` merged into the preset's."""
+    if name not in PRESETS:
+        raise RetrofitError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]()
+    if overrides:
+        dims = {**preset.dims, **overrides.pop("dims", {})}
+        preset = Preset(**{**preset.__dict__, "dims": dims, **overrides})
+    return preset
+
+
+def hub_tensor_specs(dims: dict, dtype: torch.dtype = torch.bfloat16,
+                     tie_word_embeddings: bool = False) -> list[TensorSpec]:
+    """Every tensor of a LLaDA-MoE checkpoint with these dims, under the Hub's names and in the Hub's order
+    (per layer: attention, router, experts 0..E-1 each gate/up/down, the two layer norms)."""
+    d = {**TINY_DIMS, **dims}
+    hidden, heads, kv_heads = d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"]
+    head_dim, inter = hidden // heads, d["expert_intermediate_size"]
+    specs = [("model.embed_tokens.weight", (d["vocab_size"], hidden))]
+    for i in range(d["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        specs += [(f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden)),
+                  (f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
+                  (f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
+                  (f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)),
+                  (f"{p}.self_attn.q_norm.weight", (head_dim,)),
+                  (f"{p}.self_attn.k_norm.weight", (head_dim,)),
+                  (f"{p}.mlp.gate.weight", (d["num_experts"], hidden))]
+        for e in range(d["num_experts"]):
+            specs += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (inter, hidden)),
+                      (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, hidden)),
+                      (f"{p}.mlp.experts.{e}.down_proj.weight", (hidden, inter))]
+        specs += [(f"{p}.input_layernorm.weight", (hidden,)), (f"{p}.post_attention_layernorm.weight", (hidden,))]
+    specs.append(("model.norm.weight", (hidden,)))
+    if not tie_word_embeddings:
+        specs.append(("lm_head.weight", (d["vocab_size"], hidden)))
+    return [TensorSpec(name, dtype, shape) for name, shape in specs]
+
+
+class PlannedTensor(NamedTuple):
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: str
+
+
+def full_size_plan(preset: str = "llada-moe-7b", **overrides) -> list[PlannedTensor]:
+    """Every tensor the preset's snapshot holds and the shard it goes to; nothing is allocated."""
+    p = get_preset(preset, **overrides)
+    shards = plan_shards(hub_tensor_specs(p.dims, p.dtype), p.max_shard_bytes)
+    return [PlannedTensor(s.name, s.dtype, s.shape, shard) for shard, group in shards for s in group]
+
+
+def _random_tensor(spec: TensorSpec, seed: int, initializer_range: float) -> Iterator[torch.Tensor]:
+    """The tensor ``spec`` names, in fp32 chunks of at most CHUNK_ELEMENTS cast to its dtype: normal with the
+    initializer range, routers wider, norms uniform around 1 (as build_tiny_model). Seeded by the seed and
+    the tensor's name, so each tensor is reproducible on its own, whatever the order or sharding."""
+    digest = hashlib.blake2b(f"{seed}:{spec.name}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+    remaining = spec.numel
+    while remaining:
+        n = min(remaining, CHUNK_ELEMENTS)
+        chunk = torch.empty(n, dtype=torch.float32)
+        if spec.name.endswith("norm.weight"):
+            chunk.uniform_(*NORM_RANGE, generator=generator)
+        else:
+            std = ROUTER_STD if spec.name.endswith(".mlp.gate.weight") else initializer_range
+            chunk.normal_(0.0, std, generator=generator)
+        yield chunk.to(spec.dtype)
+        remaining -= n
+
+
+def preset_total_bytes(preset: str = "llada-moe-7b", **overrides) -> int:
+    return sum(TensorSpec(t.name, t.dtype, t.shape).nbytes for t in full_size_plan(preset, **overrides))
+
+
+def create_preset(out: str | Path, preset: str = "llada-moe-7b", seed: int = 0, force: bool = False,
+                  on_bytes: Callable[[int], None] | None = None, **_overrides) -> Path:
+    """Write a random-weight snapshot of a real model's shapes, laid out like its Hub snapshot, one tensor
+    at a time (memory stays at one chunk of one tensor). ``on_bytes(n)`` reports tensor bytes as written.
+    ``_overrides`` (tests only) shrink the preset, e.g. ``dims=TINY_DIMS, eos_token_id=300, ...``."""
+    p = get_preset(preset, **_overrides)
+    specs = hub_tensor_specs(p.dims, p.dtype)
+    with atomic_directory(out, force=force) as tmp:
+        config = hub_config_dict(**p.dims, eos_token_id=p.eos_token_id, pad_token_id=p.eos_token_id)
+        config["initializer_range"] = p.initializer_range
+        config["torch_dtype"] = str(p.dtype).removeprefix("torch.")
+        write_json(tmp / "config.json", config)
+        write_padded_byte_tokenizer(tmp, p.dims["vocab_size"], p.eos_token_id, p.mask_token_id)
+        write_json(tmp / "generation_config.json", {"eos_token_id": p.eos_token_id, "pad_token_id": p.eos_token_id})
+        write_streaming_sharded(tmp, specs, p.max_shard_bytes,
+                                lambda spec: _random_tensor(spec, seed, p.initializer_range), on_bytes=on_bytes)
+    return Path(out).expanduser().resolve()

@@ -5,12 +5,15 @@ directory that looks like a good checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -79,18 +82,27 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+_T = TypeVar("_T")
+
+
+def _greedy_split(items: Iterable[_T], nbytes: Callable[[_T], int], max_shard_bytes: int) -> list[list[_T]]:
+    """Greedy split in the given order; an item larger than the limit gets a shard of its own."""
+    shards: list[list[_T]] = [[]]
+    size = 0
+    for item in items:
+        n = nbytes(item)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    return shards
+
+
 def split_into_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
     """Greedy split in name order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
+    groups = _greedy_split(tensors.items(), lambda item: item[1].numel() * item[1].element_size(), max_shard_bytes)
+    return [dict(group) for group in groups]
 
 
 def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[str, str]:
@@ -108,3 +120,149 @@ def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
     write_json(directory / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+
+
+# --- Streaming writes: one tensor (or one chunk of one) in memory at a time -----------------------------------
+
+SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor will be, before it exists: enough to plan a safetensors header and the shards."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+TensorData = torch.Tensor | Iterable[torch.Tensor]
+
+
+class StreamingShardWriter:
+    """Write one safetensors file a tensor at a time, never holding the file's tensors together.
+
+    The header is planned from the specs alone (8-byte little-endian header length, the JSON header padded
+    with spaces to a multiple of 8, then the raw little-endian bytes). The data is laid out like safetensors
+    itself lays it out, larger element types first (a stable sort, so a single-dtype file keeps the given
+    order), so every tensor stays aligned to its element size; ``layout`` is that order, and :meth:`write`
+    must be called in it. A tensor may be given whole or as an iterable of chunks whose row-major
+    concatenation is the tensor. Use as a context manager; an error leaves a partial file for the caller's
+    atomic directory to discard.
+    """
+
+    def __init__(self, path: str | Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None,
+                 on_bytes: Callable[[int], None] | None = None):
+        if sys.byteorder != "little":
+            raise RetrofitError("safetensors files are little-endian; this machine is not")
+        specs = list(specs)
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen or spec.name == "__metadata__":
+                raise ValueError(f"tensor name {spec.name!r} is duplicated or reserved")
+            if spec.dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{spec.name}: dtype {spec.dtype} has no safetensors code")
+            seen.add(spec.name)
+        self.path = Path(path)
+        self.layout: list[TensorSpec] = sorted(specs, key=lambda spec: -spec.dtype.itemsize)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for spec in self.layout:
+            header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.header = len(encoded).to_bytes(8, "little") + encoded
+        self.data_bytes = offset
+        self.file_bytes = len(self.header) + offset
+        self._on_bytes = on_bytes
+        self._next = 0
+        self._file = None
+
+    def __enter__(self) -> "StreamingShardWriter":
+        self._file = open(self.path, "wb")
+        self._file.write(self.header)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        file.close()
+        if exc_type is None:
+            if self._next != len(self.layout):
+                missing = [spec.name for spec in self.layout[self._next:]]
+                raise ValueError(f"{self.path.name}: {len(missing)} tensor(s) never written, first {missing[0]}")
+            self.path.chmod(0o666 & ~_umask())
+
+    def write(self, name: str, data: TensorData) -> None:
+        if self._file is None:
+            raise ValueError("StreamingShardWriter.write outside its `with` block")
+        if self._next >= len(self.layout):
+            raise ValueError(f"{self.path.name}: {name} is not in the planned header (all tensors written)")
+        spec = self.layout[self._next]
+        if name != spec.name:
+            raise ValueError(f"{self.path.name}: expected {spec.name} next, got {name}")
+        if isinstance(data, torch.Tensor):
+            if tuple(data.shape) != spec.shape:
+                raise ValueError(f"{name}: shape {tuple(data.shape)}, planned {spec.shape}")
+            data = (data,)
+        written = 0
+        for chunk in data:
+            if chunk.dtype != spec.dtype:
+                raise ValueError(f"{name}: dtype {chunk.dtype}, planned {spec.dtype}")
+            raw = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            if written + raw.nbytes > spec.nbytes:
+                raise ValueError(f"{name}: more data than the planned {spec.nbytes} bytes")
+            self._file.write(memoryview(raw))
+            written += raw.nbytes
+            if self._on_bytes is not None:
+                self._on_bytes(raw.nbytes)
+        if written != spec.nbytes:
+            raise ValueError(f"{name}: {written} bytes written, planned {spec.nbytes}")
+        self._next += 1
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+    """Greedy split of the specs, in their order, into named shards (the names ``write_sharded`` uses)."""
+    groups = _greedy_split(specs, lambda spec: spec.nbytes, max_shard_bytes)
+    return list(zip(shard_names(len(groups)), groups))
+
+
+def write_streaming_sharded(directory: Path, specs: Sequence[TensorSpec], max_shard_bytes: int,
+                            make: Callable[[TensorSpec], TensorData],
+                            on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Like :func:`write_sharded`, but each tensor is made by ``make(spec)`` just before it is written (whole
+    or as chunks) and dropped right after, so memory stays at one tensor however large the checkpoint.
+    Writes the index when there is more than one shard; returns the weight map (in the specs' order)."""
+    weight_map: dict[str, str] = {}
+    for shard, group in plan_shards(specs, max_shard_bytes):
+        with StreamingShardWriter(directory / shard, group, on_bytes=on_bytes) as writer:
+            for spec in writer.layout:
+                writer.write(spec.name, make(spec))
+        weight_map.update(dict.fromkeys((spec.name for spec in group), shard))
+    if len(set(weight_map.values())) > 1:
+        write_index(directory, weight_map, sum(spec.nbytes for spec in specs))
+    return weight_map

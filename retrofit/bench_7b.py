@@ -1,0 +1,266 @@
+"""Full-size benchmark on a random LLaDA-MoE-7B-A1B snapshot: ``make bench-7b``
+(``python -m retrofit.bench_7b [--snapshot DIR] [--work DIR] [--out DIR]``).
+
+What a user runs, at the real model's size, each step a fresh process measured from outside (wall time, peak
+resident memory from the kernel's rusage, peak anonymous memory sampled from /proc, i.e. memory that is not
+the page cache of the files being read):
+
+1. ``retrofit convert`` to EC and to block routing (hard links, streamed verification);
+2. loading the converted model for evaluation in bf16 and one 128-token forward per router (tc, ec, block);
+3. ``retrofit finetune`` of the EC routers, a few bf16 steps on GSM8K;
+4. ``retrofit eval`` of the fine-tuned result (GSM8K, ``--limit 1``, bf16);
+5. the weights hash of a 14.7 GB directory, first and cached.
+
+The snapshot is written on first use by ``retrofit create-tiny --preset llada-moe-7b`` (14.7 GB; about as much
+again for the fine-tuned copy of the shards). Results: ``DIR/bench-7b.md`` and ``DIR/bench-7b.json``; every
+figure comes from the run that writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+GiB = 2**30
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+FORWARD_TOKENS = 128
+FINETUNE_STEPS = 3
+ROUTERS = ("tc", "ec", "block")
+
+
+@dataclass
+class Run:
+    command: str
+    rc: int
+    wall_s: float
+    peak_rss: int  # bytes, the kernel's high-water mark of the process
+    peak_anon: int  # bytes, sampled every 50 ms: memory that is not file pages
+    tail: str = ""
+
+
+def measure(args: list[str], label: str) -> Run:
+    """Run ``args`` to completion, watching its memory; prints a one-line summary."""
+    print(f"[bench-7b] {label}: {' '.join(args)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_anon = [0]
+    sampler = threading.Thread(target=_sample_anon, args=(proc.pid, peak_anon), daemon=True)
+    sampler.start()
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    sampler.join()
+    run = Run(" ".join(args), proc.returncode, wall, usage.ru_maxrss * 1024, peak_anon[0], output[-3000:])
+    print(f"[bench-7b]   rc {run.rc}, {wall:.1f} s, peak RSS {run.peak_rss / GiB:.2f} GiB, peak anon "
+          f"{run.peak_anon / GiB:.2f} GiB", file=sys.stderr, flush=True)
+    return run
+
+
+def _sample_anon(pid: int, peak: list[int]) -> None:
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        anon = next((int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("RssAnon:")), 0)
+        if "State:\tZ" in text:
+            return
+        peak[0] = max(peak[0], anon)
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def forward_worker(model_dir: str) -> None:
+    """Load in bf16 (timed, peak after load) and time one 128-token forward per router; prints JSON."""
+    import torch
+
+    from retrofit.io.load import load_model, model_bytes
+    from retrofit.routers import RouterSettings
+
+    start = time.perf_counter()
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    loaded = {"load_s": time.perf_counter() - start, "load_peak_rss": _hwm(), "model_bytes": model_bytes(model)}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 30000, (1, FORWARD_TOKENS), generator=gen)
+    ids[0, torch.rand(FORWARD_TOKENS, generator=gen) < 0.5] = model.config.mask_token_id
+    forwards = {}
+    for router in ROUTERS:
+        model.set_router(RouterSettings(type=router))
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(ids)
+            forwards[router] = time.perf_counter() - start
+    print(json.dumps({**loaded, "forward_s": forwards, "peak_rss": _hwm()}))
+
+
+def hash_worker(model_dir: str) -> None:
+    """The weights hash of a model directory with an empty cache, then again (cached)."""
+    from retrofit.eval.runner import weights_hash
+
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        weights_hash(Path(model_dir))
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"cold_s": times[0], "cached_s": times[1]}))
+
+
+def _hwm() -> int:
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def retrofit_cli() -> str:
+    return str(Path(sys.executable).with_name("retrofit"))
+
+
+def run_all(snapshot: Path, work: Path) -> dict:
+    cli, py = retrofit_cli(), sys.executable
+    results: dict = {"machine": _machine(), "snapshot": str(snapshot)}
+    if not (snapshot / "config.json").is_file():
+        results["create"] = asdict(measure([cli, "create-tiny", "--preset", "llada-moe-7b", str(snapshot), "--force"],
+                                           "create the full-size snapshot"))
+    results["checkpoint_bytes"] = sum(p.stat().st_size for p in snapshot.glob("model-*.safetensors"))
+    work.mkdir(parents=True, exist_ok=True)
+    for router in ("ec", "block"):
+        results[f"convert_{router}"] = asdict(measure(
+            [cli, "convert", "--src", str(snapshot), "--router", router, "--out", str(work / router), "--force"],
+            f"convert to {router}"))
+    run = measure([py, "-m", "retrofit.bench_7b", "--worker", "forward", str(work / "ec")], "load bf16 + forwards")
+    results["forward"] = {**asdict(run), **_last_json(run)}
+    finetuned = work / "ec-ft"
+    shutil.rmtree(finetuned, ignore_errors=True)
+    run = measure([cli, "finetune", str(REPO / "recipes" / "ec.yaml"), f"model.source={work / 'ec'}",
+                   f"data.path={DATA / 'gsm8k' / 'train.jsonl'}", "data.seq_len=128", "data.max_examples=64",
+                   "optim.batch_size=1", "optim.grad_accum=1", f"optim.max_steps={FINETUNE_STEPS}",
+                   "optim.warmup_steps=0", "optim.precision=bf16", "logging.every=1",
+                   f"checkpoint.every={FINETUNE_STEPS}", f"checkpoint.output_dir={finetuned}"], "finetune")
+    results["finetune"] = {**asdict(run), "step_s": _step_seconds(finetuned)}
+    output = work / "eval.json"
+    results["eval"] = asdict(measure(
+        [cli, "eval", "--model", str(finetuned), "--tasks", "gsm8k", "--limit", "1", "--dtype", "bfloat16",
+         "--data-dir", str(DATA), "--gen-length", "32", "--steps", "8", "--block-length", "32",
+         "--output", str(output)], "eval --limit 1"))
+    env_cache = work / "hash-cache"
+    shutil.rmtree(env_cache, ignore_errors=True)
+    os.environ["RETROFIT_CACHE"] = str(env_cache)
+    run = measure([py, "-m", "retrofit.bench_7b", "--worker", "hash", str(finetuned)], "weights hash")
+    results["hash"] = {**asdict(run), **_last_json(run)}
+    return results
+
+
+def _last_json(run: Run) -> dict:
+    for line in reversed(run.tail.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
+
+
+def _step_seconds(output_dir: Path) -> list[float]:
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [128 / line["tokens_per_s"] for line in lines]
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    return f"{os.cpu_count()} x {cpu}, {mem / GiB:.0f} GiB RAM"
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool]]:
+    rows = []
+    for router in ("ec", "block"):
+        c = r[f"convert_{router}"]
+        rows.append((f"convert --router {router}: anonymous memory", f"{c['peak_anon'] / GiB:.2f} GiB", "<= 2 GiB",
+                     c["rc"] == 0 and c["peak_anon"] <= 2 * GiB))
+        rows.append((f"convert --router {router}: wall time", f"{c['wall_s']:.0f} s", "<= 120 s",
+                     c["rc"] == 0 and c["wall_s"] <= 120))
+    f = r["forward"]
+    if "load_peak_rss" in f:
+        ratio = f["load_peak_rss"] / r["checkpoint_bytes"]
+        rows.append(("eval load peak RSS / checkpoint bytes", f"{ratio:.3f}x", "<= 1.15x", ratio <= 1.15))
+        ft = r["finetune"]
+        ratio = ft["peak_rss"] / f["peak_rss"]
+        rows.append(("finetune peak RSS / eval (load + forward) peak", f"{ratio:.3f}x", "<= 1.3x",
+                     ft["rc"] == 0 and ratio <= 1.3))
+    chain = all(r[k]["rc"] == 0 for k in ("convert_ec", "finetune", "eval"))
+    rows.append(("convert -> finetune -> eval --limit 1 completes", "yes" if chain else "no", "yes", chain))
+    return rows
+
+
+def markdown(r: dict) -> str:
+    def run_row(name, run, extra=""):
+        return (f"| {name} | {run['rc']} | {run['wall_s']:.1f} s | {run['peak_rss'] / GiB:.2f} GiB | "
+                f"{run['peak_anon'] / GiB:.2f} GiB | {extra} |")
+
+    f, ft, h = r["forward"], r["finetune"], r["hash"]
+    fwd = ", ".join(f"{k} {v:.1f} s" for k, v in f.get("forward_s", {}).items())
+    steps = ", ".join(f"{s:.1f}" for s in ft["step_s"])
+    lines = [
+        f"# bench-7b: LLaDA-MoE-7B-A1B shapes, random weights ({r['checkpoint_bytes'] / 1e9:.2f} GB bf16)", "",
+        f"Machine: {r['machine']}. Each row is one fresh process.", "",
+        "| step | rc | wall | peak RSS | peak anon | detail |", "|---|---|---|---|---|---|",
+    ]
+    if "create" in r:
+        lines.append(run_row("create-tiny --preset llada-moe-7b", r["create"]))
+    lines += [
+        run_row("convert --router ec", r["convert_ec"]),
+        run_row("convert --router block", r["convert_block"]),
+        run_row("load bf16 + 128-token forwards", f, f"load {f.get('load_s', 0):.1f} s (peak "
+                f"{f.get('load_peak_rss', 0) / GiB:.2f} GiB); forward {fwd}"),
+        run_row(f"finetune, {FINETUNE_STEPS} router-only bf16 steps of 128 tokens", ft, f"step s: {steps}"),
+        run_row("eval gsm8k --limit 1 (bf16, gen 32, 8 steps)", r["eval"]),
+        run_row("weights hash (cold, then cached)", h, f"cold {h.get('cold_s', 0):.1f} s, cached "
+                f"{h.get('cached_s', 0):.3f} s"),
+        "", "| target | measured | goal | met |", "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {value} | {goal} | {'yes' if ok else 'NO'} |" for name, value, goal, ok in targets(r)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--snapshot", type=Path, default=REPO / "out" / "llada-moe-7b-random")
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench-7b")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--worker", choices=("forward", "hash"), help=argparse.SUPPRESS)
+    parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        {"forward": forward_worker, "hash": hash_worker}[args.worker](args.path)
+        return
+    if not (DATA / "gsm8k" / "train.jsonl").is_file():
+        sys.exit(f"bench-7b needs GSM8K in {DATA / 'gsm8k'} (train.jsonl, test.jsonl)")
+    results = run_all(args.snapshot.resolve(), args.work.resolve())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-7b.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "bench-7b.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

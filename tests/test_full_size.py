@@ -1,0 +1,173 @@
+"""`retrofit create-tiny --preset llada-moe-7b`: the full-size plan (checked without writing 14.7 GB), the
+streaming safetensors writer, the padded tokenizer, and the whole path at a shrunk scale."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from retrofit import tiny
+from retrofit.cli import app
+from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
+from retrofit.io.tokenizer_files import mask_token_id, write_padded_byte_tokenizer
+from retrofit.io.writer import StreamingShardWriter, TensorSpec, write_streaming_sharded
+from retrofit.models.llada_moe import load_hub_tensors
+from retrofit.tiny import (TINY_DIMS, build_tiny_model, create_preset, full_size_plan, preset_total_bytes,
+                           write_hub_snapshot)
+from tests.conftest import one_line_error
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+# The preset shrunk to tiny dims (vocab 320: byte tokens, then specials at the preset's offsets from 256).
+SMALL = dict(dims=dict(TINY_DIMS), eos_token_id=300, mask_token_id=303)
+SMALL_SHARD_BYTES = int(preset_total_bytes(**SMALL) * 0.4)  # three shards, like the Hub's
+
+
+def test_full_size_plan_matches_the_hub_checkpoint():
+    plan = full_size_plan("llada-moe-7b")
+    assert sum(math.prod(t.shape) for t in plan) == 7_356_880_896
+    assert {t.dtype for t in plan} == {torch.bfloat16}
+    assert len({t.name for t in plan}) == len(plan) == 1 + 16 * (7 + 64 * 3 + 2) + 2
+    sizes: dict[str, int] = {}
+    for t in plan:
+        sizes[t.shard] = sizes.get(t.shard, 0) + math.prod(t.shape) * 2
+    assert list(sizes) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert all(size <= 5_000_000_000 for size in sizes.values())
+    assert [round(size / 1e9, 2) for size in sizes.values()] == [5.00, 5.00, 4.72]  # the Hub's shard sizes
+    by_name = {t.name: t for t in plan}
+    for i in range(16):
+        assert by_name[f"model.layers.{i}.mlp.gate.weight"].shape == (64, 2048)
+        assert by_name[f"model.layers.{i}.mlp.experts.63.down_proj.weight"].shape == (2048, 1024)
+        assert by_name[f"model.layers.{i}.self_attn.q_norm.weight"].shape == (128,)
+    assert by_name["model.embed_tokens.weight"].shape == by_name["lm_head.weight"].shape == (157184, 2048)
+    assert plan[0].name == "model.embed_tokens.weight" and plan[-1].name == "lm_head.weight"
+
+
+def test_streaming_writer_round_trips_bit_exactly(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {  # odd-sized bf16 first: the writer must still keep the fp64/int64 data aligned
+        "a.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "b.fp32": torch.randn(7, generator=g),
+        "c.fp64": torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
+        "d.int64": torch.randint(-2 ** 62, 2 ** 62, (9,), generator=g),
+        "e.bf16.chunked": torch.randn(10, 4, generator=g).to(torch.bfloat16),
+        "f.scalar": torch.tensor(3.5, dtype=torch.float32),
+        "g.empty": torch.zeros(0, 3, dtype=torch.bfloat16),
+    }
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    written = []
+    path = tmp_path / "x.safetensors"
+    with StreamingShardWriter(path, specs, on_bytes=written.append) as writer:
+        for spec in writer.layout:
+            t = tensors[spec.name]
+            writer.write(spec.name, t.reshape(-1).split(7) if spec.name.endswith("chunked") else t)
+    assert path.stat().st_size == writer.file_bytes and sum(written) == writer.data_bytes
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert torch.equal(f.get_tensor("c.fp64"), tensors["c.fp64"])
+    assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
+
+
+def test_streaming_writer_refuses_what_the_header_did_not_plan(tmp_path):
+    specs = [TensorSpec("a", torch.float32, (2, 2)), TensorSpec("b", torch.float32, (3,))]
+    with pytest.raises(ValueError, match="expected a next"):
+        with StreamingShardWriter(tmp_path / "1.safetensors", specs) as w:
+            w.write("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        with StreamingShardWriter(tmp_path / "2.safetensors", specs) as w:
+            w.write("a", torch.zeros(4))
+    with pytest.raises(ValueError, match="dtype"):
+        with StreamingShardWriter(tmp_path / "3.safetensors", specs) as w:
+            w.write("a", torch.zeros(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="never written"):
+        with StreamingShardWriter(tmp_path / "4.safetensors", specs) as w:
+            w.write("a", torch.zeros(2, 2))
+
+
+def test_streaming_sharded_write_is_read_by_checkpoint_dir(tmp_path):
+    specs = [TensorSpec(f"t{i}", torch.bfloat16, (16, 8)) for i in range(5)]
+    weight_map = write_streaming_sharded(tmp_path, specs, 2 * 16 * 8 * 2,
+                                         lambda s: torch.full(s.shape, float(s.name[1:]), dtype=s.dtype))
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert index == {"metadata": {"total_size": 5 * 256}, "weight_map": weight_map}
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = CheckpointDir(tmp_path)
+    assert ckpt.weight_map == weight_map
+    assert ckpt.shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    for name, shard in weight_map.items():
+        with safe_open(tmp_path / shard, framework="pt") as f:
+            assert torch.equal(f.get_tensor(name), torch.full((16, 8), float(name[1:]), dtype=torch.bfloat16))
+
+
+def test_padded_tokenizer_has_the_real_vocabulary_size(tmp_path):
+    ids = write_padded_byte_tokenizer(tmp_path, 157184, 156892, 156895)
+    assert ids == {"<|endoftext|>": 156892, "<|mask|>": 156895}
+    assert mask_token_id(tmp_path) == 156895
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert len(tok) == 157184
+    assert (tok.mask_token_id, tok.eos_token_id, tok.pad_token_id) == (156895, 156892, 156892)
+    encoded = tok("Question: 2+2?")["input_ids"]
+    assert encoded and max(encoded) < 256
+    assert tok.decode(encoded) == "Question: 2+2?"
+    assert tok("a<|mask|>b")["input_ids"][1] == 156895
+    with pytest.raises(ValueError):
+        write_padded_byte_tokenizer(tmp_path, 300, 300, 301)
+
+
+def test_shrunk_preset_matches_write_hub_snapshot(tmp_path):
+    out = create_preset(tmp_path / "p", seed=1, max_shard_bytes=SMALL_SHARD_BYTES, **SMALL)
+    reference = write_hub_snapshot(build_tiny_model(**TINY_DIMS), tmp_path / "ref")
+    ckpt, ref = CheckpointDir(out), CheckpointDir(reference)
+    assert set(ckpt.weight_map) == set(ref.weight_map)
+    assert len(ckpt.shards) == 3
+    assert ckpt.weight_map == {t.name: t.shard for t in full_size_plan(max_shard_bytes=SMALL_SHARD_BYTES, **SMALL)}
+    config = ckpt.config
+    assert (config["model_type"], config["torch_dtype"], config["eos_token_id"]) == ("llada", "bfloat16", 300)
+    assert {k: config[k] for k in TINY_DIMS} == TINY_DIMS
+    assert mask_token_id(out) == 303
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 300, "pad_token_id": 300}
+    tensors = {}
+    for shard in ckpt.shards:
+        tensors.update(load_file(out / shard))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    load_hub_tensors(build_tiny_model(**TINY_DIMS), tensors)  # every name and shape the model expects
+    gate, expert = tensors["model.layers.1.mlp.gate.weight"], tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    assert 0.35 < gate.float().std() < 0.65 and 0.015 < expert.float().std() < 0.025
+    assert torch.all((tensors["model.norm.weight"] >= 0.5) & (tensors["model.norm.weight"] <= 1.5))
+    again = create_preset(tmp_path / "q", seed=1, max_shard_bytes=10 ** 9, **SMALL)  # one shard, same tensors
+    assert all(torch.equal(t, load_file(again / "model.safetensors")[n]) for n, t in tensors.items())
+
+
+def test_cli_preset_writes_with_progress(tmp_path, monkeypatch):
+    small = tiny.get_preset("llada-moe-7b", max_shard_bytes=SMALL_SHARD_BYTES, **SMALL)
+    monkeypatch.setitem(tiny.PRESETS, "llada-moe-7b", lambda: small)
+    result = runner.invoke(app, ["create-tiny", "--preset", "llada-moe-7b", "--seed", "3", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "llada-moe-7b, 3 shard(s)" in result.output
+    assert len(CheckpointDir(tmp_path / "m").shards) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left behind
+    result = runner.invoke(app, ["create-tiny", "--preset", "llada-moe-7b", str(tmp_path / "m")])
+    assert "already exists" in one_line_error(result)
+
+
+def test_cli_preset_refuses_shape_flags_and_unknown_names(tmp_path):
+    line = one_line_error(runner.invoke(app, ["create-tiny", "--preset", "llada-moe-7b", "--layers", "3",
+                                              "--shard-kb", "96", str(tmp_path / "x")]))
+    assert "--layers" in line and "--shard-kb" in line
+    assert "unknown preset" in one_line_error(runner.invoke(app, ["create-tiny", "--preset", "nope",
+                                                                   str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+    help_text = runner.invoke(app, ["create-tiny", "--help"]).output
+    assert "llada-moe-7b" in help_text and "14.7 GB" in help_text
