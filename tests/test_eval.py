@@ -92,9 +92,9 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model, self.mask_id, self.seen = model, mask_id, []
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **kwargs):
         self.seen.append(int((input_ids == self.mask_id).sum()))
-        return self.model(input_ids=input_ids)
+        return self.model(input_ids=input_ids, **kwargs)
 
 
 def test_generation_fills_gen_length_with_an_equal_share_per_step(lm):
@@ -202,3 +202,35 @@ def test_bfloat16_weights_on_request(lm):
     (ll, _), = bf16.loglikelihood([Request("Hell", "o")])
     (ref, _), = lm.loglikelihood([Request("Hell", "o")])
     assert abs(ll - ref) < 0.1
+
+
+def _full_logits_generate(model, prompt, mask_id, settings):
+    """The sampler as LLaDA's generate.py writes it: logits of every position, later blocks set to −inf."""
+    x = torch.cat([prompt, torch.full((prompt.shape[0], settings.gen_length), mask_id)], dim=1)
+    blocks = settings.gen_length // settings.block_length
+    per_block = settings.steps // blocks
+    for block in range(blocks):
+        lo, hi = prompt.shape[1] + block * settings.block_length, prompt.shape[1] + (block + 1) * settings.block_length
+        schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1), per_block)
+        for step in range(per_block):
+            with torch.no_grad():
+                logits = model(input_ids=x).logits
+            candidate = logits.argmax(-1)
+            confidence = F.softmax(logits.float(), -1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
+            confidence[:, hi:] = float("-inf")
+            confidence = torch.where(x == mask_id, confidence, torch.tensor(float("-inf")))
+            for row in range(x.shape[0]):
+                chosen = confidence[row].topk(int(schedule[row, step])).indices
+                x[row, chosen] = candidate[row, chosen]
+    return x
+
+
+def test_sampler_scoring_only_the_block_matches_full_logits(lm):
+    prompt = torch.tensor([[72, 105, 33, 32, 50], [10, 20, 30, 40, 50]])
+    settings = SamplerSettings(gen_length=16, steps=8, block_length=8)
+    ours = generate(lm.model, prompt.clone(), lm.mask_id, settings)
+    assert torch.equal(ours, _full_logits_generate(lm.model, prompt.clone(), lm.mask_id, settings))
+    ids = torch.cat([prompt, torch.full((2, 6), lm.mask_id)], dim=1)
+    with torch.no_grad():
+        kept = lm.model(input_ids=ids, logits_to_keep=slice(5, 11)).logits
+        assert torch.allclose(kept, lm.model(input_ids=ids).logits[:, 5:11], atol=1e-6)

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from retrofit import tiny
 from retrofit.cli import app
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
+from retrofit.io.load import load_model
 from retrofit.io.tokenizer_files import mask_token_id, write_padded_byte_tokenizer
 from retrofit.io.writer import StreamingShardWriter, TensorSpec, write_streaming_sharded
-from retrofit.models.llada_moe import load_hub_tensors
 from retrofit.tiny import (TINY_DIMS, build_tiny_model, create_preset, full_size_plan, preset_total_bytes,
                            write_hub_snapshot)
 from tests.conftest import one_line_error
@@ -142,7 +142,7 @@ def test_shrunk_preset_matches_write_hub_snapshot(tmp_path):
     for shard in ckpt.shards:
         tensors.update(load_file(out / shard))
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
-    load_hub_tensors(build_tiny_model(**TINY_DIMS), tensors)  # every name and shape the model expects
+    load_model(out)  # strict: every name and shape the model expects, nothing else
     gate, expert = tensors["model.layers.1.mlp.gate.weight"], tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     assert 0.35 < gate.float().std() < 0.65 and 0.015 < expert.float().std() < 0.025
     assert torch.all((tensors["model.norm.weight"] >= 0.5) & (tensors["model.norm.weight"] <= 1.5))

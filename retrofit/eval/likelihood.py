@@ -46,7 +46,7 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
             masked[row, torch.randperm(length, generator=gen)[:count]] = True
         masked = masked.to(device)
         noisy[:, len(context):][masked] = mask_id
-        logits = model(input_ids=noisy).logits[:, len(context):]
+        logits = model(input_ids=noisy, logits_to_keep=slice(len(context), None)).logits
         ce = F.cross_entropy(logits.float().transpose(1, 2), target.repeat(n, 1), reduction="none")
         per_sample = (ce * masked).sum(1) * (length / counts.to(device).float())
         total += float(per_sample.sum())
@@ -58,7 +58,7 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
 def greedy_match(model, context: list[int], continuation: list[int], mask_id: int, device) -> bool:
     """Whether the argmax at every masked continuation position (all masked at once) is the continuation."""
     ids = torch.tensor([context + [mask_id] * len(continuation)], device=device)
-    logits = model(input_ids=ids).logits[0, len(context):]
+    logits = model(input_ids=ids, logits_to_keep=slice(len(context), None)).logits[0]
     return bool((logits.argmax(-1) == torch.tensor(continuation, device=device)).all())
 
 
@@ -66,6 +66,6 @@ def greedy_match(model, context: list[int], continuation: list[int], mask_id: in
 def single_token_scores(model, context: list[int], options: list[int], mask_id: int, device):
     """log p(option | context) for one-token continuations sharing a context: one forward for all."""
     ids = torch.tensor([context + [mask_id]], device=device)
-    logprobs = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+    logprobs = F.log_softmax(model(input_ids=ids, logits_to_keep=slice(-1, None)).logits[0, -1].float(), dim=-1)
     best = int(logprobs.argmax())
     return [(float(logprobs[o]), o == best) for o in options]

@@ -60,20 +60,20 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: SamplerSetting
         lo, hi = start + block * settings.block_length, start + (block + 1) * settings.block_length
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
         for step in range(steps_per_block):
-            masked = x == mask_id
-            logits = model(input_ids=x).logits
+            # Only the current block's positions can be unmasked at this step: score just those.
+            masked = x[:, lo:hi] == mask_id
+            logits = model(input_ids=x, logits_to_keep=slice(lo, hi)).logits  # [B, block, V]
             candidate = gumbel_argmax(logits, settings.temperature, generator)
             if settings.remasking == "low_confidence":
                 confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
             else:
-                confidence = torch.rand(x.shape, generator=generator).to(x.device)
-            confidence[:, hi:] = float("-inf")  # later blocks wait their turn
+                confidence = torch.rand(masked.shape, generator=generator).to(x.device)
             confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
             for row in range(batch):
                 count = int(schedule[row, step])
                 if count:
                     chosen = confidence[row].topk(count).indices
-                    x[row, chosen] = candidate[row, chosen]
+                    x[row, lo + chosen] = candidate[row, chosen]
             if on_step:
                 on_step()
     return x

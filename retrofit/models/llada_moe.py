@@ -455,8 +455,14 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, **unused) -> MaskedLMOutput:
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
+                **unused) -> MaskedLMOutput:
+        """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
+        largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
+        positions (the sampler's current block, a continuation) ask for just those."""
         hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio)
+        if logits_to_keep is not None:
+            hidden = hidden[:, logits_to_keep]
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
@@ -549,20 +555,3 @@ def hub_state_dict(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor]:
         tensors.pop("lm_head.weight", None)
     return tensors
 
-
-def load_hub_tensors(model: LLaDAMoEModelLM, tensors: dict[str, torch.Tensor]) -> None:
-    """Load Hub-named tensors into the model strictly: a missing or extra tensor is an error naming it."""
-    stacked = stack_expert_tensors(tensors, model.config.num_experts)
-    if model.config.tie_word_embeddings:
-        stacked.setdefault("lm_head.weight", stacked.get("model.embed_tokens.weight"))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(stacked))
-    extra = sorted(set(stacked) - set(expected))
-    if missing or extra:
-        detail = (f"missing {missing[:5]}" if missing else "") + (f" unexpected {extra[:5]}" if extra else "")
-        raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: {detail.strip()}")
-    for name, t in stacked.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise RetrofitError(f"shape mismatch for {name}: checkpoint {tuple(t.shape)}, "
-                                f"config expects {tuple(expected[name].shape)}")
-    model.load_state_dict(stacked, strict=True)
