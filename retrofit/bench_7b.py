@@ -91,20 +91,26 @@ def forward_worker(model_dir: str) -> None:
     from retrofit.io.load import load_model, model_bytes
     from retrofit.routers import RouterSettings
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where there is one
     start = time.perf_counter()
-    model = load_model(model_dir, dtype=torch.bfloat16)
-    loaded = {"load_s": time.perf_counter() - start, "load_peak_rss": _hwm(), "model_bytes": model_bytes(model)}
+    model = load_model(model_dir, dtype=torch.bfloat16, device=device)
+    loaded = {"load_s": time.perf_counter() - start, "load_peak_rss": _hwm(), "model_bytes": model_bytes(model),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 30000, (1, FORWARD_TOKENS), generator=gen)
     ids[0, torch.rand(FORWARD_TOKENS, generator=gen) < 0.5] = model.config.mask_token_id
+    ids = ids.to(device)
     forwards = {}
     for router in ROUTERS:
         model.set_router(RouterSettings(type=router))
         with torch.no_grad():
             start = time.perf_counter()
             model(ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             forwards[router] = time.perf_counter() - start
-    print(json.dumps({**loaded, "forward_s": forwards, "peak_rss": _hwm()}))
+    gpu = {"gpu_peak_bytes": torch.cuda.max_memory_allocated()} if device.type == "cuda" else {}
+    print(json.dumps({**loaded, **gpu, "forward_s": forwards, "peak_rss": _hwm()}))
 
 
 def hash_worker(model_dir: str) -> None:
@@ -230,8 +236,9 @@ def markdown(r: dict) -> str:
     lines += [
         run_row("convert --router ec", r["convert_ec"]),
         run_row("convert --router block", r["convert_block"]),
-        run_row("load bf16 + 128-token forwards", f, f"load {f.get('load_s', 0):.1f} s (peak "
-                f"{f.get('load_peak_rss', 0) / GiB:.2f} GiB); forward {fwd}"),
+        run_row(f"load bf16 + 128-token forwards ({f.get('device', '?')})", f, f"load {f.get('load_s', 0):.1f} s "
+                f"(peak {f.get('load_peak_rss', 0) / GiB:.2f} GiB); forward {fwd}"
+                + (f"; GPU peak {f['gpu_peak_bytes'] / GiB:.2f} GiB" if "gpu_peak_bytes" in f else "")),
         run_row(f"finetune, {FINETUNE_STEPS} router-only bf16 steps of 128 tokens", ft, f"step s: {steps}"),
         run_row("eval gsm8k --limit 1 (bf16, gen 32, 8 steps)", r["eval"]),
         run_row("weights hash (cold, then cached)", h, f"cold {h.get('cold_s', 0):.1f} s, cached "

@@ -141,3 +141,25 @@ def test_failed_conversion_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
         _convert(tiny_dir, tmp_path / "ec", type="ec")
     assert not (tmp_path / "ec").exists()
     assert list(tmp_path.glob(".ec*")) == [], "no temporary directory may remain"
+
+
+def test_across_file_systems_shards_are_copied_and_the_summary_says_so(tiny_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert f"shards: {len(CheckpointDir(tiny_dir).shards)} hard-linked, 0 copied" in result.output
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("retrofit.io.model_dir.os.link", no_links)
+    result = runner.invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "0 hard-linked" in result.output and "another file system" in result.output
+    for shard in CheckpointDir(tiny_dir).shards:
+        assert (tmp_path / "b" / shard).stat().st_ino != (tiny_dir / shard).stat().st_ino
+        assert (tmp_path / "b" / shard).read_bytes() == (tiny_dir / shard).read_bytes()

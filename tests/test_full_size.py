@@ -171,3 +171,35 @@ def test_cli_preset_refuses_shape_flags_and_unknown_names(tmp_path):
     assert not (tmp_path / "x").exists()
     help_text = runner.invoke(app, ["create-tiny", "--help"]).output
     assert "llada-moe-7b" in help_text and "14.7 GB" in help_text
+
+
+def test_bench_7b_measures_a_process_from_outside():
+    import sys
+
+    from retrofit.bench_7b import measure
+
+    run = measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(0.4); print('ok')"],
+                  "allocate 300 MiB")
+    assert run.rc == 0 and "ok" in run.tail and run.wall_s >= 0.4
+    assert run.peak_rss >= 300 * 2**20 and 250 * 2**20 <= run.peak_anon <= run.peak_rss
+
+
+def test_bench_7b_targets_read_the_run():
+    from retrofit.bench_7b import GiB, markdown, targets
+
+    def run(wall, rss, anon, rc=0):
+        return {"command": "x", "rc": rc, "wall_s": wall, "peak_rss": rss, "peak_anon": anon, "tail": ""}
+
+    result = {"machine": "test", "snapshot": "s", "checkpoint_bytes": 10 * GiB,
+              "convert_ec": run(30, GiB, GiB), "convert_block": run(130, GiB, 3 * GiB),
+              "forward": {**run(20, 11 * GiB, 11 * GiB), "load_peak_rss": 12 * GiB, "load_s": 9, "device": "cpu",
+                          "forward_s": {"tc": 1.0}},
+              "finetune": {**run(60, 15 * GiB, 15 * GiB), "step_s": [6.0]}, "eval": run(100, 11 * GiB, 11 * GiB, rc=1),
+              "hash": {**run(20, GiB, GiB), "cold_s": 20, "cached_s": 0.0}}
+    met = {name: ok for name, _, _, ok in targets(result)}
+    assert met["convert --router ec: wall time"] and not met["convert --router block: wall time"]
+    assert not met["convert --router block: anonymous memory"]
+    assert met["eval load peak RSS / checkpoint bytes"] is False  # 12 GiB for 10 GiB of weights: 1.2x
+    assert met["finetune peak RSS / eval (load + forward) peak"] is False  # 15/11 = 1.36x
+    assert met["convert -> finetune -> eval --limit 1 completes"] is False  # eval failed
+    assert "| NO |" in markdown(result)
