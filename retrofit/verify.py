@@ -30,8 +30,6 @@ def _one_layer_shell(config: LLaDAMoEConfig, dtype: torch.dtype) -> LLaDAMoEMode
         shell = LLaDAMoEModelLM(shell_config).to(dtype)
     shell.model.layers.to_empty(device="cpu")
     shell.model.norm.to_empty(device="cpu")
-    rotary = shell.model.rotary_emb.to_empty(device="cpu")
-    rotary.inv_freq.copy_(rotary.frequencies())
     return shell.eval()
 
 

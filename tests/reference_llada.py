@@ -66,3 +66,63 @@ def reference_logits(t: dict, cfg, input_ids: torch.Tensor, attention_mask: torc
             x = x + moe_token_choice(h, t, p + "mlp.", cfg.num_experts, cfg.num_experts_per_tok)
         out.append(rms(x, t["model.norm.weight"], eps) @ t["lm_head.weight"].T)
     return torch.stack(out)
+
+
+def _rms_like_reference(x, weight, eps):
+    """The reference RMSNorm: fp32 inside, the input's dtype out, then the weight."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _moe_like_reference(h, t: dict, prefix: str, num_experts: int, k: int):
+    """The reference sparse MoE block: fp32 softmax, top-k, gates cast to the activations' dtype; experts in
+    order, each on torch.where of its [k, T] mask, down_proj then gate, index_add_."""
+    F = torch.nn.functional
+    logits = F.linear(h, t[prefix + "gate.weight"])
+    weights, selected = torch.softmax(logits, dim=-1, dtype=torch.float32).topk(k, dim=-1)
+    weights = weights.to(h.dtype)
+    out = torch.zeros_like(h)
+    mask = F.one_hot(selected, num_classes=num_experts).permute(2, 1, 0)  # [E, k, T]
+    for e in range(num_experts):
+        slot, tokens = torch.where(mask[e])
+        if tokens.numel():
+            ep = f"{prefix}experts.{e}."
+            x = h[tokens]
+            y = F.linear(F.silu(F.linear(x, t[ep + "gate_proj.weight"])) * F.linear(x, t[ep + "up_proj.weight"]),
+                         t[ep + "down_proj.weight"])
+            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(h.dtype))
+    return out
+
+
+def reference_order_logits(t: dict, cfg, input_ids: torch.Tensor):
+    """A forward in the reference modeling code's order of operations, in the tensors' own dtype (no padding),
+    for bit-exact comparisons in bf16. Rotary angles are computed in fp32 from fp32 frequencies."""
+    F = torch.nn.functional
+    eps, heads = cfg.rms_norm_eps, cfg.num_attention_heads
+    hd = cfg.hidden_size // heads
+    batch, length = input_ids.shape
+    x = t["model.embed_tokens.weight"][input_ids]
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    freqs = (inv_freq[:, None] @ torch.arange(length).float()[None, :]).T
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        h = _rms_like_reference(x, t[p + "input_layernorm.weight"], eps)
+        q, k, v = (F.linear(h, t[p + f"self_attn.{n}_proj.weight"]).view(batch, length, heads, hd) for n in "qkv")
+        q = _rms_like_reference(q, t[p + "self_attn.q_norm.weight"], eps).transpose(1, 2)
+        k = _rms_like_reference(k, t[p + "self_attn.k_norm.weight"], eps).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        attn = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
+        x = x + F.linear(attn.transpose(1, 2).reshape(batch, length, -1), t[p + "self_attn.o_proj.weight"])
+        h = _rms_like_reference(x, t[p + "post_attention_layernorm.weight"], eps)
+        moe = _moe_like_reference(h.reshape(-1, h.shape[-1]), t, p + "mlp.", cfg.num_experts, cfg.num_experts_per_tok)
+        x = x + moe.view_as(x)
+    return F.linear(_rms_like_reference(x, t["model.norm.weight"], eps), t["lm_head.weight"])

@@ -18,7 +18,7 @@ from retrofit.models.llada_moe import (
     unstack_expert_tensors,
 )
 from retrofit.routers.base import Routing
-from retrofit.tiny import hub_config_dict
+from retrofit.tiny import build_tiny_model, hub_config_dict, write_hub_snapshot
 from tests.conftest import pairwise_experts, random_ids
 from tests.reference_llada import reference_logits
 
@@ -210,3 +210,21 @@ def test_experts_match_pairwise_reference_with_gradients(layout):
     for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
                     torch.autograd.grad((expected * weights).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_bf16_logits_are_bit_identical_to_the_reference_order_over_long_sequences(tmp_path):
+    """bf16 as users run the 7B model, through the loading path `retrofit eval` uses, 1,100 positions."""
+    from safetensors.torch import load_file
+
+    from tests.reference_llada import reference_order_logits
+
+    model = build_tiny_model(seed=4, max_position_embeddings=2048)
+    src = write_hub_snapshot(model, tmp_path / "m", max_shard_bytes=10**9, dtype=torch.bfloat16)
+    loaded = load_model(src, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 1100), generator=torch.Generator().manual_seed(0))
+    tensors = load_file(str(src / "model.safetensors"))
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        reference = reference_order_logits(tensors, loaded.config, ids)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, reference), f"max diff {(ours.float() - reference.float()).abs().max()}"

@@ -58,9 +58,6 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
         _check_fits(model, dtype)
     model.to_empty(device=device)
     _fill(model, ckpt)
-    with torch.no_grad():  # non-persistent buffers are not in the checkpoint; to_empty left them uninitialised
-        rotary = model.model.rotary_emb
-        rotary.inv_freq.copy_(rotary.frequencies())
     return model.eval()
 
 

@@ -222,18 +222,22 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
+    """Rotate-half rotary tables. The frequencies and angles are always computed in fp32, whatever the weights'
+    dtype, as the reference does (its ``inv_freq`` buffer stays fp32): a bf16 ``inv_freq`` rounds every
+    position's angle and, over 1000 positions, moves the argmax at ~5% of them. No buffer, so neither a cast of
+    the module nor a meta-device build can change or lose them."""
+
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
 
-    def frequencies(self) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+    def frequencies(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         return 1.0 / (self.theta**exponents)
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        freqs = positions.float()[:, None] * self.frequencies(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -312,22 +316,26 @@ class StackedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]).to(x.dtype))
 
     def _token_major(self, x, experts, gates):
-        # TC/block: sort the (token, expert) pairs by expert once, then run each expert on its contiguous run.
-        # One gather split into per-expert views, so the backward builds the gradient of the gathered rows once;
-        # each expert adds its gated output in place, so no [T·k, d] concatenation is allocated (at 2048 tokens
-        # of a LLaDA-MoE layer that concatenation and its gating made the pass ~15% slower).
-        k = experts.shape[1]
+        # TC/block, in the reference block's order of operations so that bf16 results are bit-identical to it:
+        # experts in ascending order, each on its (token, slot) pairs ordered by slot and then token (the order
+        # torch.where gives the reference's [E, k, T] expert mask), down_proj first and then the gate (cast to
+        # the activations' dtype), added in place. One gather split into per-expert views, so the backward
+        # builds the gradient of the gathered rows once and no [T·k, d] concatenation is allocated.
+        num_tokens, k = experts.shape
         flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        slot = torch.arange(k, device=x.device).repeat(num_tokens)
+        token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
+        order = torch.argsort((flat * k + slot) * num_tokens + token)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        token_of = order // k
+        token_of = token[order]
         gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         out = torch.zeros_like(x)
         runs = zip(x.index_select(0, token_of).split(counts), token_of.split(counts), gate_of.split(counts))
         for e, (h, rows, gate) in enumerate(runs):
             if rows.shape[0]:
-                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]) * gate
-                out.index_add_(0, rows, F.linear(h, self.down_proj[e]).to(x.dtype))  # autocast: bf16 -> x's dtype
+                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
+                # .to(x.dtype): under autocast the product is bf16 while x may be fp32
+                out.index_add_(0, rows, (F.linear(h, self.down_proj[e]) * gate).to(x.dtype))
         return out
 
 
@@ -388,9 +396,6 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
                 init.normal_(p, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, RotaryEmbedding):
-            # A non-persistent buffer: from_pretrained builds the model on the meta device, so recompute it.
-            init.copy_(module.inv_freq, module.frequencies())
 
 
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
