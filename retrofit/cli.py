@@ -350,6 +350,14 @@ def _results_table(record: dict) -> Table:
 
 
 def main() -> None:
+    import logging
+
+    log = logging.getLogger("retrofit")
+    if not log.handlers:  # warnings as one plain line each, never a logging prefix or a traceback
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
     app()
 
 

@@ -46,7 +46,7 @@ def hub_config_dict(**dims) -> dict:
     return {
         "architectures": ["LLaDAMoEModelLM"],
         "auto_map": {
-            "AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+            "AutoConfig": "configuration_lladamoe.LLaDAConfig",
             "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
             "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
         },

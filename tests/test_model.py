@@ -118,7 +118,6 @@ def test_hub_config_is_recognised_by_architecture_not_model_type():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"frobnicate": 1}, "unsupported field.*frobnicate"),
         ({"shared_expert_intermediate_size": 64}, "shared_expert_intermediate_size"),
         ({"moe_router_score_function": "sigmoid"}, "sigmoid"),
         ({"moe_layer_freq": [0, 1]}, "moe_layer_freq"),
@@ -128,6 +127,46 @@ def test_hub_config_is_recognised_by_architecture_not_model_type():
 def test_unsupported_config_is_refused_by_name(change, message):
     with pytest.raises(RetrofitError, match=message):
         config_from_checkpoint({**hub_config_dict(), **change})
+
+
+def test_unknown_config_keys_load_with_one_warning_and_are_kept(tiny_dir, tmp_path, caplog):
+    """A real config.json may carry export leftovers; they load, are named once, and travel into the output."""
+    import json
+    import logging
+
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    raw = json.loads((tiny_dir / "config.json").read_text())
+    raw.update(megatron_tp_size=1, frobnicate={"a": 1})
+    (tiny_dir / "config.json").write_text(json.dumps(raw))
+    with caplog.at_level(logging.WARNING, logger="retrofit"):
+        assert load_model(tiny_dir).config.num_experts == 8
+    lines = [r.getMessage() for r in caplog.records if r.name == "retrofit"]
+    assert len(lines) == 1 and "frobnicate, megatron_tp_size" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="retrofit"):
+        result = CliRunner().invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out",
+                                          str(tmp_path / "ec")])
+    assert result.exit_code == 0, result.output
+    assert not caplog.records, "said once per process, not once per reading of the config"
+    kept = json.loads((tmp_path / "ec" / "config.json").read_text())
+    assert kept["megatron_tp_size"] == 1 and kept["frobnicate"] == {"a": 1}
+
+
+def test_padding_row_gets_no_gradient(tiny_model):
+    pad = tiny_model.config.pad_token_id
+    assert tiny_model.model.embed_tokens.padding_idx == pad
+    ids = torch.tensor([[pad, 5, pad, 7]])
+    tiny_model.train()
+    tiny_model(ids).logits.sum().backward()
+    grad = tiny_model.model.embed_tokens.weight.grad
+    assert torch.count_nonzero(grad[pad]) == 0 and torch.count_nonzero(grad[5]) > 0
+
+
+def test_tiny_snapshot_auto_map_names_the_hub_classes():
+    assert hub_config_dict()["auto_map"]["AutoConfig"] == "configuration_lladamoe.LLaDAConfig"
 
 
 def test_routing_stats_through_the_model(tiny_model):

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, warn
 from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, build_router
 
 MODEL_TYPE = "llada_moe"
@@ -194,10 +194,11 @@ def config_from_checkpoint(raw: dict) -> LLaDAMoEConfig:
         arch = raw.get("architectures") or raw.get("model_type")
         raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch}); "
                             "retrofit supports LLaDA-MoE models only")
+    # A real config.json may carry keys no public port names (export leftovers). Settings retrofit knows but
+    # does not implement are refused by name (_refuse_unsupported); any other unknown key is kept and named.
     unknown = sorted(set(raw) - known_config_fields())
     if unknown:
-        raise RetrofitError(f"unsupported field(s) in config.json: {', '.join(unknown)}; "
-                            "retrofit's LLaDA-MoE implementation does not know them")
+        warn(f"config.json has field(s) retrofit's LLaDA-MoE does not use: {', '.join(unknown)}; kept as they are")
     fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
     try:
         return LLaDAMoEConfig(**fields)
@@ -404,7 +405,10 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
         settings = config.router_settings
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # As the reference: the padding token's row gets no gradient (full-parameter training).
+        pad = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size else None)
         self.layers = nn.ModuleList(DecoderLayer(config, settings) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
