@@ -43,6 +43,13 @@ IGNORED_BY_REFERENCE = (
     "router_aux_loss_coef",
     "use_cache",
 )
+# Other MoE families' names for settings that change the forward pass (shared experts, dense first layers,
+# grouped or biased routing, sliding windows): refused by name when set, never silently ignored.
+_CHANGES_COMPUTATION = {
+    "num_shared_experts", "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace",
+    "n_group", "topk_group", "num_expert_group", "topk_method", "scoring_func", "score_function",
+    "score_func", "use_expert_bias", "expert_bias", "sliding_window", "use_sliding_window",
+}
 _META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
                 "_name_or_path"}
 
@@ -195,8 +202,13 @@ def config_from_checkpoint(raw: dict) -> LLaDAMoEConfig:
         raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch}); "
                             "retrofit supports LLaDA-MoE models only")
     # A real config.json may carry keys no public port names (export leftovers). Settings retrofit knows but
-    # does not implement are refused by name (_refuse_unsupported); any other unknown key is kept and named.
+    # does not implement are refused by name (_refuse_unsupported, and the other MoE families' names for such
+    # settings below); any other unknown key is kept and named.
     unknown = sorted(set(raw) - known_config_fields())
+    changing = [k for k in unknown if k in _CHANGES_COMPUTATION and raw[k] not in (None, 0, False, [], {})]
+    if changing:
+        raise RetrofitError(f"unsupported field(s) in config.json: {', '.join(f'{k}={raw[k]!r}' for k in changing)}; "
+                            "they change the computation and retrofit's LLaDA-MoE does not implement them")
     if unknown:
         warn(f"config.json has field(s) retrofit's LLaDA-MoE does not use: {', '.join(unknown)}; kept as they are")
     fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
