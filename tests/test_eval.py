@@ -125,11 +125,19 @@ def test_generate_until_respects_stop_strings(lm):
     assert stop not in cut and free.startswith(cut)
 
 
-def test_router_can_be_overridden_at_eval_time(lm):
-    block = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=4, steps=8,
-                       progress=False)
-    assert block.router.type == "block" and block.router.block_length == 4, "the sampler's block length"
+def test_router_can_be_overridden_at_eval_time(lm, caplog):
+    import logging
+
+    block = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=8, steps=8,
+                       router_block_length=4, progress=False)
+    assert block.router.type == "block" and block.router.block_length == 4, "the router's own block length"
     assert {b.gate.kind for b in block.model.moe_blocks()} == {"block"}
+    # The sampler's block only decides denoising; the router keeps its own (32 by default, dMoE's).
+    with caplog.at_level(logging.WARNING, logger="retrofit"):
+        default = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=16, steps=8,
+                             progress=False)
+    assert default.router.block_length == 32
+    assert any("not a multiple of the router's block length 32" in r.getMessage() for r in caplog.records)
     ec = RetrofitLM(str(lm.path), router="ec", capacity_factor=2.0, progress=False)
     assert ec.router.capacity_factor == 2.0
 

@@ -298,6 +298,26 @@ def test_ec_reads_observed_mask_ratio_through_the_model():
     assert caps[0] > caps[1]
 
 
+def test_inference_mask_ratio_counts_only_the_maskable_region():
+    """A prompt is never masked: the same answer region behind a 10- or a 900-token prompt gets the same
+    mask ratio, hence the same experts per token, at every denoising step (issue 10.1)."""
+    from retrofit.eval.sampler import SamplerSettings, generate
+    from retrofit.tiny import build_tiny_model
+
+    settings = RouterSettings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=4))
+    model = build_tiny_model(router=settings.model_dump())
+    gate = model.moe_blocks()[0].gate
+    seen = []
+    gate.register_forward_pre_hook(lambda module, args: seen.append(args[1].mask_ratio.tolist()))
+    per_prompt = []
+    for prompt_length in (10, 900):
+        seen.clear()
+        prompt = torch.randint(0, 256, (1, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
+        generate(model, prompt, model.config.mask_token_id, SamplerSettings(gen_length=16, steps=8, block_length=16))
+        per_prompt.append(list(seen))
+    assert per_prompt[0] == per_prompt[1] == [[1 - step / 8] for step in range(8)]
+
+
 # ----------------------------------------------------------------------------------- block routing
 
 
@@ -461,3 +481,20 @@ def test_unique_experts_per_block_matches_a_loop():
             per_block.setdefault((t // 20, (t % 20) // 6), set()).add(e)
     assert stats.blocks == len(per_block)
     assert stats.unique_experts_per_block == pytest.approx(sum(map(len, per_block.values())) / len(per_block))
+
+
+@pytest.mark.parametrize("prompt_length", [5, 13, 16, 22])
+def test_denoising_blocks_are_routing_blocks_for_any_prompt_length(prompt_length):
+    """With block_start at the prompt's end, each denoising block is routed as one block: its tokens get
+    exactly the experts the router gives that block on its own; the prompt ends on a block boundary too."""
+    n, generated = 8, 24
+    router = BlockRouter(16, 16, 2, RouterSettings(type="block", block_length=n, core_threshold=0.5, guard_size=4))
+    probs, _ = random_case(7, 1, prompt_length + generated, 16, pad=False)
+    valid = torch.ones(1, prompt_length + generated, dtype=torch.bool)
+    whole = router.select(probs, RoutingContext(valid, torch.zeros(1), block_start=prompt_length)).indices
+    starts = list(range(prompt_length, prompt_length + generated, n))
+    starts += list(range(prompt_length - n, -n, -n))
+    for start in starts:
+        lo, hi = max(start, 0), start + n
+        alone = router.select(probs[:, lo:hi], RoutingContext(valid[:, lo:hi], torch.zeros(1))).indices
+        assert torch.equal(whole[lo:hi], alone), (lo, hi)

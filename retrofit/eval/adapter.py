@@ -13,7 +13,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from rich.progress import Progress
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate
 from retrofit.io.checkpoint import CheckpointDir
@@ -37,19 +37,25 @@ def _bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
-def router_override(base: RouterSettings, router: str | None, sampler_block: int, **fields) -> RouterSettings | None:
-    """Router settings for evaluation: the checkpoint's, or another router / capacity given at eval time.
-    The block router always uses the sampler's block length (a denoising block is a routing block)."""
+def router_override(base: RouterSettings, router: str | None, **fields) -> RouterSettings | None:
+    """Router settings for evaluation: the checkpoint's, or another router / settings given at eval time.
+    The router's own ``block_length`` routes (dMoE: 32); the sampler's block length only decides denoising."""
     given = {k: v for k, v in fields.items() if v is not None}
-    if router is None and not given and base.type != "block":
+    if router is None and not given:
         return None
     data = base.model_dump()
     if router is not None and router != base.type:
         data = RouterSettings(type=router).model_dump()
     data.update(given)
-    if data["type"] == "block":
-        data["block_length"] = sampler_block
     return RouterSettings.model_validate(data)
+
+
+def check_blocks(router: RouterSettings, sampler_block: int) -> None:
+    """Block routing aligns its blocks with the denoising blocks; a routing block can then only straddle two
+    denoising blocks when the sampler's block is not a multiple of the router's. Say so, once."""
+    if router.type == "block" and sampler_block % router.block_length:
+        warn(f"sampler block length {sampler_block} is not a multiple of the router's block length "
+             f"{router.block_length}: some routing blocks straddle two denoising blocks")
 
 
 @register_model("retrofit")
@@ -57,7 +63,8 @@ class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
                  steps: int | None = None, block_length: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", seed: int = 1234, router: str | None = None,
-                 capacity_factor: float | None = None, per_batch=None, core_threshold: float | None = None,
+                 capacity_factor: float | None = None, per_batch=None, router_block_length: int | None = None,
+                 core_threshold: float | None = None,
                  guard_size: int | None = None, max_length: int = 4096, device: str | None = None,
                  dtype: str = "auto", progress: bool = True, **unused):
         super().__init__()
@@ -72,9 +79,11 @@ class RetrofitLM(LM):
         base = checkpoint_config(ckpt).router_settings
         overrides = dict(capacity_factor=None if capacity_factor is None else float(capacity_factor),
                          per_batch=None if per_batch is None else _bool(per_batch),
+                         block_length=None if router_block_length is None else int(router_block_length),
                          core_threshold=None if core_threshold is None else float(core_threshold),
                          guard_size=None if guard_size is None else int(guard_size))
-        self.router = router_override(base, router, self.sampler.block_length, **overrides) or base
+        self.router = router_override(base, router, **overrides) or base
+        check_blocks(self.router, self.sampler.block_length)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)

@@ -26,6 +26,15 @@ def mask_counts(length: int, samples: int, generator: torch.Generator) -> torch.
     return torch.tensor([(offset + int(i * stride)) % length + 1 for i in range(samples)])
 
 
+def continuation_logits(model, ids: torch.Tensor, context_length: int, keep: slice | None = None):
+    """Logits at the continuation's positions (or ``keep``). The continuation is the maskable region, so the
+    mask ratio of timestep-aware routers is measured over it, and block routing starts its blocks there."""
+    region = torch.zeros_like(ids, dtype=torch.bool)
+    region[..., context_length:] = True
+    return model(input_ids=ids, logits_to_keep=keep or slice(context_length, None), maskable=region,
+                 block_start=context_length).logits
+
+
 @torch.no_grad()
 def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id: int, mc_num: int,
                      batch_size: int, seed: int, device) -> float:
@@ -46,7 +55,7 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
             masked[row, torch.randperm(length, generator=gen)[:count]] = True
         masked = masked.to(device)
         noisy[:, len(context):][masked] = mask_id
-        logits = model(input_ids=noisy, logits_to_keep=slice(len(context), None)).logits
+        logits = continuation_logits(model, noisy, len(context))
         ce = F.cross_entropy(logits.float().transpose(1, 2), target.repeat(n, 1), reduction="none")
         per_sample = (ce * masked).sum(1) * (length / counts.to(device).float())
         total += float(per_sample.sum())
@@ -58,7 +67,7 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
 def greedy_match(model, context: list[int], continuation: list[int], mask_id: int, device) -> bool:
     """Whether the argmax at every masked continuation position (all masked at once) is the continuation."""
     ids = torch.tensor([context + [mask_id] * len(continuation)], device=device)
-    logits = model(input_ids=ids, logits_to_keep=slice(len(context), None)).logits[0]
+    logits = continuation_logits(model, ids, len(context))[0]
     return bool((logits.argmax(-1) == torch.tensor(continuation, device=device)).all())
 
 
@@ -66,6 +75,7 @@ def greedy_match(model, context: list[int], continuation: list[int], mask_id: in
 def single_token_scores(model, context: list[int], options: list[int], mask_id: int, device):
     """log p(option | context) for one-token continuations sharing a context: one forward for all."""
     ids = torch.tensor([context + [mask_id]], device=device)
-    logprobs = F.log_softmax(model(input_ids=ids, logits_to_keep=slice(-1, None)).logits[0, -1].float(), dim=-1)
+    logits = continuation_logits(model, ids, len(context), keep=slice(-1, None))
+    logprobs = F.log_softmax(logits[0, -1].float(), dim=-1)
     best = int(logprobs.argmax())
     return [(float(logprobs[o]), o == best) for o in options]

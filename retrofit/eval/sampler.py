@@ -56,13 +56,17 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: SamplerSetting
                                       device=prompt.device)], dim=1)
     blocks = settings.gen_length // settings.block_length
     steps_per_block = settings.steps // blocks
+    maskable = torch.zeros_like(x, dtype=torch.bool)
+    maskable[:, start:] = True
     for block in range(blocks):
         lo, hi = start + block * settings.block_length, start + (block + 1) * settings.block_length
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
         for step in range(steps_per_block):
             # Only the current block's positions can be unmasked at this step: score just those.
             masked = x[:, lo:hi] == mask_id
-            logits = model(input_ids=x, logits_to_keep=slice(lo, hi)).logits  # [B, block, V]
+            # The mask ratio counts the generation region only (a prompt is never masked), and block routing
+            # cuts its blocks where the denoising blocks begin.
+            logits = model(input_ids=x, logits_to_keep=slice(lo, hi), maskable=maskable, block_start=start).logits
             candidate = gumbel_argmax(logits, settings.temperature, generator)
             if settings.remasking == "low_confidence":
                 confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)

@@ -427,18 +427,20 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def routing_context(self, input_ids, attention_mask, mask_ratio) -> RoutingContext:
+    def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0) -> RoutingContext:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if mask_ratio is None:
-            # Observed mask ratio: masked positions / non-pad positions of each sequence (algorithms.md §2).
-            masked = ((input_ids == self.config.mask_token_id) & valid).sum(-1)
-            mask_ratio = masked.float() / valid.sum(-1).clamp(min=1).float()
-        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float())
+            # Observed mask ratio: masked positions / maskable positions of each sequence (algorithms.md §2).
+            # A prompt is never masked, so counting it would pull r towards 0 with every prompt token.
+            region = valid if maskable is None else maskable.bool() & valid
+            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
+            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
+        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start))
 
-    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None):
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0):
         """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables,
         padding bias, routing context."""
-        ctx = self.routing_context(input_ids, attention_mask, mask_ratio)
+        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start)
         x = self.embed_tokens(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary_emb(positions, x.dtype)
@@ -448,8 +450,8 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
             key_bias = key_bias.masked_fill(~ctx.valid, torch.finfo(x.dtype).min)[:, None, None, :]
         return x, (rope, key_bias, ctx)
 
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None) -> torch.Tensor:
-        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio)
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0) -> torch.Tensor:
+        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable, block_start=block_start)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # Recompute each layer in the backward pass instead of keeping its activations.
@@ -477,11 +479,13 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
         return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
-                **unused) -> MaskedLMOutput:
+                maskable=None, block_start: int = 0, **unused) -> MaskedLMOutput:
         """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
         largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
-        positions (the sampler's current block, a continuation) ask for just those."""
-        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio)
+        positions (the sampler's current block, a continuation) ask for just those. ``maskable`` (``[B, L]``
+        bool) and ``block_start``: see :class:`retrofit.routers.RoutingContext`."""
+        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
+                            block_start=block_start)
         if logits_to_keep is not None:
             hidden = hidden[:, logits_to_keep]
         return MaskedLMOutput(logits=self.lm_head(hidden))

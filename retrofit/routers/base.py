@@ -22,11 +22,16 @@ class RoutingContext:
 
     ``valid``: ``[B, L]`` bool, False at padding (padding is never routed to an expert by EC/block and never
     counted in statistics). ``mask_ratio``: ``[B]`` float in [0, 1], the observed (inference) or sampled
-    (training) fraction of masked positions of each sequence; timestep-dependent capacity reads it.
+    (training) fraction of masked positions among the *maskable* ones of each sequence (the generation region
+    in the sampler, the continuation in likelihood scoring, never a prompt); timestep-dependent capacity reads
+    it. ``block_start``: the position where denoising blocks begin (the prompt's length in the sampler), so
+    that block routing cuts its blocks exactly where the sampler does; positions before it form blocks of
+    their own, the last of them ending at ``block_start``.
     """
 
     valid: torch.Tensor
     mask_ratio: torch.Tensor
+    block_start: int = 0
 
     @classmethod
     def unpadded(cls, batch: int, length: int, device=None) -> "RoutingContext":

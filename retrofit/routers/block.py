@@ -1,8 +1,10 @@
 """Block-level routing (dMoE, algorithms.md §6), adapted to a softmax token-choice checkpoint.
 
-The positions of a sequence are cut into consecutive blocks of ``block_length`` (during cached denoising a
-forward pass *is* one block; the last block of a longer pass is padded with positions that never vote and
-are dropped afterwards). Inside a block every valid token votes with its own top-k probabilities (its other
+The positions of a sequence are cut into consecutive blocks of ``block_length`` whose boundaries fall where the
+sampler's denoising blocks begin (``RoutingContext.block_start``, the prompt's length; 0 outside the sampler),
+so every denoising block is exactly one routing block whatever the prompt's length; the prompt is cut backwards
+from its end. Partial blocks at either end are padded with positions that never vote and are dropped
+afterwards. Inside a block every valid token votes with its own top-k probabilities (its other
 probabilities count zero); the votes are summed over the block and normalised. The core set is the top-p set
 of that vote at ``core_threshold`` (experts ranked by vote, kept while the cumulative vote is ≤ p, plus the
 first one that crosses p), widened to the top-``guard_size`` experts by vote when smaller. Every token,
@@ -63,15 +65,18 @@ class BlockRouter(Router):
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
         batch, length, num_experts = probs.shape
         n = self.block_length
-        pad = (-length) % n
-        blocked = F.pad(probs, (0, 0, 0, pad)).reshape(batch, -1, n, num_experts)  # [B, N, n, E]
-        valid = F.pad(ctx.valid, (0, pad), value=False).reshape(batch, -1, n)
+        # Block boundaries fall at block_start + j·n (the sampler's denoising blocks; the prompt before them is
+        # cut backwards from its end): positions that never vote pad the front and the back.
+        lead = (-ctx.block_start) % n
+        tail = (-(lead + length)) % n
+        blocked = F.pad(probs, (0, 0, lead, tail)).reshape(batch, -1, n, num_experts)  # [B, N, n, E]
+        valid = F.pad(ctx.valid, (lead, tail), value=False).reshape(batch, -1, n)
         core = self.core_sets(self.votes(blocked, valid))  # [B, N, E]
         inside = blocked.masked_fill(~core.unsqueeze(2), float("-inf"))
         _, experts = inside.topk(self.top_k, dim=-1)  # core sets hold ≥ guard_size ≥ k experts
         gates = blocked.gather(-1, experts)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
-        experts = experts.reshape(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
-        gates = gates.reshape(batch, -1, self.top_k)[:, :length].reshape(-1, self.top_k)
+        experts = experts.reshape(batch, -1, self.top_k)[:, lead:lead + length].reshape(-1, self.top_k)
+        gates = gates.reshape(batch, -1, self.top_k)[:, lead:lead + length].reshape(-1, self.top_k)
         return Routing("token", experts, gates, num_experts)
