@@ -385,10 +385,14 @@ def test_block_tokens_stay_inside_their_blocks_core_set():
                     vote[top.indices] += top.values
             core = set(ref_core(vote.tolist(), 0.5, 4))
             assert set(experts[b, n].reshape(-1).tolist()) <= core
-    torch.testing.assert_close(routing.gates.sum(-1), torch.ones(80), msg="renormalised over the k")
+    # Raw gates by default, the checkpoint's convention: each is the token's own probability for that expert.
+    torch.testing.assert_close(routing.gates, probs.reshape(80, 16).gather(-1, routing.indices))
+    settings = settings.model_copy(update={"renormalize": True})
+    renormalised = BlockRouter(4, 16, 2, settings).select(probs, ctx)
+    torch.testing.assert_close(renormalised.gates.sum(-1), torch.ones(80), msg="renormalised over the k")
 
 
-def test_block_of_padding_only_routes_like_renormalised_token_choice():
+def test_block_of_padding_only_routes_like_token_choice():
     probs, ctx = random_case(13, 2, 10, 8, pad=False)
     ctx.valid[1, 5:] = False  # the second sequence's second block (positions 5..9) is all padding
     settings = RouterSettings(type="block", block_length=5, core_threshold=0.3, guard_size=2)
@@ -396,7 +400,9 @@ def test_block_of_padding_only_routes_like_renormalised_token_choice():
     top = probs[1, 5:].topk(2)
     rows = slice(15, 20)
     assert torch.equal(routing.indices[rows], top.indices)
-    torch.testing.assert_close(routing.gates[rows], top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(routing.gates[rows], top.values)
+    renormalised = BlockRouter(4, 8, 2, settings.model_copy(update={"renormalize": True})).select(probs, ctx)
+    torch.testing.assert_close(renormalised.gates[rows], top.values / top.values.sum(-1, keepdim=True))
 
 
 def test_block_touches_fewer_experts_than_tc():

@@ -61,7 +61,9 @@ class RouterSettings(BaseModel):
     block_length: int = Field(default=32, ge=1)
     core_threshold: float = Field(default=0.6, gt=0, le=1)
     guard_size: int = Field(default=16, ge=1)
-    renormalize: bool = Field(default=True, description="renormalise each token's k gates inside the core set")
+    renormalize: bool = Field(default=False, description=(
+        "renormalise each token's k gates over its k experts (dMoE's LLaDA2.0 router does); off by default to "
+        "keep LLaDA-MoE's own convention of raw softmax gates, which sets the scale of every MoE output"))
 
     def describe(self) -> str:
         """One-line human summary of the settings that matter for this router type."""
