@@ -58,6 +58,7 @@ LAYER_SIZE_MODEL = dict(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, 
 MEMORY_BATCH, MEMORY_LENGTH = 1, 512
 WARMUP = 1
 LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
+BATCHED_BY_LOGIT = "EC batched, topk-then-softmax"
 CEILING = "EC GEMMs alone"
 
 
@@ -145,13 +146,14 @@ def routed(layer: MoeLayer, settings: RouterSettings) -> Implementation:
 
 
 def implementations(layer: MoeLayer) -> dict[str, Implementation]:
-    """The three rows of the layer table; the loop re-implements the TC router's choice inline, as the
+    """The rows of the layer table (EC in both of its orders); the loop re-implements the TC router's choice inline, as the
     reference code does, so the TC router only counts its pairs."""
     tc = RouterSettings(type="tc")
     return {
         LOOP: Implementation(layer.router(tc), partial(tc_loop, layer)),
         GROUPED: routed(layer, tc),
         BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
+        BATCHED_BY_LOGIT: routed(layer, RouterSettings(type="ec", capacity_factor=1.0, ec_order="topk-then-softmax")),
     }
 
 

@@ -35,6 +35,11 @@ class RouterChoice(str, Enum):
     block = "block"
 
 
+class ECOrderChoice(str, Enum):
+    softmax_then_topk = "softmax-then-topk"
+    topk_then_softmax = "topk-then-softmax"
+
+
 class ScheduleChoice(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -71,13 +76,14 @@ def user_errors(command):
 
 
 def _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length, core_threshold,
-                     guard_size):
+                     guard_size, ec_order):
     from retrofit.routers import RouterSettings
 
     return RouterSettings.model_validate({
         "type": router.value,
         "capacity_factor": capacity_factor,
         "per_batch": per_batch,
+        "ec_order": ec_order.value,
         "schedule": {"name": schedule.value, "k_min": k_min, "k_max": k_max},
         "block_length": block_length,
         "core_threshold": core_threshold,
@@ -100,6 +106,10 @@ def convert(
                                                               "(default: the checkpoint's top-k)."),
     k_max: Optional[int] = typer.Option(None, "--k-max", help="EC schedule: experts per token at s(r)=1."),
     per_batch: bool = typer.Option(False, "--per-batch", help="EC: experts choose over the whole batch."),
+    ec_order: ECOrderChoice = typer.Option(ECOrderChoice.softmax_then_topk, "--ec-order",
+                                           help="EC: rank tokens by softmax probability and gate with it, or "
+                                                "rank by raw logit and gate by a softmax over the experts that "
+                                                "chose the token (EC-DLM's default)."),
     block_length: int = typer.Option(32, "--block-length", help="block: positions per routing block."),
     core_threshold: float = typer.Option(0.6, "--core-threshold", help="block: cumulative vote kept (top-p)."),
     guard_size: int = typer.Option(16, "--guard-size", help="block: minimum core-set size."),
@@ -115,7 +125,7 @@ def convert(
     from retrofit.io.sources import resolve_source
 
     target = _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length,
-                              core_threshold, guard_size)
+                              core_threshold, guard_size, ec_order)
     source = resolve_source(src)
     plan = plan_conversion(source, target, out)
     if dry_run:

@@ -34,9 +34,9 @@ def test_implementations_agree():
     impls = bench.implementations(layer)
     outs = {name: bench.forward(impl.run, x) for name, impl in impls.items()}
     torch.testing.assert_close(outs[bench.LOOP], outs[bench.GROUPED], atol=1e-5, rtol=0)
-    ec = impls[bench.BATCHED]
-    expected = pairwise_experts(layer.experts, x, ec.routing(x))
-    torch.testing.assert_close(outs[bench.BATCHED], expected, atol=1e-5, rtol=0)
+    for name in (bench.BATCHED, bench.BATCHED_BY_LOGIT):
+        expected = pairwise_experts(layer.experts, x, impls[name].routing(x))
+        torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=0)
 
 
 def test_tables_and_report():
@@ -49,7 +49,8 @@ def test_tables_and_report():
         "memory": bench.memory_table(DIMS, batch=2, length=16, probe=bench.peak_memory),
     }
     rows = results["moe_layer"]["rows"]
-    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED, bench.CEILING]
+    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED, bench.BATCHED_BY_LOGIT,
+                                                   bench.CEILING]
     assert all(r["pairs"] == TOKENS * 2 for r in rows)  # EC at capacity factor 1.0: the same FLOPs as TC
     figures = [v for r in rows for p in ("fwd", "fwd+bwd") for v in r[p].values()]
     figures += [r[key] for r in results["block"]["rows"] for key in ("ms", "unique_ratio", "speedup")]

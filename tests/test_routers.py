@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -90,6 +91,27 @@ def ref_ec(probs, ctx, settings, top_k):
         for e in range(experts):
             for t in sorted(candidates, key=lambda t: -flat[t][e])[:capacity]:
                 out[(t, e)] = flat[t][e]
+    return out
+
+
+def ref_ec_logit_order(logits, ctx, settings, top_k):
+    """EC-DLM's default, from its description: each expert takes its top-C tokens by raw logit; a chosen pair's
+    gate is the softmax over the logits of the experts that chose that token."""
+    batch, length, experts = logits.shape
+    flat = logits.reshape(-1, experts).tolist()
+    caps = ref_capacities(ctx, settings, top_k, experts)
+    chosen_by: dict[int, list[int]] = {}
+    for b in range(batch):
+        candidates = [b * length + i for i in range(length) if ctx.valid[b, i]]
+        for e in range(experts):
+            for t in sorted(candidates, key=lambda t: -flat[t][e])[:caps[b]]:
+                chosen_by.setdefault(t, []).append(e)
+    out = {}
+    for t, chosen in chosen_by.items():
+        top = max(flat[t][e] for e in chosen)
+        total = sum(math.exp(flat[t][e] - top) for e in chosen)
+        for e in chosen:
+            out[(t, e)] = math.exp(flat[t][e] - top) / total
     return out
 
 
@@ -316,6 +338,40 @@ def test_inference_mask_ratio_counts_only_the_maskable_region():
         generate(model, prompt, model.config.mask_token_id, SamplerSettings(gen_length=16, steps=8, block_length=16))
         per_prompt.append(list(seen))
     assert per_prompt[0] == per_prompt[1] == [[1 - step / 8] for step in range(8)]
+
+
+@pytest.mark.parametrize("seed, batch, length, experts, k", [(0, 1, 9, 8, 2), (3, 3, 37, 16, 2), (5, 2, 24, 16, 4)])
+@pytest.mark.parametrize("factor", [1.0, 1.7])
+def test_ec_logit_order_matches_reference(seed, batch, length, experts, k, factor):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, experts, generator=gen, dtype=torch.float64) * 2
+    _, ctx = random_case(seed, batch, length, experts)
+    settings = RouterSettings(type="ec", capacity_factor=factor, ec_order="topk-then-softmax")
+    router = ExpertChoiceRouter(4, experts, k, settings)
+    assert_same(pairs_of(router.select_by_logits(logits, ctx)), ref_ec_logit_order(logits, ctx, settings, k),
+                tol=1e-12)
+
+
+def test_ec_orders_choose_different_pairs_and_the_setting_travels(tiny_dir, tmp_path):
+    """The two orders are different routers on the same weights; the converted config records which one."""
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+    from retrofit.io.load import load_model
+
+    result = CliRunner().invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--ec-order",
+                                      "topk-then-softmax", "--out", str(tmp_path / "ec")])
+    assert result.exit_code == 0, result.output
+    model = load_model(tmp_path / "ec")
+    assert model.config.router_settings.ec_order == "topk-then-softmax"
+    assert all(b.gate.order == "topk-then-softmax" for b in model.moe_blocks())
+    hidden = torch.randn(2, 20, model.config.hidden_size)
+    ctx = RoutingContext.unpadded(2, 20)
+    gate = model.moe_blocks()[0].gate
+    by_logit = pairs_of(gate(hidden, ctx))
+    gate.order = "softmax-then-topk"
+    by_probability = pairs_of(gate(hidden, ctx))
+    assert set(by_logit) != set(by_probability) and len(by_logit) == len(by_probability)
 
 
 # ----------------------------------------------------------------------------------- block routing

@@ -63,7 +63,8 @@ class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
                  steps: int | None = None, block_length: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", seed: int = 1234, router: str | None = None,
-                 capacity_factor: float | None = None, per_batch=None, router_block_length: int | None = None,
+                 capacity_factor: float | None = None, per_batch=None, ec_order: str | None = None,
+                 router_block_length: int | None = None,
                  core_threshold: float | None = None,
                  guard_size: int | None = None, max_length: int = 4096, device: str | None = None,
                  dtype: str = "auto", progress: bool = True, **unused):
@@ -79,6 +80,7 @@ class RetrofitLM(LM):
         base = checkpoint_config(ckpt).router_settings
         overrides = dict(capacity_factor=None if capacity_factor is None else float(capacity_factor),
                          per_batch=None if per_batch is None else _bool(per_batch),
+                         ec_order=ec_order,
                          block_length=None if router_block_length is None else int(router_block_length),
                          core_threshold=None if core_threshold is None else float(core_threshold),
                          guard_size=None if guard_size is None else int(guard_size))

@@ -1,5 +1,10 @@
 """Expert choice (algorithms.md §4, §5; Zhou et al. 2022): each expert picks its top-C tokens.
 
+Two orders (``ec_order``): ``softmax-then-topk`` ranks each expert's tokens by the token's softmax probability
+over experts and gates with it (the same scores as the checkpoint's token choice; EC-DLM's "softmax first"
+variant); ``topk-then-softmax`` (EC-DLM's default in all its training scripts) ranks them by the raw router
+logit and gates a chosen pair by a softmax over the logits of only the experts that chose that token.
+
 Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option)*: C_b = round(L_b · k_b / E ·
 capacity_factor), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
 non-pad length and k_b the experts per token its capacity schedule gives for its mask ratio (the checkpoint's
@@ -39,6 +44,28 @@ class ExpertChoiceRouter(Router):
         self.capacity_factor = settings.capacity_factor
         self.per_batch = settings.per_batch
         self.schedule = settings.schedule
+        self.order = settings.ec_order
+
+    def forward(self, hidden: torch.Tensor, ctx: RoutingContext) -> Routing:
+        if self.order == "softmax-then-topk":
+            return super().forward(hidden, ctx)
+        logits = self.logits(hidden)
+        routing = self.select_by_logits(logits.float(), ctx)
+        routing.logits = logits.reshape(-1, self.num_experts)
+        return routing
+
+    def select_by_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """EC-DLM's order: each expert takes its top-C_b tokens by raw logit; a chosen pair's gate is the softmax
+        over the logits of the experts that chose that token (a token no expert chose gets nothing)."""
+        routing = self.select(logits, ctx)  # the same capacities and layout, ranked by logit
+        tokens = routing.indices.reshape(-1)
+        experts = torch.arange(self.num_experts, device=tokens.device).repeat_interleave(routing.indices.shape[1])
+        flat = logits.reshape(-1, self.num_experts)
+        chosen = torch.zeros_like(flat, dtype=torch.bool).index_put_((tokens, experts),
+                                                                      torch.ones_like(tokens, dtype=torch.bool))
+        gates = torch.softmax(flat.masked_fill(~chosen, float("-inf")), dim=-1).nan_to_num(0.0)
+        routing.gates = gates[tokens, experts].view_as(routing.indices)
+        return routing
 
     def capacities(self, ctx: RoutingContext) -> torch.Tensor:
         """Per-sequence capacity C_b, a long CPU tensor ``[B]``: the shapes of the selection depend on it, so it
@@ -48,6 +75,7 @@ class ExpertChoiceRouter(Router):
         return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """``probs`` (or any per-(token, expert) score that ranks tokens) → each expert's top-C_b tokens."""
         capacity = self.capacities(ctx)
         scores = probs.masked_fill(~ctx.valid.unsqueeze(-1), float("-inf"))
         if self.per_batch:

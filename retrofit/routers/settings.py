@@ -57,6 +57,10 @@ class RouterSettings(BaseModel):
     capacity_factor: float = Field(default=1.0, gt=0)
     per_batch: bool = Field(default=False, description="experts choose over the whole batch, not per sequence")
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    ec_order: Literal["softmax-then-topk", "topk-then-softmax"] = Field(default="softmax-then-topk", description=(
+        "softmax-then-topk: experts rank tokens by softmax probability, gate = that probability; "
+        "topk-then-softmax (EC-DLM's default): experts rank tokens by raw router logit, gate = softmax over the "
+        "logits of just the experts that chose the token"))
     # Block-level routing (algorithms.md §6)
     block_length: int = Field(default=32, ge=1)
     core_threshold: float = Field(default=0.6, gt=0, le=1)
@@ -71,7 +75,8 @@ class RouterSettings(BaseModel):
             s = self.schedule
             sched = s.name if s.name == "constant" else f"{s.name}[{s.k_min}..{s.k_max}]"
             scope = "batch" if self.per_batch else "sequence"
-            return f"ec capacity_factor={self.capacity_factor} schedule={sched} per-{scope}"
+            order = "" if self.ec_order == "softmax-then-topk" else f" {self.ec_order}"
+            return f"ec capacity_factor={self.capacity_factor} schedule={sched} per-{scope}{order}"
         if self.type == "block":
             return (
                 f"block block_length={self.block_length} core_threshold={self.core_threshold} "
