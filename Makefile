@@ -32,7 +32,7 @@ SNAPSHOT ?= out/llada-moe-7b-random
 bench-7b: setup
 	$(PY) -m retrofit.bench_7b --snapshot $(SNAPSHOT) --out bench/results
 
-# Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~10 min).
+# Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~15 min on 2 cores).
 tiny: setup
 	$(VENV)/bin/retrofit create-tiny out/tiny-init --force --tokenizer-data ../shared/data/gsm8k/train.jsonl \
 		--vocab-size 1536 --hidden-size 128 --layers 3 --heads 4 --experts 8 --top-k 2 --expert-size 160 \

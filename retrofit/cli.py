@@ -139,7 +139,8 @@ def convert(
     out_console.print(f"[green]wrote[/] {escape(str(report.out))}: router {target.describe()}")
     out_console.print(f"  {report.shards.summary()}")
     if verify:
-        same = {True: "bit-identical to the source", None: f"max |diff| vs source {report.max_logit_diff:.3g}"}
+        same = {True: "bit-identical to the source",
+                None: f"finite, and up to {report.max_logit_diff:.3g} from the source's (expected: the routing changed)"}
         out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits "
                           f"{same[report.logits_identical]}")
 
@@ -274,9 +275,23 @@ def finetune(
             bar.update(task, completed=done, description=f"loss {values['diffusion']:.4f}  {rate:,.0f} tok/s")
 
         job.progress = report
-        result = job.run()
+        try:
+            result = job.run()
+        except KeyboardInterrupt:
+            raise RetrofitError(_interrupted_finetune(job.output_dir, recipe)) from None
     final = f": {result.steps} steps, final loss {result.losses[-1]:.4f}" if result.losses else ""
     out_console.print(f"[green]wrote[/] {escape(str(result.output_dir))}{final}")
+
+
+def _interrupted_finetune(output_dir: Path, recipe: Path) -> str:
+    from retrofit.training.checkpoints import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    if last is None:
+        return "interrupted before the first checkpoint; nothing was kept"
+    step = int(last.name.removeprefix("step-"))
+    return (f"interrupted; training state of step {step} is in {last}: continue with "
+            f"`retrofit finetune {recipe} --resume`")
 
 
 @app.command()
@@ -286,6 +301,7 @@ def validate(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides to apply first."),
 ):
     """Check a recipe (schema, overrides, data file, model source) without running it."""
+    from retrofit.io.sources import looks_like_path
     from retrofit.training.recipe import load_recipe, resolve_path
 
     parsed, recipe_dir = load_recipe(recipe, overrides or [])
@@ -293,7 +309,12 @@ def validate(
     if resolve_path(data, recipe_dir) is None and (data.startswith((".", "/", "~")) or "." in Path(data).suffix):
         raise RetrofitError(f"{recipe}: data file not found: {data} (looked beside the recipe and in the working "
                             "directory)")
-    route = f"{recipe}: {parsed.model.source} -> {parsed.checkpoint.output_dir}"
+    source = parsed.model.source
+    local = resolve_path(source, recipe_dir)
+    if (local is None or not local.is_dir()) and looks_like_path(source):
+        raise RetrofitError(f"{recipe}: model.source not found: {source} (a directory, looked beside the recipe "
+                            "and in the working directory)")
+    route = f"{recipe}: {source} -> {parsed.checkpoint.output_dir}"
     out_console.print(f"[green]ok[/] {escape(route)}, {parsed.trainable.mode}, {parsed.optim.max_steps} steps")
 
 
@@ -303,7 +324,8 @@ def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
     model: str = typer.Option("llada-moe", "--model", help="Model directory, Hub id or registry name "
                                                           "(llada-moe, llada-moe-instruct, tiny, tiny-random)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task (of each "
+                                                              "subject for MMLU: 57 subjects)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),
     gen_length: int = typer.Option(256, "--gen-length", help="Tokens to generate."),
@@ -327,6 +349,8 @@ def evaluate(
 
     if remasking not in ("low_confidence", "random"):
         raise RetrofitError(f"--remasking {remasking!r}: use low_confidence or random")
+    if limit is not None and limit < 1:
+        raise RetrofitError(f"--limit {limit}: must be at least 1 (leave it out to evaluate every document)")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
@@ -368,7 +392,11 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command's own handling (start-up, imports): one line, no traceback
+        err_console.print("[bold red]interrupted[/]", highlight=False)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

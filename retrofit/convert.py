@@ -123,6 +123,9 @@ def _verify(src: CheckpointDir, out: CheckpointDir, plan: ConversionPlan, router
     ids = probe_input(plan.config)
     dtype = src.read([plan.swaps[0].name])[plan.swaps[0].name].dtype  # compute as the checkpoint is stored
     src_logits, out_logits = streamed_logits_many(src, ids, [src, out], dtype=dtype)
+    if not torch.isfinite(src_logits).all():
+        raise RetrofitError(f"the source checkpoint {src.path} itself produces non-finite logits (its weights hold "
+                            "NaN or inf values?); nothing was written")
     if not torch.isfinite(out_logits).all():
         raise RetrofitError("verification failed: the converted model produces non-finite logits")
     report.max_logit_diff = float((src_logits - out_logits).abs().max())

@@ -19,7 +19,7 @@ from retrofit.eval.heldout import masked_token_loss, perplexity, text_sequences,
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.io.model_dir import converted_config
-from retrofit.io.tokenizer_files import tokenizer_files
+from retrofit.io.tokenizer_files import copy_tokenizer_files
 from retrofit.io.writer import atomic_directory, save_tensors, write_json
 from retrofit.models.llada_moe import hub_state_dict
 from retrofit.training.data import load_tokenizer
@@ -51,8 +51,7 @@ def pack(trained: Path, dest: Path = ASSET) -> dict:
         save_tensors(tmp / "model.safetensors", {k: v.to(torch.bfloat16) for k, v in hub_state_dict(model).items()})
         write_json(tmp / "config.json", converted_config(ckpt.config, model.config.mask_token_id,
                                                         model.config.router_settings) | {"torch_dtype": "bfloat16"})
-        for f in tokenizer_files(ckpt.path):
-            (tmp / f.name).write_bytes(f.read_bytes())
+        copy_tokenizer_files(ckpt.path, tmp)
         record = measure(tmp)  # measured on exactly what ships (bf16 weights)
         record.update(steps=steps, recipe="recipes/tiny-pretrain.yaml", data="GSM8K train (question + answer)",
                       heldout="GSM8K test, first 400 examples")

@@ -66,10 +66,19 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
         prefix = f"model.layers.{i}."
         names = [n for n in ckpt.weight_map if n.startswith(prefix)]
         fill_from_checkpoint(layer, ckpt, names, lambda n: n.removeprefix(prefix))
+        _check_finite(layer, ckpt, prefix)
         for v, (variant, build) in enumerate(zip(variants, routers)):
             layer.mlp.gate = build(variant.read([prefix + "mlp.gate.weight"])[prefix + "mlp.gate.weight"])
             streams[v] = layer(streams[v], *layer_args)
     return [_head(ckpt, config, shell.model.norm(x)) for x in streams]
+
+
+def _check_finite(layer: torch.nn.Module, ckpt: CheckpointDir, prefix: str) -> None:
+    """A damaged checkpoint is named as such, not reported as a difference of the copy."""
+    for name, param in layer.named_parameters():
+        if not torch.isfinite(param).all():
+            raise RetrofitError(f"the checkpoint at {ckpt.path} holds NaN or inf values in {prefix}{name}; it is "
+                                "damaged (download it again)")
 
 
 def _variant_router(variant: CheckpointDir, base: LLaDAMoEConfig):
@@ -114,10 +123,15 @@ def compare_tensors(src: CheckpointDir, out: CheckpointDir, skip: set[str]) -> i
             continue
         ours = out.read(names)
         for name, theirs in src.read(names).items():
-            if ours[name].dtype != theirs.dtype or not torch.equal(ours[name], theirs):
+            # Bytes, not values: NaN != NaN, and a byte-identical copy of a non-finite tensor is a faithful copy.
+            if ours[name].dtype != theirs.dtype or not torch.equal(_bytes(ours[name]), _bytes(theirs)):
                 raise RetrofitError(f"verification failed: {name} differs from the source")
             checked += 1
     return checked
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _same_file(src: CheckpointDir, out: CheckpointDir, name: str) -> bool:

@@ -33,7 +33,14 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
             raw["mask_token_id"] = found
     if router is not None:
         raw["router"] = router.model_dump()
-    return config_from_checkpoint(raw)
+    config = config_from_checkpoint(raw)
+    if not 0 <= config.mask_token_id < config.vocab_size:
+        where = "config.json's mask_token_id" if "mask_token_id" in ckpt.config else \
+            "the default mask id (no <|mask|> in a tokenizer.json)"
+        raise RetrofitError(f"{ckpt.path}: {where} is {config.mask_token_id}, outside the vocabulary of "
+                            f"{config.vocab_size}; add the checkpoint's tokenizer.json or set mask_token_id in "
+                            "config.json")
+    return config
 
 
 def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None = None,

@@ -21,7 +21,7 @@ import torch
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
 from retrofit.io.safetensors_file import read_header
-from retrofit.io.tokenizer_files import tokenizer_files
+from retrofit.io.tokenizer_files import copy_tokenizer_files
 from retrofit.io.writer import save_tensors, write_index, write_json
 from retrofit.models.llada_moe import MODEL_TYPE
 from retrofit.routers import RouterSettings
@@ -134,8 +134,7 @@ def write_model_directory(src: CheckpointDir, dest: Path, changed: dict[str, tor
             write_index(dest, src.weight_map, index.get("metadata", {}).get("total_size", 0) + size_change)
         else:
             shutil.copyfile(src.path / INDEX_NAME, dest / INDEX_NAME)
-    for f in tokenizer_files(src.path):
-        shutil.copyfile(f, dest / f.name)
+    copy_tokenizer_files(src.path, dest)
     save_tensors(dest / ROUTER_FILE, routers, {"format": "pt", "router": json.dumps(config["router"])})
     (dest / "README.md").write_text(card)
     write_json(dest / "config.json", config)

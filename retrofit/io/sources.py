@@ -49,8 +49,8 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
                                 f"use tiny-random, or make one with `retrofit create-tiny DIR` and pass {flag} DIR")
         return Source(path=embedded, name=src, origin=src)
     repo_id = REGISTRY.get(src, src)
-    if not _HUB_ID.match(repo_id) or _looks_like_path(src):
-        if _looks_like_path(src):
+    if not _HUB_ID.match(repo_id) or looks_like_path(src):
+        if looks_like_path(src):
             raise RetrofitError(f"{flag} {src}: no such directory")
         names = ", ".join([*REGISTRY, *EMBEDDED, *GENERATED])
         raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
@@ -60,7 +60,7 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
     return Source(path=Path(path), name=name, origin=src)
 
 
-def _looks_like_path(src: str) -> bool:
+def looks_like_path(src: str) -> bool:
     return src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src
 
 

@@ -4,6 +4,7 @@ for test models (same special tokens as LLaDA-MoE's)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from retrofit.io.writer import write_json
@@ -25,6 +26,19 @@ TOKENIZER_FILES = (
 
 def tokenizer_files(directory: Path) -> list[Path]:
     return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def copy_tokenizer_files(src: Path, dest: Path) -> None:
+    """The tokenizer files of ``src`` into ``dest``; an ``auto_map`` in tokenizer_config.json is dropped, as
+    from config.json, so that ``AutoTokenizer`` on the output never asks to run remote code."""
+    for path in tokenizer_files(src):
+        if path.name == "tokenizer_config.json":
+            data = json.loads(path.read_text())
+            if "auto_map" in data:
+                del data["auto_map"]
+                write_json(dest / path.name, data)
+                continue
+        shutil.copyfile(path, dest / path.name)
 
 
 def mask_token_id(directory: Path) -> int | None:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 from safetensors.torch import save_file
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, warn
 from retrofit.io.checkpoint import INDEX_NAME, SINGLE_SHARD
 
 
@@ -35,6 +35,7 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
     out = Path(out).expanduser().resolve()
     check_destination(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
@@ -49,6 +50,16 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_partials(out: Path) -> None:
+    """A run killed hard (kill -9, power loss) leaves its hidden temporary directory behind, as large as the
+    model; the next write of the same output removes such leftovers (ours by name) and says so."""
+    for stale in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        if stale.is_dir():
+            size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
+            shutil.rmtree(stale, ignore_errors=True)
+            warn(f"removed {stale.name}, {size / 1e9:.2f} GB left by an interrupted earlier write of {out.name}")
 
 
 def _apply_umask(directory: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import load_model
+from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.model_dir import converted_config, write_model_directory
 from retrofit.io.sources import Source, resolve_source
 from retrofit.models.llada_moe import hub_state_dict
@@ -79,6 +79,10 @@ class Finetune:
                                 "another checkpoint.output_dir")
         self.source = resolve_model_source(recipe.model.source, recipe_dir)
         self.ckpt = CheckpointDir(self.source.path)
+        positions = checkpoint_config(self.ckpt).max_position_embeddings
+        if recipe.data.seq_len > positions:
+            raise RetrofitError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
+                                f"({positions}); set data.seq_len={positions} or less")
         optim = recipe.optim
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if optim.device == "auto"
                                    else optim.device)

@@ -1,0 +1,114 @@
+"""Edges (issue 11): leftovers of killed runs, inputs that cannot work refused up front by name, messages that
+say what happened."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import retrofit  # noqa: F401
+from retrofit.cli import app
+from tests.conftest import one_line_error
+from tests.test_finetune import GSM8K, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def convert(src, out, *extra):
+    return runner.invoke(app, ["convert", "--src", str(src), "--router", "ec", "--out", str(out), *extra])
+
+
+def test_a_killed_write_leaves_nothing_the_next_run_keeps(tiny_dir, tmp_path, caplog):
+    stale = tmp_path / ".ec.partial-abc123"
+    stale.mkdir()
+    (stale / "model-00001-of-00004.safetensors").write_bytes(b"x" * 1000)
+    unrelated = tmp_path / ".other.partial-zzz"
+    unrelated.mkdir()
+    with caplog.at_level(logging.WARNING, logger="retrofit"):
+        assert convert(tiny_dir, tmp_path / "ec").exit_code == 0
+    assert not stale.exists() and unrelated.exists(), "only leftovers of this output are ours"
+    assert any(".ec.partial-abc123" in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records)
+
+
+def test_mask_id_outside_the_vocabulary_is_refused_by_name(tiny_dir, tmp_path):
+    (tiny_dir / "tokenizer.json").unlink()  # the default mask id (156895) then lies outside 320 tokens
+    line = one_line_error(convert(tiny_dir, tmp_path / "ec", "--no-verify"))
+    assert "156895" in line and "outside the vocabulary of 320" in line and "tokenizer.json" in line
+    assert not (tmp_path / "ec").exists()
+
+
+def test_seq_len_beyond_the_models_positions_is_refused_before_loading(tiny_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_dir, data={"seq_len": 4096})
+    line = one_line_error(runner.invoke(app, ["finetune", str(path)]))
+    assert "data.seq_len 4096 exceeds the model's max_position_embeddings (1024)" in line
+
+
+def test_a_non_finite_source_is_named_as_the_source(tiny_dir, tmp_path):
+    index = json.loads((tiny_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.experts.0.up_proj.weight"
+    shard = tiny_dir / index[name]
+    tensors = load_file(str(shard))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    line = one_line_error(convert(tiny_dir, tmp_path / "ec"))
+    assert "holds NaN or inf values in model.layers.0.mlp.experts.up_proj" in line and "differs" not in line
+
+
+def test_convert_says_what_a_logit_difference_means(tiny_dir, tmp_path):
+    result = convert(tiny_dir, tmp_path / "ec")
+    assert result.exit_code == 0 and "expected: the routing changed" in result.output
+
+
+def test_outputs_carry_no_auto_map_in_the_tokenizer_config(tiny_dir, tmp_path):
+    config = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}
+    (tiny_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    assert convert(tiny_dir, tmp_path / "ec").exit_code == 0
+    written = json.loads((tmp_path / "ec" / "tokenizer_config.json").read_text())
+    assert "auto_map" not in written and written["mask_token"] == config["mask_token"]
+
+
+def test_validate_checks_a_local_model_source(tiny_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_dir)
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+    line = one_line_error(runner.invoke(app, ["validate", str(path), "model.source=/does/not/exist"]))
+    assert "model.source not found: /does/not/exist" in line
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_eval_limit_below_one_is_refused_before_loading(limit):
+    line = one_line_error(runner.invoke(app, ["eval", "--model", "./missing-model", "--tasks", "gsm8k",
+                                              "--limit", limit]))
+    assert f"--limit {limit}: must be at least 1" in line
+
+
+def test_tiny_pretrain_recipe_matches_the_shipped_record():
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny-pretrain.yaml").read_text())
+    record = json.loads((REPO / "retrofit" / "assets" / "tiny" / "training.json").read_text())
+    assert recipe["optim"]["max_steps"] == record["steps"]
+
+
+def test_ctrl_c_during_finetune_points_to_resume(tiny_dir, tmp_path, monkeypatch):
+    import retrofit.training.trainer as trainer
+
+    real = trainer.Finetune.train_step
+
+    def interrupt_at_step_6(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(trainer.Finetune, "train_step", interrupt_at_step_6)
+    path = write_recipe(tmp_path, tiny_dir)
+    result = runner.invoke(app, ["finetune", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "step 4" in line and f"retrofit finetune {path} --resume" in line
