@@ -346,6 +346,7 @@ def evaluate(
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
     from retrofit.eval.runner import run_eval, write_record
+    from retrofit.io.writer import check_writable
 
     if remasking not in ("low_confidence", "random"):
         raise RetrofitError(f"--remasking {remasking!r}: use low_confidence or random")
@@ -354,15 +355,15 @@ def evaluate(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
+    output = output or Path("out") / "eval" / f"{Path(model).name}-{'-'.join(names)}.json"
+    check_writable(output.parent, "the results into")
     with err_console.status("loading model"):
         lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
                         block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
                         router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
     record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
-    # Never into the model directory by default: it may be a read-only Hub cache snapshot.
-    output = output or Path("out") / "eval" / f"{Path(lm.path).name}-{'-'.join(names)}.json"
+    out_console.print(_results_table(record))  # before writing: a failed write must not lose the results
     write_record(record, output)
-    out_console.print(_results_table(record))
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
                       f"per forward, {routing['tokens_with_zero_experts']} token-layer passes with no expert")

@@ -112,3 +112,70 @@ def test_ctrl_c_during_finetune_points_to_resume(tiny_dir, tmp_path, monkeypatch
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = next(line for line in result.output.splitlines() if line.startswith("error:"))
     assert "step 4" in line and f"retrofit finetune {path} --resume" in line
+
+
+def _read_only(monkeypatch, folder: Path):
+    """A read-only location as the OS reports it (tests run as root, which chmod would not stop)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder else real(p, mode, **kw))
+
+
+def test_unwritable_destinations_fail_up_front_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _read_only(monkeypatch, locked)
+    assert "is not writable" in one_line_error(convert(tiny_dir, locked / "ec"))
+    path = write_recipe(tmp_path, tiny_dir, checkpoint={"output_dir": str(locked / "run")})
+    assert "checkpoint.output_dir" in one_line_error(runner.invoke(app, ["finetune", str(path)]))
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1",
+                                              "--output", str(locked / "e.json")]))
+    assert "cannot write the results into" in line
+
+
+def test_eval_prints_its_results_before_a_failed_write(tiny_dir, tmp_path, monkeypatch):
+    import retrofit.eval.runner as runner_module
+
+    real = runner_module.Path.write_text
+
+    def full_disk(self, *args, **kwargs):  # only the results file meets a full disk
+        if self.name.endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Path, "write_text", full_disk)
+    shared = REPO.parent / "shared" / "data"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
+                                 str(shared), "--gen-length", "8", "--steps", "2", "--block-length", "8",
+                                 "--output", str(tmp_path / "e.json")])
+    assert result.exit_code == 1 and "exact_match" in result.output
+    assert "No space left on device; the table above holds them" in result.output
+    assert not list(tmp_path.glob("e.json*"))
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"),
+                                              ('{"question": "a", "answer": "b"}\n{"question": "c",\n',
+                                               "data.jsonl:2: not valid JSON")])
+def test_bad_data_files_are_named_with_the_line(tiny_dir, tmp_path, content, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    path = write_recipe(tmp_path, tiny_dir, data={"path": str(data)})
+    assert message in one_line_error(runner.invoke(app, ["finetune", str(path)]))
+
+
+def test_a_truncated_shard_is_named_by_its_source_path(tiny_dir, tmp_path):
+    shard = sorted(tiny_dir.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    line = one_line_error(convert(tiny_dir, tmp_path / "ec"))
+    assert str(shard) in line and "partial" not in line
+
+
+def test_eval_contexts_are_cut_to_the_models_own_length(tiny_dir, caplog):
+    from retrofit.eval.adapter import RetrofitLM
+
+    lm = RetrofitLM(str(tiny_dir), max_length=4096, progress=False)
+    assert lm.max_length == 1024 == lm.model.config.max_position_embeddings
+    with caplog.at_level(logging.WARNING):
+        ctx, cont = lm.encode_pair("x" * 5000, " y")
+    assert len(ctx) + len(cont) == 1024 and not caplog.records

@@ -92,8 +92,11 @@ class RetrofitLM(LM):
         self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_), device=self.device_)
         self.model.enable_routing_stats(block_length=self.sampler.block_length)
         self.tokenizer = load_tokenizer(ckpt.path)
+        self.tokenizer.model_max_length = 2**62  # contexts are cut to the model's length below, not by the tokenizer
         self.mask_id = self.model.config.mask_token_id
-        self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), int(max_length)
+        # The model's own length, not a fixed 4096: longer contexts keep their last tokens.
+        max_length = min(int(max_length), self.model.config.max_position_embeddings)
+        self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
         self.batch_size_ = int(batch_size) if str(batch_size).isdigit() else 8
         self.show_progress = _bool(progress)
 

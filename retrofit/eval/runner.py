@@ -63,6 +63,7 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
     import datasets
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval.evaluator").addFilter(_asked_for_fewshot)
     datasets.disable_progress_bars()
     names = expand(tasks)
     record_tasks = {}
@@ -101,6 +102,12 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
     }
 
 
+def _asked_for_fewshot(record: logging.LogRecord) -> bool:
+    """lm-eval warns once per subtask (57 lines for MMLU) that the shots asked for replace the task's default:
+    that is what was asked, and the record stores it."""
+    return not record.getMessage().startswith("Overwriting default num_fewshot")
+
+
 def _scores(results: dict, shots: dict) -> dict:
     """lm-eval's per-task results → {task: {metric: value, metric_stderr: value, num_fewshot}}."""
     out = {}
@@ -120,7 +127,12 @@ def _scores(results: dict, shots: dict) -> dict:
 
 
 def write_record(record: dict, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
+    # Never into the model directory by default (the caller's choice): it may be a read-only Hub cache snapshot.
     tmp = output.with_suffix(output.suffix + ".partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RetrofitError(f"cannot write the results to {output}: {exc.strerror}; the table above holds them") from None

@@ -22,7 +22,21 @@ from retrofit.errors import RetrofitError, warn
 from retrofit.io.checkpoint import INDEX_NAME, SINGLE_SHARD
 
 
+def check_writable(path: Path, what: str = "to") -> None:
+    """Before long work starts: the nearest existing folder on ``path``'s way must accept new files (a read-only
+    mount or a folder without permission fails here, in one line, not after the work)."""
+    folder = Path(path).expanduser().resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RetrofitError(f"cannot write {what} {path}: {folder} is not writable (read-only or no permission); "
+                            "choose another location")
+
+
 def check_destination(out: Path, force: bool) -> None:
+    check_writable(out.parent, "the output directory into")
     if out.exists() and not force:
         raise RetrofitError(f"output directory {out} already exists; pass --force to replace it or choose --out")
     if out.exists() and not out.is_dir():

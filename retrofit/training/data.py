@@ -11,6 +11,7 @@ cached by ``datasets`` between runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def load_records(section: DataSection, recipe_dir: Path):
             if builder is None:
                 raise RetrofitError(f"data.path {local}: cannot tell the format from '{local.suffix}'; set "
                                     f"data.format to one of json, text, parquet, csv")
+            _check_file(local)
             records = datasets.load_dataset(builder, data_files=str(local), split="train")
         elif section.path.startswith((".", "/", "~")) or Path(section.path).suffix in _BUILDERS:
             raise RetrofitError(f"data file not found: {section.path} (looked beside the recipe and in the "
@@ -69,6 +71,22 @@ def load_records(section: DataSection, recipe_dir: Path):
     if section.max_examples:
         records = records.select(range(min(section.max_examples, len(records))))
     return records
+
+
+def _check_file(path: Path) -> None:
+    """What `datasets` reports badly (an empty file as StopIteration, a bad JSON line with its row number in a
+    separate log line), said in one line with the file and line number."""
+    if path.stat().st_size == 0:
+        raise RetrofitError(f"data file {path} is empty")
+    if path.suffix.lower() != ".jsonl":
+        return
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RetrofitError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _require_fields(records, fields: list[str], path: str) -> None:

@@ -24,6 +24,7 @@ from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.model_dir import converted_config, write_model_directory
 from retrofit.io.sources import Source, resolve_source
+from retrofit.io.writer import check_writable
 from retrofit.models.llada_moe import hub_state_dict
 from retrofit.routers import TokenChoiceRouter
 from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -70,6 +71,7 @@ class Finetune:
                  resume: bool = False):
         self.recipe, self.recipe_text, self.progress, self.resume = recipe, recipe_text, progress, resume
         self.output_dir = Path(recipe.checkpoint.output_dir).expanduser().resolve()
+        check_writable(self.output_dir, "checkpoint.output_dir")
         # Decide about existing checkpoints before the expensive part, so a mistake fails at once.
         self.resume_from = latest_checkpoint(self.output_dir)
         if resume and self.resume_from is None:
