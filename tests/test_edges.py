@@ -179,3 +179,15 @@ def test_eval_contexts_are_cut_to_the_models_own_length(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING):
         ctx, cont = lm.encode_pair("x" * 5000, " y")
     assert len(ctx) + len(cont) == 1024 and not caplog.records
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
+    import retrofit.io.model_dir as model_dir
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_dir, "save_tensors", full)  # router.safetensors is the one file convert writes
+    line = one_line_error(convert(tiny_dir, tmp_path / "ec"))
+    assert "the disk is full; nothing was kept" in line
+    assert not (tmp_path / "ec").exists() and not list(tmp_path.glob(".ec.*"))

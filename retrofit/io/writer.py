@@ -4,6 +4,7 @@ directory that looks like a good checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -43,6 +44,26 @@ def check_destination(out: Path, force: bool) -> None:
         raise RetrofitError(f"output path {out} exists and is not a directory")
 
 
+_WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                   errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
+@contextmanager
+def write_failures_as_errors(what: Path) -> Iterator[None]:
+    """A full disk, a quota or a read-only file system met while writing ``what`` becomes one line (safetensors
+    raises its own error type with the OS message inside)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_FAILURES:
+            raise
+        raise RetrofitError(f"writing {what} failed: {_WRITE_FAILURES[exc.errno]}; nothing was kept") from None
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError" and "No space left" in str(exc):
+            raise RetrofitError(f"writing {what} failed: the disk is full; nothing was kept") from None
+        raise
+
+
 @contextmanager
 def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``out``, on any failure it is deleted."""
@@ -52,7 +73,8 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
     remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        yield tmp
+        with write_failures_as_errors(out):
+            yield tmp
         _apply_umask(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

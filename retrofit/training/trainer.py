@@ -24,7 +24,7 @@ from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.model_dir import converted_config, write_model_directory
 from retrofit.io.sources import Source, resolve_source
-from retrofit.io.writer import check_writable
+from retrofit.io.writer import check_writable, write_failures_as_errors
 from retrofit.models.llada_moe import hub_state_dict
 from retrofit.routers import TokenChoiceRouter
 from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -257,7 +257,8 @@ class Finetune:
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir()
-        write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
+        with write_failures_as_errors(self.output_dir):
+            write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
         if self.recipe.trainable.mode == "routers+lora":
             self.model.save_pretrained(str(partial / "adapter"))
         # Move into place with config.json last: the directory only looks complete once everything is there.
