@@ -342,10 +342,15 @@ def evaluate(
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
                                                                  "(default: out/eval/<model>-<tasks>.json)."),
+    per_subject: bool = typer.Option(False, "--per-subject", help="Show every MMLU subject in the table (the "
+                                                                  "JSON file always has them)."),
+    write_tasks: Optional[Path] = typer.Option(None, "--write-tasks", help="Only write the offline task files "
+                                               "for --tasks and --data-dir into this folder, for `lm_eval "
+                                               "--model retrofit --include_path DIR`; no model is loaded."),
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
-    from retrofit.eval.runner import run_eval, write_record
+    from retrofit.eval.runner import prepared_tasks, run_eval, write_record
     from retrofit.io.writer import check_writable
 
     if remasking not in ("low_confidence", "random"):
@@ -355,14 +360,18 @@ def evaluate(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
+    if write_tasks is not None:
+        _write_task_files(names, data_dir, write_tasks)
+        return
     output = output or Path("out") / "eval" / f"{Path(model).name}-{'-'.join(names)}.json"
     check_writable(output.parent, "the results into")
-    with err_console.status("loading model"):
-        lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
-                        block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
-                        router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
-    record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
-    out_console.print(_results_table(record))  # before writing: a failed write must not lose the results
+    with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
+        with err_console.status("loading model"):
+            lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
+                            block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
+                            router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
+        record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
+    out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
     write_record(record, output)
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
@@ -370,11 +379,28 @@ def evaluate(
     out_console.print(f"[green]wrote[/] {escape(str(output))}")
 
 
-def _results_table(record: dict) -> Table:
+def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path) -> None:
+    from retrofit.eval.tasks import expand, write_local_tasks
+
+    if data_dir is None:
+        raise RetrofitError("--write-tasks needs --data-dir: the task files point lm-eval at local data")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = write_local_tasks(expand(names), data_dir, folder)
+    if not written:
+        raise RetrofitError(f"no offline variant for {', '.join(names)}; offline variants exist for mmlu, arc, gsm8k")
+    tasks = ",".join(written.values())
+    out_console.print(f"[green]wrote[/] {escape(str(folder))}: {escape(tasks)}")
+    out_console.print(f"run: lm_eval --model retrofit --model_args pretrained=DIR --include_path {escape(str(folder))} "
+                      f"--tasks {escape(tasks)}")
+
+
+def _results_table(record: dict, per_subject: bool = False) -> Table:
     table = Table(title=f"{record['model']}  ({record['router']['type']})")
     for col in ("task", "shots", "metric", "value", "stderr"):
         table.add_column(col)
     for task, metrics in record["results"].items():
+        if task.startswith("mmlu_") and not per_subject:
+            continue  # one MMLU row, as lm-eval's group view; --per-subject lists the 57 (and more groups)
         for metric, value in metrics.items():
             if metric.endswith("_stderr") or "_stderr[" in metric or metric == "num_fewshot":
                 continue

@@ -191,3 +191,32 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypa
     line = one_line_error(convert(tiny_dir, tmp_path / "ec"))
     assert "the disk is full; nothing was kept" in line
     assert not (tmp_path / "ec").exists() and not list(tmp_path.glob(".ec.*"))
+
+
+def test_an_unknown_task_is_refused_before_the_model_loads():
+    line = one_line_error(runner.invoke(app, ["eval", "--model", "./no-such-model", "--tasks", "gsm8k,nosuchtask",
+                                              "--data-dir", str(REPO.parent / "shared" / "data")]))
+    assert "unknown task 'nosuchtask'" in line
+
+
+def test_offline_task_files_for_lm_eval(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path / "tasks"
+    result = runner.invoke(app, ["eval", "--tasks", "gsm8k,arc", "--data-dir", str(REPO.parent / "shared" / "data"),
+                                 "--write-tasks", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "lm_eval --model retrofit" in result.output and "--include_path" in result.output
+    known = set(TaskManager(include_path=str(folder), include_defaults=False).all_tasks)
+    assert {"retrofit_gsm8k", "retrofit_arc_challenge", "retrofit_arc_easy"} <= known
+    assert "needs --data-dir" in one_line_error(runner.invoke(app, ["eval", "--tasks", "gsm8k", "--write-tasks",
+                                                                    str(folder)]))
+
+
+def test_mmlu_is_one_row_unless_per_subject():
+    from retrofit.cli import _results_table
+
+    record = {"model": "m", "router": {"type": "tc"},
+              "results": {"mmlu": {"acc": 0.3, "num_fewshot": 5}, "mmlu_anatomy": {"acc": 0.2, "num_fewshot": 5}}}
+    assert _results_table(record).row_count == 1
+    assert _results_table(record, per_subject=True).row_count == 2

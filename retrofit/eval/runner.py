@@ -7,7 +7,10 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from retrofit.errors import RetrofitError
 from retrofit.eval.tasks import DEFAULT_FEWSHOT, LOCAL_PREFIX, expand, write_local_tasks
@@ -54,19 +57,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
-             data_dir: Path | None = None) -> dict:
-    """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record."""
-    import lm_eval
+@dataclass
+class PreparedTasks:
+    names: list[str]  # lm-eval task names the user's names expand to
+    local: dict[str, str]  # lm-eval task name -> its offline variant
+    manager: object  # lm-eval's TaskManager that knows them all
+
+
+@contextmanager
+def prepared_tasks(tasks: list[str], data_dir: Path | None = None) -> Iterator[PreparedTasks]:
+    """Resolve task names (writing offline variants for ``data_dir``) and refuse unknown ones: done before a
+    model is loaded, so a misspelt task costs seconds, not a 7B load."""
     from lm_eval.tasks import TaskManager
 
-    import datasets
-
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    logging.getLogger("lm_eval.evaluator").addFilter(_asked_for_fewshot)
-    datasets.disable_progress_bars()
     names = expand(tasks)
-    record_tasks = {}
     with tempfile.TemporaryDirectory(prefix="retrofit-tasks-") as workdir:
         local = write_local_tasks(names, Path(data_dir), Path(workdir)) if data_dir else {}
         # Indexing lm-eval's own task tree parses thousands of YAML files (about 16 s here); the local variants
@@ -77,18 +81,35 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
         for name in names:
             if local.get(name, name) not in known:
                 raise RetrofitError(f"unknown task {name!r}; use mmlu, arc, gsm8k or an lm-eval task name")
-        for user_name in names:
-            task = local.get(user_name, user_name)
-            shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
-            try:
-                out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
-                                              task_manager=manager, log_samples=False, bootstrap_iters=1000)
-            except RetrofitError:
-                raise
-            except Exception as exc:
-                raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-            record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+        yield PreparedTasks(names, local, manager)
+
+
+def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
+             data_dir: Path | None = None, prepared: PreparedTasks | None = None) -> dict:
+    """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record."""
+    if prepared is None:
+        with prepared_tasks(tasks, data_dir) as prepared:
+            return run_eval(lm, tasks, limit, num_fewshot, data_dir, prepared)
+    import lm_eval
+
+    import datasets
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval.evaluator").addFilter(_asked_for_fewshot)
+    datasets.disable_progress_bars()
+    record_tasks = {}
+    for user_name in prepared.names:
+        task = prepared.local.get(user_name, user_name)
+        shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
+                                          task_manager=prepared.manager, log_samples=False, bootstrap_iters=1000)
+        except RetrofitError:
+            raise
+        except Exception as exc:
+            raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
     return {
         "model": str(lm.path),
         "weights_sha256": weights_hash(lm.path),
