@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help (click's formatter): rich's boxed tables cut option names and choices at 80 columns.
+    rich_markup_mode=None,
 )
 out_console = Console()
 err_console = Console(stderr=True)
@@ -100,8 +102,9 @@ def convert(
                                                               "(dMoE block routing) or tc (the checkpoint's own)."),
     capacity_factor: float = typer.Option(1.0, "--capacity-factor", help="EC: capacity C = L*k/E times this; "
                                                                          "1.0 matches TC's FLOPs."),
-    schedule: ScheduleChoice = typer.Option(ScheduleChoice.constant, "--schedule",
-                                            help="EC: capacity as a function of the mask ratio."),
+    schedule: ScheduleChoice = typer.Option(ScheduleChoice.constant, "--schedule", metavar="NAME",
+                                            help="EC: capacity as a function of the mask ratio: "
+                                                 + ", ".join(c.value for c in ScheduleChoice) + "."),
     k_min: Optional[int] = typer.Option(None, "--k-min", help="EC schedule: experts per token at s(r)=0 "
                                                               "(default: the checkpoint's top-k)."),
     k_max: Optional[int] = typer.Option(None, "--k-max", help="EC schedule: experts per token at s(r)=1."),
@@ -254,6 +257,7 @@ def finetune(
     """Router-only fine-tuning (optionally + LoRA) of a converted model from a YAML recipe."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from retrofit.progress import PlainProgress
     from retrofit.training.recipe import load_recipe
     from retrofit.training.trainer import Finetune
 
@@ -263,6 +267,7 @@ def finetune(
     with err_console.status("loading model and data"):
         job = Finetune(parsed, recipe_dir, recipe.read_text(), resume=resume)
     tokens_per_step = parsed.optim.batch_size * parsed.optim.grad_accum * parsed.data.seq_len
+    plain = PlainProgress(err_console, "finetune steps", parsed.optim.max_steps)  # for logs, not terminals
     with Progress(*columns, console=err_console) as bar:
         task = bar.add_task("", total=parsed.optim.max_steps)
         first: dict[str, float] = {}  # step and time of the first report (a resumed run starts mid-way)
@@ -273,6 +278,7 @@ def finetune(
             steps = done - first["step"]
             rate = tokens_per_step * steps / max(bar.get_time() - first["time"], 1e-9) if steps else 0.0
             bar.update(task, completed=done, description=f"loss {values['diffusion']:.4f}  {rate:,.0f} tok/s")
+            plain.update(done, f"loss {values['diffusion']:.4f}, {rate:,.0f} tok/s")
 
         job.progress = report
         try:

@@ -144,9 +144,17 @@ def test_help_explains_commands():
     assert "convert" in result.output and "create-tiny" in result.output
     result = run("convert", "--help")
     assert "--capacity-factor" in result.output and "--dry-run" in result.output
-    # Defaults named in the help text survive rich's markup (square brackets would be eaten as tags).
-    assert "(default: out/<src>-<router>)" in result.output
-    assert "(default: gen-length)" in run("eval", "--help").output
+    # Defaults named in the help text survive (square brackets would be eaten by rich markup).
+    assert "(default: out/<src>-<router>)" in " ".join(result.output.split())
+    assert "(default: gen-length)" in " ".join(run("eval", "--help").output.split())
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["create-tiny"], ["finetune"], ["validate"], ["eval"]])
+def test_help_reads_at_80_columns(command):
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert all(len(line) <= 80 for line in result.output.splitlines()), result.output
+    assert "<bool>" not in result.output and "…" not in result.output
 
 
 def test_error_text_is_printed_verbatim():

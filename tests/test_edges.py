@@ -220,3 +220,13 @@ def test_mmlu_is_one_row_unless_per_subject():
               "results": {"mmlu": {"acc": 0.3, "num_fewshot": 5}, "mmlu_anatomy": {"acc": 0.2, "num_fewshot": 5}}}
     assert _results_table(record).row_count == 1
     assert _results_table(record, per_subject=True).row_count == 2
+
+
+def test_progress_reaches_a_log_file(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROFIT_PROGRESS_SECONDS", "0")
+    path = write_recipe(tmp_path, tiny_dir)
+    result = runner.invoke(app, ["finetune", str(path), "optim.max_steps=3"])  # CliRunner output is no terminal
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("finetune steps:")]
+    assert lines[0] == "finetune steps: 3 to do" and lines[-1].startswith("finetune steps: 3/3, loss ")
+    assert any("ETA" in line for line in lines[1:-1])

@@ -19,6 +19,7 @@ from retrofit.eval.sampler import SamplerSettings, apply_stop, generate
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.sources import resolve_source
+from retrofit.progress import PlainProgress
 from retrofit.routers import RouterSettings
 from retrofit.training.data import load_tokenizer
 
@@ -118,7 +119,15 @@ class RetrofitLM(LM):
     def _progress(self, total: int, what: str):
         progress = Progress(disable=not self.show_progress, transient=True)
         task = progress.add_task(what, total=total)
-        return progress, lambda: progress.advance(task)
+        if not self.show_progress:
+            return progress, lambda: progress.advance(task)
+        plain = PlainProgress(progress.console, what, total)  # lines in a log, where the bar shows nothing
+
+        def advance():
+            progress.advance(task)
+            plain.update(int(progress.tasks[0].completed))
+
+        return progress, advance
 
     # ------------------------------------------------------------------------------ lm-eval API
 
