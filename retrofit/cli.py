@@ -378,6 +378,8 @@ def evaluate(
                             router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
+    if limit is not None and "mmlu" in names:
+        out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
     write_record(record, output)
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "

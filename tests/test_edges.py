@@ -230,3 +230,42 @@ def test_progress_reaches_a_log_file(tiny_dir, tmp_path, monkeypatch):
     lines = [line for line in result.output.splitlines() if line.startswith("finetune steps:")]
     assert lines[0] == "finetune steps: 3 to do" and lines[-1].startswith("finetune steps: 3/3, loss ")
     assert any("ETA" in line for line in lines[1:-1])
+
+
+def test_demo_table_reads_at_80_columns():
+    from rich.console import Console
+
+    from retrofit.demo import table
+
+    row = {"results": {"gsm8k": {"exact_match[flexible-extract]": 0.125}, "arc_challenge": {"acc": 0.25},
+                       "arc_easy": {"acc": 0.5}, "mmlu": {"acc": 0.283}},
+           "heldout_loss": 4.458, "unique_experts": 8.0, "unique_experts_per_block": 7.33, "tokens_per_s": 123.0}
+    console = Console(width=80, record=True)
+    console.print(table({"TC (checkpoint)": row, "block (32, guard 2)": row}, ["gsm8k", "arc", "mmlu"]))
+    text = console.export_text()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    assert "block (32, guard 2)" in text and "123" in text
+
+
+def test_ctrl_c_at_start_up_is_one_line(monkeypatch, capsys):
+    import retrofit.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_eval_says_that_limit_counts_per_mmlu_subject(tiny_dir, tmp_path):
+    from tests.conftest import write_arc_mmlu
+
+    data = write_arc_mmlu(tmp_path / "data")
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "mmlu", "--limit", "1", "--mc-num", "2",
+                                 "--data-dir", str(data), "--output", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "--limit 1 applies per MMLU subject" in result.output
+    assert "mmlu_anatomy" not in result.output, "one MMLU row in the table"
