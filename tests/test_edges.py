@@ -269,3 +269,13 @@ def test_eval_says_that_limit_counts_per_mmlu_subject(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "--limit 1 applies per MMLU subject" in result.output
     assert "mmlu_anatomy" not in result.output, "one MMLU row in the table"
+
+
+def test_lm_evals_per_subject_fewshot_notice_is_filtered():
+    from retrofit.eval.runner import _asked_for_fewshot
+
+    def record(message, *args):
+        return logging.LogRecord("lm_eval.evaluator", logging.WARNING, __file__, 1, message, args, None)
+
+    assert not _asked_for_fewshot(record("Overwriting default num_fewshot of %s from %s to %s", "mmlu_x", None, 5))
+    assert _asked_for_fewshot(record("something else went wrong"))
