@@ -66,17 +66,18 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
         prefix = f"model.layers.{i}."
         names = [n for n in ckpt.weight_map if n.startswith(prefix)]
         fill_from_checkpoint(layer, ckpt, names, lambda n: n.removeprefix(prefix))
-        _check_finite(layer, ckpt, prefix)
         for v, (variant, build) in enumerate(zip(variants, routers)):
             layer.mlp.gate = build(variant.read([prefix + "mlp.gate.weight"])[prefix + "mlp.gate.weight"])
             streams[v] = layer(streams[v], *layer_args)
+        if not all(bool(torch.isfinite(x).all()) for x in streams):
+            _check_finite(layer, ckpt, prefix)  # only then: scanning every weight costs time and memory
     return [_head(ckpt, config, shell.model.norm(x)) for x in streams]
 
 
 def _check_finite(layer: torch.nn.Module, ckpt: CheckpointDir, prefix: str) -> None:
     """A damaged checkpoint is named as such, not reported as a difference of the copy."""
     for name, param in layer.named_parameters():
-        if not torch.isfinite(param).all():
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in param.reshape(-1).split(1 << 24)):
             raise RetrofitError(f"the checkpoint at {ckpt.path} holds NaN or inf values in {prefix}{name}; it is "
                                 "damaged (download it again)")
 
