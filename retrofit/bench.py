@@ -146,8 +146,8 @@ def routed(layer: MoeLayer, settings: RouterSettings) -> Implementation:
 
 
 def implementations(layer: MoeLayer) -> dict[str, Implementation]:
-    """The rows of the layer table (EC in both of its orders); the loop re-implements the TC router's choice inline, as the
-    reference code does, so the TC router only counts its pairs."""
+    """The rows of the layer table (EC in both of its orders); the loop re-implements the TC router's choice
+    inline, as the reference code does, so the TC router only counts its pairs."""
     tc = RouterSettings(type="tc")
     return {
         LOOP: Implementation(layer.router(tc), partial(tc_loop, layer)),

@@ -126,8 +126,9 @@ def hash_worker(model_dir: str) -> None:
 
 
 def _hwm() -> int:
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    from retrofit.bench import proc_status_kib
+
+    return proc_status_kib("VmHWM") * 1024
 
 
 # ------------------------------------------------------------------------------------------- the run

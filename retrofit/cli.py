@@ -143,7 +143,8 @@ def convert(
     out_console.print(f"  {report.shards.summary()}")
     if verify:
         same = {True: "bit-identical to the source",
-                None: f"finite, and up to {report.max_logit_diff:.3g} from the source's (expected: the routing changed)"}
+                None: f"finite, and up to {report.max_logit_diff:.3g} from the source's "
+                      "(expected: the routing changed)"}
         out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits "
                           f"{same[report.logits_identical]}")
 

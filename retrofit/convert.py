@@ -81,26 +81,29 @@ def _check_target(config: LLaDAMoEConfig, target: RouterSettings) -> None:
         raise RetrofitError(f"router settings do not fit this model: {exc}") from None
 
 
-def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> dict[str, torch.Tensor]:
-    """Each layer's new router, initialised from the checkpoint's gate weight, as Hub-named tensors."""
+def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Each layer's new router, initialised from the checkpoint's gate weight, as Hub-named tensors, and the
+    names of those that differ from the checkpoint's (usually none: a router swap keeps the gate weights)."""
     cfg = plan.config
-    out = {}
-    for swap, (name, weight) in zip(plan.swaps, ckpt.read([s.name for s in plan.swaps]).items()):
+    source = ckpt.read([s.name for s in plan.swaps])
+    out, changed = {}, set()
+    for name, weight in source.items():
         router = build_router(plan.target, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
         router.weight = torch.nn.Parameter(weight, requires_grad=False)
         for key, tensor in router.state_dict().items():
-            out[name.removesuffix(".weight") + "." + key] = tensor.to(weight.dtype)
-    return out
+            full = name.removesuffix(".weight") + "." + key
+            out[full] = tensor.to(weight.dtype)
+            if full not in source or not torch.equal(out[full], source[full]):
+                changed.add(full)
+    return out, changed
 
 
 def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify: bool = True,
             step: Callable[[str], None] = lambda msg: None) -> ConversionReport:
     ckpt = CheckpointDir(plan.source.path)
     check_destination(plan.out.expanduser().resolve(), force)
-    routers = new_router_tensors(ckpt, plan)
-    # Routers keep the checkpoint's gate weights, so usually no tensor changes and every shard is a hard link.
-    source = ckpt.read(list(routers))
-    changed = {n: t for n, t in routers.items() if t.dtype != source[n].dtype or not torch.equal(t, source[n])}
+    routers, differ = new_router_tensors(ckpt, plan)
+    changed = {name: routers[name] for name in differ}  # usually none: then every shard is a hard link
     config = converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
     with atomic_directory(plan.out, force=force) as tmp:
         shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step)
@@ -121,7 +124,7 @@ def _verify(src: CheckpointDir, out: CheckpointDir, plan: ConversionPlan, router
         if not torch.equal(written[name], tensor):
             raise RetrofitError(f"verification failed: router tensor {name} was not written as built")
     ids = probe_input(plan.config)
-    dtype = src.read([plan.swaps[0].name])[plan.swaps[0].name].dtype  # compute as the checkpoint is stored
+    dtype = next(iter(routers.values())).dtype  # compute as the checkpoint is stored (routers keep its dtype)
     src_logits, out_logits = streamed_logits_many(src, ids, [src, out], dtype=dtype)
     if not torch.isfinite(src_logits).all():
         raise RetrofitError(f"the source checkpoint {src.path} itself produces non-finite logits (its weights hold "

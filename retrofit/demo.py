@@ -82,8 +82,9 @@ def evaluate_variant(model: str, router: dict, tasks: list[str], limit: int, hel
 def table(rows: dict[str, dict], tasks: list[str]) -> Table:
     """The comparison, narrow enough for an 80-column terminal or log (short headers, explained below it)."""
     out = Table(title="retrofit demo: tiny model, TC vs EC vs EC fine-tuned vs block", box=box.SIMPLE_HEAD,
-                collapse_padding=True, pad_edge=False, show_edge=False, caption="acc / exact match (flexible) per task; loss: held-out nats/token; "
-                "experts: unique per layer and forward, per 32-token block; tok/s: generation")
+                collapse_padding=True, pad_edge=False, show_edge=False,
+                caption="acc / exact match (flexible) per task; loss: held-out nats/token; "
+                        "experts: unique per layer and forward, per 32-token block; tok/s: generation")
     out.add_column("variant", no_wrap=True)
     metrics = [("gsm8k", "exact_match[flexible-extract]", "gsm8k")]
     if "arc" in tasks:

@@ -30,15 +30,21 @@ def weights_hash(directory: Path) -> str:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    digest = hashlib.sha256()
+    digest, learned = hashlib.sha256(), False
     for path in sorted(directory.glob("*.safetensors")):
         if path.name == "router.safetensors":
             continue  # a copy of tensors already in the shards
         st = path.stat()
         key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         if key not in cache:
-            cache[key] = _file_sha256(path)
+            cache[key], learned = _file_sha256(path), True
         digest.update(path.name.encode() + b"\0" + cache[key].encode())
+    if learned:
+        _save_hash_cache(cache_path, cache)
+    return digest.hexdigest()
+
+
+def _save_hash_cache(cache_path: Path, cache: dict) -> None:
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(f".{os.getpid()}.partial")
@@ -46,7 +52,6 @@ def weights_hash(directory: Path) -> str:
         tmp.replace(cache_path)
     except OSError:
         pass  # a read-only cache only costs the re-hash next time
-    return digest.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -156,4 +161,5 @@ def write_record(record: dict, output: Path) -> None:
         tmp.replace(output)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise RetrofitError(f"cannot write the results to {output}: {exc.strerror}; the table above holds them") from None
+        raise RetrofitError(f"cannot write the results to {output}: {exc.strerror}; "
+                            "the table above holds them") from None

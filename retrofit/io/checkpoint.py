@@ -139,7 +139,7 @@ class CheckpointDir:
             for i, row in enumerate(rows):
                 if not 0 <= row < entry.shape[0]:
                     raise RetrofitError(f"row {row} is outside {name} ({entry.shape[0]} rows)")
-                if rows[i - 1] + 1 != row or i == 0:  # consecutive rows need no seek
+                if i == 0 or rows[i - 1] + 1 != row:  # consecutive rows need no seek
                     f.seek(entry.start + row * row_bytes)
                 f.readinto(memoryview(buffer[i]).cast("B"))
         return out

@@ -22,7 +22,7 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
 from retrofit.io.safetensors_file import read_header
 from retrofit.io.tokenizer_files import copy_tokenizer_files
-from retrofit.io.writer import save_tensors, write_index, write_json
+from retrofit.io.writer import WRITE_FAILURES, save_tensors, write_index, write_json
 from retrofit.models.llada_moe import MODEL_TYPE
 from retrofit.routers import RouterSettings
 
@@ -35,10 +35,6 @@ class WrittenShards:
     copied: list[str]  # unchanged, copied (the source is on another file system)
     patched: list[str]  # copied, then the changed tensors' bytes overwritten in place
     rewritten: list[str]  # re-serialised (a changed tensor has a new dtype or shape)
-
-    @property
-    def unchanged(self) -> list[str]:
-        return self.linked + self.copied
 
     def summary(self) -> str:
         parts = [f"{len(self.linked)} hard-linked", f"{len(self.copied)} copied"]
@@ -78,8 +74,12 @@ def _copy_file(src: Path, dest: Path) -> None:
                 if done == 0:
                     raise OSError("copy_file_range made no progress")
                 remaining -= done
-    except (OSError, AttributeError):
+    except AttributeError:  # no copy_file_range on this platform
         shutil.copyfile(src, dest)
+    except OSError as exc:
+        if exc.errno in WRITE_FAILURES:
+            raise  # a copy by other means would fail the same way, after as much work again
+        shutil.copyfile(src, dest)  # the kernel copy is not supported here (e.g. EXDEV, EOPNOTSUPP)
 
 
 def _patch(path: Path, changed: dict[str, torch.Tensor]) -> None:
@@ -123,7 +123,7 @@ def write_model_directory(src: CheckpointDir, dest: Path, changed: dict[str, tor
             step(f"rewrite {shard}")
             tensors = src.read_shard(shard)
             for name, tensor in mine.items():
-                size_change += tensor.element_size() * tensor.numel() - tensors[name].element_size() * tensors[name].numel()
+                size_change += tensor.nbytes - tensors[name].nbytes
                 tensors[name] = tensor
             save_tensors(dest / shard, tensors, src.shard_metadata(shard))
             del tensors

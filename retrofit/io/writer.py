@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from retrofit.errors import RetrofitError, warn
 from retrofit.io.checkpoint import INDEX_NAME, SINGLE_SHARD
+from retrofit.io.safetensors_file import DTYPES
 
 
 def check_writable(path: Path, what: str = "to") -> None:
@@ -44,7 +45,7 @@ def check_destination(out: Path, force: bool) -> None:
         raise RetrofitError(f"output path {out} exists and is not a directory")
 
 
-_WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
                    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
 
 
@@ -55,9 +56,9 @@ def write_failures_as_errors(what: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _WRITE_FAILURES:
+        if exc.errno not in WRITE_FAILURES:
             raise
-        raise RetrofitError(f"writing {what} failed: {_WRITE_FAILURES[exc.errno]}; nothing was kept") from None
+        raise RetrofitError(f"writing {what} failed: {WRITE_FAILURES[exc.errno]}; nothing was kept") from None
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError" and "No space left" in str(exc):
             raise RetrofitError(f"writing {what} failed: the disk is full; nothing was kept") from None
@@ -171,20 +172,7 @@ def write_index(directory: Path, weight_map: dict[str, str], total_size: int) ->
 
 # --- Streaming writes: one tensor (or one chunk of one) in memory at a time -----------------------------------
 
-SAFETENSORS_DTYPES = {
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+SAFETENSORS_DTYPES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,13 @@ class Router(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: RoutingContext) -> Routing:
         """``hidden``: ``[B, L, d]`` → :class:`Routing` over the ``B * L`` flat tokens."""
         logits = self.logits(hidden)
-        routing = self.select(self.probabilities(logits), ctx)
+        routing = self.route(logits, ctx)
         routing.logits = logits.reshape(-1, self.num_experts)
         return routing
+
+    def route(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """The gate's logits ``[B, L, E]`` → :class:`Routing`; by default :meth:`select` on the fp32 softmax."""
+        return self.select(self.probabilities(logits), ctx)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
         """``probs``: fp32 ``[B, L, E]`` → :class:`Routing`."""

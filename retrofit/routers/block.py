@@ -25,7 +25,8 @@ class BlockRouter(Router):
     """Gates are the token's own probabilities on its k chosen experts, raw as the checkpoint's own token
     choice gives them (LLaDA-MoE does not renormalise its top-k gates, so neither does a router that replaces
     its own); ``renormalize=True`` renormalises them over the k, as dMoE's LLaDA2.0 router does. Measured on
-    the embedded ``tiny`` (held-out nats/token, TC 4.458): guard 2 raw 4.724 vs renormalised 4.786. A block without any valid token (all padding) has an all-zero vote: every expert's cumulative
+    the embedded ``tiny`` (held-out nats/token, TC 4.458): guard 2 raw 4.724 vs renormalised 4.786.
+    A block without any valid token (all padding) has an all-zero vote: every expert's cumulative
     vote is 0 ≤ p, so its core set is every expert *(choice: its padding tokens then route like token choice)*.
     Ties in the vote (zero votes, in practice) are broken by the lower expert id (stable sort)."""
 

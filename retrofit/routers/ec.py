@@ -48,13 +48,10 @@ class ExpertChoiceRouter(Router):
         self.schedule = settings.schedule
         self.order = settings.ec_order
 
-    def forward(self, hidden: torch.Tensor, ctx: RoutingContext) -> Routing:
+    def route(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
         if self.order == "softmax-then-topk":
-            return super().forward(hidden, ctx)
-        logits = self.logits(hidden)
-        routing = self.select_by_logits(logits.float(), ctx)
-        routing.logits = logits.reshape(-1, self.num_experts)
-        return routing
+            return super().route(logits, ctx)
+        return self.select_by_logits(logits.float(), ctx)
 
     def select_by_logits(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
         """EC-DLM's order: each expert takes its top-C_b tokens by raw logit; a chosen pair's gate is the softmax
