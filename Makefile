@@ -23,14 +23,14 @@ test: setup
 
 # CPU benchmark of the MoE paths (several minutes); results in bench/results/bench.{md,json}.
 bench: setup
-	$(PY) -m retrofit.bench --out bench/results
+	$(PY) -m retrofit.tools.bench --out bench/results
 
 # The real model's size (not part of `make test`): convert, load, forward, finetune and eval a random
 # LLaDA-MoE-7B-A1B snapshot (written on first use, 14.7 GB; ~30 GB of disk in all); results in
 # bench/results/bench-7b.{md,json}. SNAPSHOT=DIR reuses a snapshot made by `retrofit create-tiny --preset llada-moe-7b`.
 SNAPSHOT ?= out/llada-moe-7b-random
 bench-7b: setup
-	$(PY) -m retrofit.bench_7b --snapshot $(SNAPSHOT) --out bench/results
+	$(PY) -m retrofit.tools.bench_7b --snapshot $(SNAPSHOT) --out bench/results
 
 # Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~15 min on 2 cores).
 tiny: setup
@@ -39,12 +39,12 @@ tiny: setup
 		--shard-kb 100000
 	rm -rf out/tiny-pretrain
 	$(VENV)/bin/retrofit finetune recipes/tiny-pretrain.yaml
-	$(PY) -m retrofit.embedded out/tiny-pretrain
+	$(PY) -m retrofit.tools.embedded out/tiny-pretrain
 
 # The whole tool on the embedded tiny model: convert, fine-tune, evaluate, one comparison table.
-# Options go through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--limit 32"` (see `python -m retrofit.demo --help`).
+# Options go through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--limit 32"` (see `python -m retrofit.tools.demo --help`).
 demo: setup
-	$(PY) -m retrofit.demo $(DEMO_ARGS)
+	$(PY) -m retrofit.tools.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -4,9 +4,9 @@ become one red line and exit status 1, never a traceback."""
 from __future__ import annotations
 
 import functools
+import inspect
 import shlex
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -31,30 +31,6 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-class RouterChoice(str, Enum):
-    tc = "tc"
-    ec = "ec"
-    block = "block"
-
-
-class ECOrderChoice(str, Enum):
-    softmax_then_topk = "softmax-then-topk"
-    topk_then_softmax = "topk-then-softmax"
-
-
-class ScheduleChoice(str, Enum):
-    constant = "constant"
-    linear = "linear"
-    linear_reverse = "linear-reverse"
-    cosine = "cosine"
-    cosine_reverse = "cosine-reverse"
-    bell = "bell"
-    gaussian = "gaussian"
-    gaussian_reverse = "gaussian-reverse"
-    step = "step"
-    step_reverse = "step-reverse"
-
-
 def user_errors(command):
     """Turn the errors a user can cause into one line on stderr and exit status 1."""
 
@@ -77,58 +53,64 @@ def user_errors(command):
     return wrapper
 
 
-def _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length, core_threshold,
-                     guard_size, ec_order):
-    from retrofit.routers import RouterSettings
+def router_options(command):
+    """Give ``command`` one option per router setting of every registered router (``retrofit.routers.flags``),
+    with the same names and help in every command that takes them; the values the user gave reach the command
+    as one ``router_flags`` dict (name -> value; flags left out are absent)."""
+    from retrofit.routers.flags import router_flags
 
-    return RouterSettings.model_validate({
-        "type": router.value,
-        "capacity_factor": capacity_factor,
-        "per_batch": per_batch,
-        "ec_order": ec_order.value,
-        "schedule": {"name": schedule.value, "k_min": k_min, "k_max": k_max},
-        "block_length": block_length,
-        "core_threshold": core_threshold,
-        "guard_size": guard_size,
-    })
+    flags = router_flags()
+    original = inspect.signature(command)
+    params = [p for p in original.parameters.values() if p.name != "router_flags"]
+    for flag in flags:
+        names = [f"{flag.flag}/--no-{flag.flag[2:]}"] if flag.kind is bool else [flag.flag]
+        metavar = None if flag.kind is bool else ("NAME" if flag.choices else flag.kind.__name__.upper())
+        option = typer.Option(None, *names, help=flag.help, metavar=metavar, show_default=False)
+        params.append(inspect.Parameter(flag.dest, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[flag.kind]))
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {f.dest: kwargs.pop(f.dest) for f in flags if kwargs.get(f.dest) is not None}
+        kwargs.pop("router_flags", None)
+        for f in flags:
+            kwargs.pop(f.dest, None)
+        return command(*args, router_flags=given, **kwargs)
+
+    wrapper.__signature__ = original.replace(parameters=params)
+    return wrapper
+
+
+def _router_names() -> str:
+    from retrofit.routers import ROUTERS
+
+    return ", ".join(ROUTERS)
 
 
 @app.command()
 @user_errors
+@router_options
 def convert(
     src: str = typer.Option(..., "--src", help="Registry name (llada-moe, llada-moe-instruct, tiny), Hub id "
                                                "(org/name) or local checkpoint directory."),
-    router: RouterChoice = typer.Option(..., "--router", help="Router to install: ec (expert choice), block "
-                                                              "(dMoE block routing) or tc (the checkpoint's own)."),
-    capacity_factor: float = typer.Option(1.0, "--capacity-factor", help="EC: capacity C = L*k/E times this; "
-                                                                         "1.0 matches TC's FLOPs."),
-    schedule: ScheduleChoice = typer.Option(ScheduleChoice.constant, "--schedule", metavar="NAME",
-                                            help="EC: capacity as a function of the mask ratio: "
-                                                 + ", ".join(c.value for c in ScheduleChoice) + "."),
-    k_min: Optional[int] = typer.Option(None, "--k-min", help="EC schedule: experts per token at s(r)=0 "
-                                                              "(default: the checkpoint's top-k)."),
-    k_max: Optional[int] = typer.Option(None, "--k-max", help="EC schedule: experts per token at s(r)=1."),
-    per_batch: bool = typer.Option(False, "--per-batch", help="EC: experts choose over the whole batch."),
-    ec_order: ECOrderChoice = typer.Option(ECOrderChoice.softmax_then_topk, "--ec-order",
-                                           help="EC: rank tokens by softmax probability and gate with it, or "
-                                                "rank by raw logit and gate by a softmax over the experts that "
-                                                "chose the token (EC-DLM's default)."),
-    block_length: int = typer.Option(32, "--block-length", help="block: positions per routing block."),
-    core_threshold: float = typer.Option(0.6, "--core-threshold", help="block: cumulative vote kept (top-p)."),
-    guard_size: int = typer.Option(16, "--guard-size", help="block: minimum core-set size."),
+    router: str = typer.Option(..., "--router", metavar="NAME",
+                               help="Router to install: ec (expert choice), block (dMoE block routing), tc (the "
+                                    "checkpoint's own) or any registered router. Its settings are the flags "
+                                    "below, each marked with the routers it applies to."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: out/<src>-<router>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show which routers would be replaced."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the result and check it against "
                                                                    "the source."),
+    router_flags: dict = None,
 ):
     """Load a token-choice checkpoint, swap its routers, save a complete model directory."""
     from retrofit.convert import convert as run_convert
     from retrofit.convert import plan_conversion
-    from retrofit.io.sources import resolve_source
+    from retrofit.routers.flags import settings_from_flags
+    from retrofit.sources import resolve_source
 
-    target = _router_settings(router, capacity_factor, per_batch, schedule, k_min, k_max, block_length,
-                              core_threshold, guard_size, ec_order)
+    target = settings_from_flags(router, router_flags)
     source = resolve_source(src)
     plan = plan_conversion(source, target, out)
     if dry_run:
@@ -308,12 +290,12 @@ def validate(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides to apply first."),
 ):
     """Check a recipe (schema, overrides, data file, model source) without running it."""
-    from retrofit.io.sources import looks_like_path
-    from retrofit.training.recipe import load_recipe, resolve_path
+    from retrofit.io.paths import looks_like_path, resolve_path
+    from retrofit.training.recipe import load_recipe
 
     parsed, recipe_dir = load_recipe(recipe, overrides or [])
     data = parsed.data.path
-    if resolve_path(data, recipe_dir) is None and (data.startswith((".", "/", "~")) or "." in Path(data).suffix):
+    if resolve_path(data, recipe_dir) is None and looks_like_path(data):
         raise RetrofitError(f"{recipe}: data file not found: {data} (looked beside the recipe and in the working "
                             "directory)")
     source = parsed.model.source
@@ -327,6 +309,7 @@ def validate(
 
 @app.command("eval")
 @user_errors
+@router_options
 def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
     model: str = typer.Option("llada-moe", "--model", help="Model directory, Hub id or registry name "
@@ -337,14 +320,16 @@ def evaluate(
     mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),
     gen_length: int = typer.Option(256, "--gen-length", help="Tokens to generate."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: gen-length)."),
-    block_length: Optional[int] = typer.Option(None, "--block-length", help="Sampler block (default: gen-length)."),
+    denoise_block: Optional[int] = typer.Option(None, "--denoise-block", help="Sampler: tokens per denoising "
+                                                "block, generated left to right (default: gen-length)."),
     temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
     remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence or random."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the "
                                                                           "task's; mmlu 5)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
-    router: Optional[RouterChoice] = typer.Option(None, "--router", help="Evaluate with another router."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="EC capacity override."),
+    router: Optional[str] = typer.Option(None, "--router", metavar="NAME",
+                                         help="Evaluate with another router than the checkpoint's (tc, ec, block, "
+                                              "...); the router flags below override its settings."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
@@ -354,6 +339,7 @@ def evaluate(
     write_tasks: Optional[Path] = typer.Option(None, "--write-tasks", help="Only write the offline task files "
                                                "for --tasks and --data-dir into this folder, for `lm_eval "
                                                "--model retrofit --include_path DIR`; no model is loaded."),
+    router_flags: dict = None,
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
@@ -375,8 +361,8 @@ def evaluate(
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("loading model"):
             lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
-                            block_length=block_length, temperature=temperature, remasking=remasking, seed=seed,
-                            router=router.value if router else None, capacity_factor=capacity_factor, dtype=dtype)
+                            denoise_block=denoise_block, temperature=temperature, remasking=remasking, seed=seed,
+                            router=router, dtype=dtype, **router_flags)
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
     if limit is not None and "mmlu" in names:

@@ -19,11 +19,12 @@ from retrofit import __version__
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config
-from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, converted_config, write_model_directory
-from retrofit.io.sources import Source
+from retrofit.io.model_card import model_card as card
+from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, write_model_directory
 from retrofit.io.writer import atomic_directory, check_destination
-from retrofit.models.llada_moe import LLaDAMoEConfig, router_tensor_name
+from retrofit.models import ModelFamily, family_of
 from retrofit.routers import RouterSettings, build_router
+from retrofit.sources import Source
 from retrofit.verify import compare_tensors, probe_input, streamed_logits_many
 
 
@@ -39,10 +40,14 @@ class RouterSwap:
 @dataclass
 class ConversionPlan:
     source: Source
-    config: LLaDAMoEConfig
+    config: object  # the family's config class
     target: RouterSettings
     swaps: list[RouterSwap]
     out: Path
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.config)
 
 
 @dataclass
@@ -63,9 +68,10 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
     ckpt = CheckpointDir(source.path)
     config = checkpoint_config(ckpt)
     _check_target(config, target)
+    family = family_of(config)
     swaps = []
-    for layer in range(config.num_hidden_layers):
-        name = router_tensor_name(layer)
+    for layer in family.moe_layers(config):
+        name = family.router_tensor_name(layer)
         if name not in ckpt.weight_map:
             raise RetrofitError(f"checkpoint at {ckpt.path} has no router tensor {name}")
         dtype, shape = ckpt.tensor_info(name)
@@ -73,10 +79,15 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
     return ConversionPlan(source, config, target, swaps, Path(out) if out else default_out(source, target))
 
 
-def _check_target(config: LLaDAMoEConfig, target: RouterSettings) -> None:
+def _router(config, settings: RouterSettings):
+    return build_router(settings, config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                        family_of(config).scoring(config))
+
+
+def _check_target(config, target: RouterSettings) -> None:
     # Building one router surfaces settings the architecture cannot honour (e.g. block guard_size < top_k).
     try:
-        build_router(target, config.hidden_size, config.num_experts, config.num_experts_per_tok)
+        _router(config, target)
     except ValueError as exc:
         raise RetrofitError(f"router settings do not fit this model: {exc}") from None
 
@@ -84,11 +95,10 @@ def _check_target(config: LLaDAMoEConfig, target: RouterSettings) -> None:
 def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Each layer's new router, initialised from the checkpoint's gate weight, as Hub-named tensors, and the
     names of those that differ from the checkpoint's (usually none: a router swap keeps the gate weights)."""
-    cfg = plan.config
     source = ckpt.read([s.name for s in plan.swaps])
     out, changed = {}, set()
     for name, weight in source.items():
-        router = build_router(plan.target, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
+        router = _router(plan.config, plan.target)
         router.weight = torch.nn.Parameter(weight, requires_grad=False)
         for key, tensor in router.state_dict().items():
             full = name.removesuffix(".weight") + "." + key
@@ -104,7 +114,7 @@ def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify
     check_destination(plan.out.expanduser().resolve(), force)
     routers, differ = new_router_tensors(ckpt, plan)
     changed = {name: routers[name] for name in differ}  # usually none: then every shard is a hard link
-    config = converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
+    config = plan.family.converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
     with atomic_directory(plan.out, force=force) as tmp:
         shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step)
         report = ConversionReport(plan.out, shards, 0, None, 0.0)
@@ -139,19 +149,11 @@ def _verify(src: CheckpointDir, out: CheckpointDir, plan: ConversionPlan, router
 
 
 def model_card(plan: ConversionPlan, command: str) -> str:
-    src = plan.source.origin
-    base = f"base_model: {src}\n" if "/" in src and not Path(src).exists() else ""
     rows = "\n".join(f"| {s.layer} | `{s.name}` | {s.shard} |" for s in plan.swaps)
-    return f"""---
-library_name: retrofit
-{base}tags: [retrofit, llada-moe, mixture-of-experts, diffusion-language-model, {plan.target.type}-routing]
----
-# {plan.out.name}
-
-LLaDA-MoE checkpoint `{src}` with its token-choice routers replaced by **{plan.target.describe()}**, written
-by retrofit {__version__}. Only the routers changed, and they keep the source's gate weights (the same softmax
-scores; only who chooses differs): every tensor is byte-identical to the source, and the shards are hard
-links to (or copies of) the source's files.
+    body = f"""{plan.family.display_name} checkpoint `{plan.source.origin}` with its token-choice routers replaced by
+**{plan.target.describe()}**, written by retrofit {__version__}. Only the routers changed, and they keep the
+source's gate weights (the same scores; only who chooses differs): every tensor is byte-identical to the
+source, and the shards are hard links to (or copies of) the source's files.
 
 Made with:
 
@@ -176,3 +178,5 @@ model = transformers.AutoModel.from_pretrained("{plan.out.name}")
 |---|---|---|
 {rows}
 """
+    tags = [plan.family.name, "mixture-of-experts", "diffusion-language-model", f"{plan.target.type}-routing"]
+    return card(plan.out.name, body, base_model=plan.source.origin, tags=tags)

@@ -16,35 +16,30 @@ import torch
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, fill_from_checkpoint
-from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+from retrofit.models import family_of
+from retrofit.models.moe import SparseMoeBlock
+from retrofit.routers import build_router
 
 _HEAD_CHUNK_ROWS = 32768  # output-head rows per matmul: 128 MiB of fp32 weights at LLaDA-MoE's width
 
 
-def _one_layer_shell(config: LLaDAMoEConfig, dtype: torch.dtype) -> LLaDAMoEModelLM:
-    """A one-layer model whose embedding and head stay on the meta device (they are streamed instead)."""
-    fields = config.to_dict()
-    fields.update(num_hidden_layers=1, moe_layer_freq=[1])
-    shell_config = LLaDAMoEConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
+def _meta_model(config, dtype: torch.dtype):
+    """The whole model on the meta device (no memory): its layers are given memory one at a time."""
     with torch.device("meta"):
-        shell = LLaDAMoEModelLM(shell_config).to(dtype)
-    shell.model.layers.to_empty(device="cpu")
-    shell.model.norm.to_empty(device="cpu")
-    return shell.eval()
+        return family_of(config).model_class(config).to(dtype).eval()
 
 
-def _embed(ckpt: CheckpointDir, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _embed(ckpt: CheckpointDir, name: str, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The embedding of ``input_ids``, reading only the rows they use."""
     used, positions = input_ids.unique(return_inverse=True)
-    rows = ckpt.read_rows("model.embed_tokens.weight", used.tolist()).to(dtype)
+    rows = ckpt.read_rows(name, used.tolist()).to(dtype)
     return rows[positions]
 
 
-def _head(ckpt: CheckpointDir, config: LLaDAMoEConfig, hidden: torch.Tensor) -> torch.Tensor:
-    name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+def _head(ckpt: CheckpointDir, name: str, vocab_size: int, hidden: torch.Tensor) -> torch.Tensor:
     chunks = []
-    for start in range(0, config.vocab_size, _HEAD_CHUNK_ROWS):
-        rows = list(range(start, min(start + _HEAD_CHUNK_ROWS, config.vocab_size)))
+    for start in range(0, vocab_size, _HEAD_CHUNK_ROWS):
+        rows = list(range(start, min(start + _HEAD_CHUNK_ROWS, vocab_size)))
         chunks.append(torch.nn.functional.linear(hidden, ckpt.read_rows(name, rows).to(hidden.dtype)))
     return torch.cat(chunks, dim=-1)
 
@@ -56,22 +51,30 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
     """Logits on ``input_ids`` of each variant: ``ckpt``'s weights with the variant's routers (its router
     settings and router tensors). The variants' other tensors must equal ``ckpt``'s (see compare_tensors)."""
     config = checkpoint_config(ckpt)
-    shell = _one_layer_shell(config, dtype)
-    x0, layer_args = shell.model.prepare(input_ids, attention_mask, embeds=_embed(ckpt, input_ids, dtype))
-    fill_from_checkpoint(shell.model.norm, ckpt, ["model.norm.weight"], lambda n: "weight")
-    layer = shell.model.layers[0]
+    parts = _meta_model(config, dtype).streamed_parts()
+    x0, layer_args = parts.prepare(input_ids, attention_mask, embeds=_embed(ckpt, parts.embedding, input_ids, dtype))
+    norm_prefix, norm = parts.norm
+    norm.to_empty(device="cpu")
+    fill_from_checkpoint(norm, ckpt, [n for n in ckpt.weight_map if n.startswith(norm_prefix)],
+                         lambda n: n.removeprefix(norm_prefix))
+    family = family_of(config)
+    routed = set(family.moe_layers(config))
     routers = [_variant_router(v, config) for v in variants]
     streams = [x0] * len(variants)
-    for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}."
+    for i, (prefix, layer) in enumerate(parts.layers):
+        layer.to_empty(device="cpu")
         names = [n for n in ckpt.weight_map if n.startswith(prefix)]
         fill_from_checkpoint(layer, ckpt, names, lambda n: n.removeprefix(prefix))
+        block = next((m for m in layer.modules() if isinstance(m, SparseMoeBlock)), None) if i in routed else None
         for v, (variant, build) in enumerate(zip(variants, routers)):
-            layer.mlp.gate = build(variant.read([prefix + "mlp.gate.weight"])[prefix + "mlp.gate.weight"])
+            if block is not None:
+                name = family.router_tensor_name(i)
+                block.gate = build(variant.read([name])[name])
             streams[v] = layer(streams[v], *layer_args)
         if not all(bool(torch.isfinite(x).all()) for x in streams):
             _check_finite(layer, ckpt, prefix)  # only then: scanning every weight costs time and memory
-    return [_head(ckpt, config, shell.model.norm(x)) for x in streams]
+        layer.to(device="meta")  # give the layer's memory back before the next one is read
+    return [_head(ckpt, parts.head, config.vocab_size, norm(x)) for x in streams]
 
 
 def _check_finite(layer: torch.nn.Module, ckpt: CheckpointDir, prefix: str) -> None:
@@ -82,13 +85,12 @@ def _check_finite(layer: torch.nn.Module, ckpt: CheckpointDir, prefix: str) -> N
                                 "damaged (download it again)")
 
 
-def _variant_router(variant: CheckpointDir, base: LLaDAMoEConfig):
-    from retrofit.routers import build_router
-
+def _variant_router(variant: CheckpointDir, base):
     settings = checkpoint_config(variant).router_settings
+    scoring = family_of(base).scoring(base)
 
     def build(weight: torch.Tensor):
-        router = build_router(settings, base.hidden_size, base.num_experts, base.num_experts_per_tok)
+        router = build_router(settings, base.hidden_size, base.num_experts, base.num_experts_per_tok, scoring)
         router.weight = torch.nn.Parameter(weight, requires_grad=False)
         return router
 
@@ -101,7 +103,7 @@ def streamed_logits(ckpt: CheckpointDir, input_ids: torch.Tensor, attention_mask
     return streamed_logits_many(ckpt, input_ids, [ckpt], attention_mask, dtype)[0]
 
 
-def probe_input(config: LLaDAMoEConfig, length: int = 24, seed: int = 0) -> torch.Tensor:
+def probe_input(config, length: int = 24, seed: int = 0) -> torch.Tensor:
     """A fixed two-sequence input with some mask tokens, so timestep-aware routers see a real mask ratio."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(config.vocab_size, 256), (2, length), generator=gen)

@@ -3,18 +3,19 @@ Timings are only reported by the benchmark, never asserted here."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from retrofit import bench
-from retrofit.routers import RouterSettings
+from retrofit.routers import router_settings
+from retrofit.tools import bench, bench_report
 from tests.conftest import pairwise_experts
 
 TOKENS = 16
-BLOCK = RouterSettings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
+BLOCK = router_settings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
 DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
             num_experts_per_tok=2, expert_intermediate_size=16)
 
@@ -39,7 +40,7 @@ def test_implementations_agree():
         torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=0)
 
 
-def test_tables_and_report():
+def test_tables_and_report(tmp_path):
     layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
     results = {
         "environment": bench.environment(repeats=1),
@@ -65,7 +66,9 @@ def test_tables_and_report():
 
     results["targets"] = bench.targets(results, tokens=TOKENS)
     assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
-    text = bench.render(results)
+    text = bench_report.write_report(results, tmp_path / "results", bench.CEILING)
+    assert (tmp_path / "results" / "bench.md").read_text() == text
+    assert json.loads((tmp_path / "results" / "bench.json").read_text()) == results
     assert results["memory"]["ratio"] > 0
     for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## 4. Peak memory",
                     "## Targets"):

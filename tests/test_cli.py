@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import retrofit  # noqa: F401
 from retrofit.cli import app
-from retrofit.io import sources
+from retrofit import sources
 from tests.conftest import one_line_error
 
 runner = CliRunner(env={"COLUMNS": "200"})

@@ -12,14 +12,14 @@ from retrofit.convert import convert, plan_conversion
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
-from retrofit.io.sources import resolve_source
-from retrofit.routers import RouterSettings
+from retrofit.sources import resolve_source
+from retrofit.routers import router_settings
 from retrofit.verify import probe_input, streamed_logits
 from tests.conftest import random_ids
 
 
 def _convert(src_dir, out, **router):
-    plan = plan_conversion(resolve_source(str(src_dir)), RouterSettings(**router), out)
+    plan = plan_conversion(resolve_source(str(src_dir)), router_settings(**router), out)
     return convert(plan, command="retrofit convert --test")
 
 
@@ -85,11 +85,11 @@ _PEAK_SCRIPT = """
 import sys
 import retrofit
 from retrofit.convert import convert, plan_conversion
-from retrofit.io.sources import resolve_source
-from retrofit.routers import RouterSettings
+from retrofit.sources import resolve_source
+from retrofit.routers import router_settings
 def status(key):
     return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) * 1024
-plan = plan_conversion(resolve_source(sys.argv[1]), RouterSettings(type='ec'), sys.argv[2])
+plan = plan_conversion(resolve_source(sys.argv[1]), router_settings(type='ec'), sys.argv[2])
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS
 base = status('VmRSS')
 convert(plan, verify=False)
@@ -125,7 +125,7 @@ def test_existing_output_is_refused_without_force(tiny_dir, tmp_path):
     with pytest.raises(RetrofitError, match="already exists.*--force"):
         _convert(tiny_dir, out, type="ec")
     assert sorted(p.name for p in out.iterdir()) == before
-    plan = plan_conversion(resolve_source(str(tiny_dir)), RouterSettings(type="block", guard_size=2), out)
+    plan = plan_conversion(resolve_source(str(tiny_dir)), router_settings(type="block", guard_size=2), out)
     convert(plan, force=True)
     assert json.loads((out / "config.json").read_text())["router"]["type"] == "block"
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from retrofit import demo
+from retrofit.tools import demo
 from tests.conftest import write_arc_mmlu
 
 VARIANTS = ["TC (checkpoint)", "EC", "EC fine-tuned", "block (32, guard 2)"]
+
+
+@pytest.fixture(autouse=True)
+def at_repository_root(monkeypatch):
+    """The demo reads recipes/ from the working directory, as `make demo` runs it from the repository root."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
 
 
 def test_demo_runs_every_variant_on_every_local_task(tmp_path):
@@ -30,7 +37,8 @@ def test_demo_runs_every_variant_on_every_local_task(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data-dir", "/nonexistent"], "no GSM8K test file at /nonexistent/gsm8k/test.jsonl; pass --data-dir"),
+    (["--data-dir", "/nonexistent"], "no data directory at /nonexistent; pass --data-dir DIR holding gsm8k/train"),
+    (["--data-dir", "/"], "no GSM8K train file at /gsm8k/train.jsonl; pass --data-dir"),
     (["--limit", "0"], "--limit: must be at least 1, got 0"),
     (["--gen-length", "40"], "--gen-length must be a multiple of 32"),
 ])

@@ -147,7 +147,7 @@ def test_eval_prints_its_results_before_a_failed_write(tiny_dir, tmp_path, monke
     monkeypatch.setattr(runner_module.Path, "write_text", full_disk)
     shared = REPO.parent / "shared" / "data"
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
-                                 str(shared), "--gen-length", "8", "--steps", "2", "--block-length", "8",
+                                 str(shared), "--gen-length", "8", "--steps", "2", "--denoise-block", "8",
                                  "--output", str(tmp_path / "e.json")])
     assert result.exit_code == 1 and "exact_match" in result.output
     assert "No space left on device; the table above holds them" in result.output
@@ -235,7 +235,7 @@ def test_progress_reaches_a_log_file(tiny_dir, tmp_path, monkeypatch):
 def test_demo_table_reads_at_80_columns():
     from rich.console import Console
 
-    from retrofit.demo import table
+    from retrofit.tools.demo import table
 
     row = {"results": {"gsm8k": {"exact_match[flexible-extract]": 0.125}, "arc_challenge": {"acc": 0.25},
                        "arc_easy": {"acc": 0.5}, "mmlu": {"acc": 0.283}},

@@ -33,7 +33,7 @@ def lm(tmp_path_factory):
     from retrofit.tiny import build_tiny_model, write_hub_snapshot
 
     path = write_hub_snapshot(build_tiny_model(seed=3), tmp_path_factory.mktemp("eval") / "tiny")
-    return RetrofitLM(str(path), mc_num=64, batch_size=16, gen_length=16, steps=8, block_length=8, progress=False)
+    return RetrofitLM(str(path), mc_num=64, batch_size=16, gen_length=16, steps=8, denoise_block=8, progress=False)
 
 
 def exact_expectation(model, context, continuation, mask_id) -> float:
@@ -99,7 +99,7 @@ class CountingModel(torch.nn.Module):
 
 def test_generation_fills_gen_length_with_an_equal_share_per_step(lm):
     prompt = torch.tensor([[72, 105, 33, 32]] * 2)
-    settings = SamplerSettings(gen_length=12, steps=6, block_length=6)
+    settings = SamplerSettings(gen_length=12, steps=6, denoise_block=6)
     counting = CountingModel(lm.model, lm.mask_id)
     out = generate(counting, prompt, lm.mask_id, settings)
     assert out.shape == (2, 4 + 12) and torch.equal(out[:, :4], prompt)
@@ -128,13 +128,13 @@ def test_generate_until_respects_stop_strings(lm):
 def test_router_can_be_overridden_at_eval_time(lm, caplog):
     import logging
 
-    block = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=8, steps=8,
-                       router_block_length=4, progress=False)
+    block = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, denoise_block=8, steps=8,
+                       block_length=4, progress=False)
     assert block.router.type == "block" and block.router.block_length == 4, "the router's own block length"
     assert {b.gate.kind for b in block.model.moe_blocks()} == {"block"}
     # The sampler's block only decides denoising; the router keeps its own (32 by default, dMoE's).
     with caplog.at_level(logging.WARNING, logger="retrofit"):
-        default = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, block_length=16, steps=8,
+        default = RetrofitLM(str(lm.path), router="block", guard_size=2, gen_length=16, denoise_block=16, steps=8,
                              progress=False)
     assert default.router.block_length == 32
     assert any("not a multiple of the router's block length 32" in r.getMessage() for r in caplog.records)
@@ -160,7 +160,7 @@ def test_start_up_hook_registers_without_importing_torch():
 def test_eval_gsm8k_end_to_end(lm, tmp_path):
     out = tmp_path / "gsm8k.json"
     result = runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--limit", "3", "--data-dir",
-                                 str(SHARED_DATA), "--gen-length", "16", "--steps", "4", "--block-length", "8",
+                                 str(SHARED_DATA), "--gen-length", "16", "--steps", "4", "--denoise-block", "8",
                                  "--output", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
@@ -195,8 +195,8 @@ def test_eval_errors_are_one_line(lm, tmp_path):
     assert "no local data for arc_challenge" in line
     assert "no such directory" in one_line_error(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
     line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
-                                        "--block-length", "4"]))
-    assert "multiple of block_length" in line
+                                        "--denoise-block", "4"]))
+    assert "multiple of the denoising block" in line
 
 
 def test_request_seed_depends_on_the_request_only():
@@ -215,10 +215,10 @@ def test_bfloat16_weights_on_request(lm):
 def _full_logits_generate(model, prompt, mask_id, settings):
     """The sampler as LLaDA's generate.py writes it: logits of every position, later blocks set to −inf."""
     x = torch.cat([prompt, torch.full((prompt.shape[0], settings.gen_length), mask_id)], dim=1)
-    blocks = settings.gen_length // settings.block_length
+    blocks = settings.gen_length // settings.denoise_block
     per_block = settings.steps // blocks
     for block in range(blocks):
-        lo, hi = prompt.shape[1] + block * settings.block_length, prompt.shape[1] + (block + 1) * settings.block_length
+        lo, hi = prompt.shape[1] + block * settings.denoise_block, prompt.shape[1] + (block + 1) * settings.denoise_block
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1), per_block)
         for step in range(per_block):
             with torch.no_grad():
@@ -235,7 +235,7 @@ def _full_logits_generate(model, prompt, mask_id, settings):
 
 def test_sampler_scoring_only_the_block_matches_full_logits(lm):
     prompt = torch.tensor([[72, 105, 33, 32, 50], [10, 20, 30, 40, 50]])
-    settings = SamplerSettings(gen_length=16, steps=8, block_length=8)
+    settings = SamplerSettings(gen_length=16, steps=8, denoise_block=8)
     ours = generate(lm.model, prompt.clone(), lm.mask_id, settings)
     assert torch.equal(ours, _full_logits_generate(lm.model, prompt.clone(), lm.mask_id, settings))
     ids = torch.cat([prompt, torch.full((2, 6), lm.mask_id)], dim=1)

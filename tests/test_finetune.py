@@ -16,7 +16,7 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.tiny import build_tiny_model, write_hub_snapshot
-from retrofit.training.objective import add_noise, diffusion_loss
+from retrofit.diffusion import add_noise, diffusion_loss
 from retrofit.training.recipe import load_recipe
 from retrofit.training.trainer import Finetune
 from tests.conftest import SHARED_DATA, one_line_error

@@ -17,7 +17,8 @@ from retrofit import tiny
 from retrofit.cli import app
 from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
 from retrofit.io.load import load_model
-from retrofit.io.tokenizer_files import mask_token_id, write_padded_byte_tokenizer
+from retrofit.io.tokenizer_files import mask_token_id
+from retrofit.tiny.tokenizers import write_padded_byte_tokenizer
 from retrofit.io.writer import StreamingShardWriter, TensorSpec, write_streaming_sharded
 from retrofit.tiny import (TINY_DIMS, build_tiny_model, create_preset, full_size_plan, preset_total_bytes,
                            write_hub_snapshot)
@@ -176,7 +177,7 @@ def test_cli_preset_refuses_shape_flags_and_unknown_names(tmp_path):
 def test_bench_7b_measures_a_process_from_outside():
     import sys
 
-    from retrofit.bench_7b import measure
+    from retrofit.tools.bench_7b import measure
 
     run = measure([sys.executable, "-c", "import time; b = bytearray(300 * 2**20); time.sleep(0.4); print('ok')"],
                   "allocate 300 MiB")
@@ -185,7 +186,7 @@ def test_bench_7b_measures_a_process_from_outside():
 
 
 def test_bench_7b_targets_read_the_run():
-    from retrofit.bench_7b import GiB, markdown, targets
+    from retrofit.tools.bench_7b import GiB, markdown, targets
 
     def run(wall, rss, anon, rc=0):
         return {"command": "x", "rc": rc, "wall_s": wall, "peak_rss": rss, "peak_anon": anon, "tail": ""}

@@ -15,8 +15,8 @@ import retrofit  # noqa: F401
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
-from retrofit.models.llada_moe import hub_state_dict
-from retrofit.routers import RouterSettings
+from retrofit.models.moe import hub_state_dict
+from retrofit.routers import router_settings, swap_routers
 from retrofit.tiny import build_tiny_model, write_hub_snapshot
 from tests.conftest import random_ids
 from tests.test_finetune import finetune, write_recipe
@@ -109,7 +109,7 @@ def test_load_holds_nothing_twice(tmp_path):
                                                                        "block_length": 8}])
 def test_autocast_forward_and_backward_run_for_every_router(tiny_model, router):
     # The crash this guards: index_add_() of bf16 expert outputs into the fp32 residual stream.
-    tiny_model.set_router(RouterSettings(**router))
+    swap_routers(tiny_model, router_settings(**router))
     ids = random_ids(tiny_model, batch=2, length=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = tiny_model(ids).logits
@@ -181,7 +181,7 @@ def test_bf16_eval_on_tiny_for_every_router(tiny_dir):
 
     for router in ("tc", "ec", "block"):
         lm = RetrofitLM(str(tiny_dir), dtype="bfloat16", router=router, guard_size=2 if router == "block" else None,
-                        mc_num=4, batch_size=4, gen_length=8, steps=4, block_length=8, progress=False)
+                        mc_num=4, batch_size=4, gen_length=8, steps=4, denoise_block=8, progress=False)
         assert next(lm.model.parameters()).dtype == torch.bfloat16
         (ll, _), (ll2, _) = lm.loglikelihood([Request("Hello", " world"), Request("Hell", "o")])
         assert ll < 0 and ll2 < 0

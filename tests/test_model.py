@@ -9,14 +9,9 @@ import transformers
 import retrofit  # noqa: F401  (registers the model with transformers)
 from retrofit.errors import RetrofitError
 from retrofit.io.load import load_model
-from retrofit.models.llada_moe import (
-    LLaDAMoEModelLM,
-    StackedExperts,
-    config_from_checkpoint,
-    hub_state_dict,
-    stack_expert_tensors,
-    unstack_expert_tensors,
-)
+from retrofit.models.llada_moe import LLADA_MOE, LLaDAMoEModelLM
+from retrofit.models.moe import StackedExperts, hub_state_dict, stack_expert_tensors, unstack_expert_tensors
+from retrofit.routers import router_settings, swap_routers
 from retrofit.routers.base import Routing
 from retrofit.tiny import build_tiny_model, hub_config_dict, write_hub_snapshot
 from tests.conftest import pairwise_experts, random_ids
@@ -108,11 +103,11 @@ def test_save_pretrained_round_trip_is_bit_exact(tmp_path, tiny_model):
 def test_hub_config_is_recognised_by_architecture_not_model_type():
     raw = hub_config_dict()
     assert raw["model_type"] == "llada"
-    assert config_from_checkpoint(raw).num_experts == 8
+    assert LLADA_MOE.config_from_checkpoint(raw).num_experts == 8
     dense = {**raw, "architectures": ["LLaDAModelLM"]}
     dense.pop("num_experts")
     with pytest.raises(RetrofitError, match="not a LLaDA-MoE checkpoint"):
-        config_from_checkpoint(dense)
+        LLADA_MOE.config_from_checkpoint(dense)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +121,7 @@ def test_hub_config_is_recognised_by_architecture_not_model_type():
 )
 def test_unsupported_config_is_refused_by_name(change, message):
     with pytest.raises(RetrofitError, match=message):
-        config_from_checkpoint({**hub_config_dict(), **change})
+        LLADA_MOE.config_from_checkpoint({**hub_config_dict(), **change})
 
 
 def test_unknown_config_keys_load_with_one_warning_and_are_kept(tiny_dir, tmp_path, caplog):
@@ -170,7 +165,7 @@ def test_tiny_snapshot_auto_map_names_the_hub_classes():
 
 
 def test_routing_stats_through_the_model(tiny_model):
-    from retrofit.routers import RouterSettings
+    from retrofit.routers import router_settings
 
     ids = random_ids(tiny_model, batch=2, length=8)
     with torch.no_grad():
@@ -185,7 +180,7 @@ def test_routing_stats_through_the_model(tiny_model):
     assert stats.experts_per_token.tolist()[cfg.num_experts_per_tok] == stats.num_tokens == 2 * 2 * 16
     assert int(stats.tokens_per_expert.sum()) == stats.num_tokens * cfg.num_experts_per_tok
     assert 1 <= stats.unique_experts <= cfg.num_experts
-    tiny_model.set_router(RouterSettings(type="ec", capacity_factor=0.5))
+    swap_routers(tiny_model, router_settings(type="ec", capacity_factor=0.5))
     tiny_model.enable_routing_stats()
     with torch.no_grad():
         tiny_model(ids)
@@ -197,16 +192,14 @@ def test_routing_stats_through_the_model(tiny_model):
         tiny_model.routing_stats()
 
 
-def test_set_router_keeps_gate_weights_and_tc_is_identity(tiny_model):
-    from retrofit.routers import RouterSettings
-
+def test_swap_routers_keeps_gate_weights_and_tc_is_identity(tiny_model):
     ids = random_ids(tiny_model)
     before = {n: p.clone() for n, p in tiny_model.state_dict().items()}
     with torch.no_grad():
         tc_logits = tiny_model(ids).logits
-        tiny_model.set_router(RouterSettings(type="ec"))
+        swap_routers(tiny_model, router_settings(type="ec"))
         ec_logits = tiny_model(ids).logits
-        tiny_model.set_router(RouterSettings(type="tc"))
+        swap_routers(tiny_model, router_settings(type="tc"))
         again = tiny_model(ids).logits
     assert all(torch.equal(before[n], p) for n, p in tiny_model.state_dict().items())
     assert not torch.equal(tc_logits, ec_logits)
@@ -215,12 +208,14 @@ def test_set_router_keeps_gate_weights_and_tc_is_identity(tiny_model):
 
 def test_default_config_is_llada_moe_7b_a1b_to_the_parameter():
     """algorithms.md §1: the public checkpoint has exactly 7,356,880,896 parameters, 2.1M of them routers."""
-    from retrofit.models.llada_moe import LLaDAMoEConfig, is_router_tensor
+    from retrofit.models.llada_moe import LLaDAMoEConfig
+    from retrofit.training.trainable import router_parameter_names
 
     with torch.device("meta"):
         model = LLaDAMoEModelLM(LLaDAMoEConfig())
     assert sum(p.numel() for p in model.parameters()) == 7_356_880_896
-    assert sum(p.numel() for n, p in model.named_parameters() if is_router_tensor(n)) == 16 * 64 * 2048
+    routers = set(router_parameter_names(model))
+    assert sum(p.numel() for n, p in model.named_parameters() if n in routers) == 16 * 64 * 2048
     assert model.config.mask_token_id == 156895 and model.config.eos_token_id == 156892
 
 

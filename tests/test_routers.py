@@ -13,11 +13,11 @@ from retrofit.routers import (
     ROUTERS,
     BlockRouter,
     ExpertChoiceRouter,
-    RouterSettings,
     RoutingContext,
     RoutingStats,
     TokenChoiceRouter,
     build_router,
+    router_settings,
 )
 from tests.test_schedules import loop_shape
 
@@ -159,17 +159,23 @@ def assert_same(ours: dict, ref: dict, tol: float = 0.0):
 # ---------------------------------------------------------------------------------------- registry
 
 
+def settings_of(kind: str, **fields):
+    """``kind``'s settings with those of ``fields`` it has (one call covers every router in a parametrised test)."""
+    own = ROUTERS[kind].settings_class.model_fields
+    return router_settings(type=kind, **{k: v for k, v in fields.items() if k in own})
+
+
 def test_registry_builds_each_kind():
     assert set(ROUTERS) == {"tc", "ec", "block"}
     for kind, cls in ROUTERS.items():
-        router = build_router(RouterSettings(type=kind, guard_size=4), 6, 8, 2)
+        router = build_router(settings_of(kind, guard_size=4), 6, 8, 2)
         assert type(router) is cls and router.kind == kind
         assert router.weight.shape == (8, 6) and router.top_k == 2
 
 
 @pytest.mark.parametrize("kind", ["tc", "ec", "block"])
 def test_forward_scores_with_softmax_and_keeps_logits(kind):
-    router = build_router(RouterSettings(type=kind, guard_size=2, block_length=4), 6, 8, 2)
+    router = build_router(settings_of(kind, guard_size=2, block_length=4), 6, 8, 2)
     torch.nn.init.normal_(router.weight)
     hidden = torch.randn(2, 5, 6)
     ctx = RoutingContext.unpadded(2, 5)
@@ -236,7 +242,7 @@ EC_CASES = [
 @pytest.mark.parametrize("options", EC_CASES)
 @pytest.mark.parametrize("seed, batch, length, experts, k", [(0, 1, 9, 8, 2), (3, 3, 37, 16, 4), (5, 2, 12, 8, 2)])
 def test_ec_matches_reference(options, seed, batch, length, experts, k):
-    settings = RouterSettings(type="ec", **options)
+    settings = router_settings(type="ec", **options)
     probs, ctx = random_case(seed, batch, length, experts)
     routing = ExpertChoiceRouter(4, experts, k, settings).select(probs, ctx)
     caps = ref_capacities(ctx, settings, k, experts)
@@ -247,7 +253,7 @@ def test_ec_matches_reference(options, seed, batch, length, experts, k):
 
 def test_ec_layout_is_sequences_in_order_each_in_descending_score():
     probs, ctx = random_case(4, 3, 20, 8)
-    routing = ExpertChoiceRouter(4, 8, 2, RouterSettings(type="ec", capacity_factor=2.0)).select(probs, ctx)
+    routing = ExpertChoiceRouter(4, 8, 2, router_settings(type="ec", capacity_factor=2.0)).select(probs, ctx)
     flat = probs.reshape(-1, 8)
     bounds = [0] + torch.cumsum(routing.capacity, 0).tolist()
     for e in range(8):
@@ -261,7 +267,7 @@ def test_ec_layout_is_sequences_in_order_each_in_descending_score():
 
 def test_ec_never_chooses_padding_even_when_capacity_exceeds_length():
     probs, ctx = random_case(7, 3, 10, 8)
-    routing = ExpertChoiceRouter(4, 8, 8, RouterSettings(type="ec", capacity_factor=4.0)).select(probs, ctx)
+    routing = ExpertChoiceRouter(4, 8, 8, router_settings(type="ec", capacity_factor=4.0)).select(probs, ctx)
     tokens, _, _ = routing.pairs()
     assert ctx.valid.reshape(-1)[tokens].all()
     assert routing.capacity.tolist() == ctx.valid.sum(-1).tolist(), "capacity is clamped to the valid length"
@@ -271,7 +277,7 @@ def test_ec_never_chooses_padding_even_when_capacity_exceeds_length():
 def test_ec_sequence_of_padding_only_gets_no_capacity(per_batch):
     probs, ctx = random_case(8, 3, 12, 8)
     ctx.valid[1] = False
-    settings = RouterSettings(type="ec", per_batch=per_batch)
+    settings = router_settings(type="ec", per_batch=per_batch)
     routing = ExpertChoiceRouter(4, 8, 2, settings).select(probs, ctx)
     assert routing.capacity.tolist() == [3, 0, 2]  # round(12·2/8), empty, round(6·2/8) = round(1.5) = 2
     assert not ((routing.indices >= 12) & (routing.indices < 24)).any()
@@ -285,19 +291,19 @@ def test_ec_sequence_of_padding_only_gets_no_capacity(per_batch):
 def test_ec_capacity_formula(length, k, experts, factor, expected):
     # C = round(L·k/E·factor) (half to even: 6·1/4 = 1.5 → 2), at least 1, at most L.
     ctx = RoutingContext.unpadded(1, length)
-    router = ExpertChoiceRouter(4, experts, k, RouterSettings(type="ec", capacity_factor=factor))
+    router = ExpertChoiceRouter(4, experts, k, router_settings(type="ec", capacity_factor=factor))
     assert router.capacities(ctx).tolist() == [expected]
 
 
 def test_ec_capacity_counts_only_valid_tokens():
     ctx = RoutingContext(valid=torch.arange(64).expand(2, 64) < torch.tensor([[64], [32]]),
                          mask_ratio=torch.zeros(2))
-    router = ExpertChoiceRouter(4, 64, 8, RouterSettings(type="ec"))
+    router = ExpertChoiceRouter(4, 64, 8, router_settings(type="ec"))
     assert router.capacities(ctx).tolist() == [8, 4]
 
 
 def test_ec_capacity_follows_mask_ratio():
-    settings = RouterSettings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=8))
+    settings = router_settings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=8))
     router = ExpertChoiceRouter(4, 8, 2, settings)
     ctx = RoutingContext(valid=torch.ones(3, 32, dtype=torch.bool), mask_ratio=torch.tensor([0.05, 0.5, 0.95]))
     low, mid, high = router.capacities(ctx).tolist()
@@ -310,7 +316,7 @@ def test_ec_capacity_follows_mask_ratio():
 def test_ec_reads_observed_mask_ratio_through_the_model():
     from retrofit.tiny import build_tiny_model
 
-    settings = RouterSettings(type="ec", schedule=dict(name="linear", k_min=1, k_max=4))
+    settings = router_settings(type="ec", schedule=dict(name="linear", k_min=1, k_max=4))
     model = build_tiny_model(router=settings.model_dump())
     ids = torch.randint(0, 256, (2, 16))
     ids[0, :12] = model.config.mask_token_id
@@ -326,7 +332,7 @@ def test_inference_mask_ratio_counts_only_the_maskable_region():
     from retrofit.eval.sampler import SamplerSettings, generate
     from retrofit.tiny import build_tiny_model
 
-    settings = RouterSettings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=4))
+    settings = router_settings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=4))
     model = build_tiny_model(router=settings.model_dump())
     gate = model.moe_blocks()[0].gate
     seen = []
@@ -335,7 +341,7 @@ def test_inference_mask_ratio_counts_only_the_maskable_region():
     for prompt_length in (10, 900):
         seen.clear()
         prompt = torch.randint(0, 256, (1, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
-        generate(model, prompt, model.config.mask_token_id, SamplerSettings(gen_length=16, steps=8, block_length=16))
+        generate(model, prompt, model.config.mask_token_id, SamplerSettings(gen_length=16, steps=8, denoise_block=16))
         per_prompt.append(list(seen))
     assert per_prompt[0] == per_prompt[1] == [[1 - step / 8] for step in range(8)]
 
@@ -346,7 +352,7 @@ def test_ec_logit_order_matches_reference(seed, batch, length, experts, k, facto
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, length, experts, generator=gen, dtype=torch.float64) * 2
     _, ctx = random_case(seed, batch, length, experts)
-    settings = RouterSettings(type="ec", capacity_factor=factor, ec_order="topk-then-softmax")
+    settings = router_settings(type="ec", capacity_factor=factor, ec_order="topk-then-softmax")
     router = ExpertChoiceRouter(4, experts, k, settings)
     assert_same(pairs_of(router.select_by_logits(logits, ctx)), ref_ec_logit_order(logits, ctx, settings, k),
                 tol=1e-12)
@@ -390,7 +396,7 @@ BLOCK_CASES = [
 @pytest.mark.parametrize("options", BLOCK_CASES)
 @pytest.mark.parametrize("seed, batch, length, experts, k", [(0, 1, 9, 8, 2), (4, 3, 37, 16, 2), (6, 2, 12, 16, 4)])
 def test_block_matches_reference(options, seed, batch, length, experts, k):
-    settings = RouterSettings(type="block", **options)
+    settings = router_settings(type="block", **options)
     probs, ctx = random_case(seed, batch, length, experts)
     routing = BlockRouter(4, experts, k, settings).select(probs, ctx)
     assert routing.layout == "token" and routing.indices.shape == (batch * length, k)
@@ -413,7 +419,7 @@ VOTE = torch.tensor([1.0, 10.0, 0.0, 3.0, 4.0, 2.0, 0.0, 0.0])  # ranked: 1, 4, 
     (0.6, 8, [1, 4, 3, 5, 0, 2, 6, 7]),
 ])
 def test_block_core_set_respects_threshold_and_guard(threshold, guard, core):
-    settings = RouterSettings(type="block", core_threshold=threshold, guard_size=guard)
+    settings = router_settings(type="block", core_threshold=threshold, guard_size=guard)
     router = BlockRouter(4, 8, 1, settings)
     for scale in (1.0, 0.25, 3.0):  # the vote need not be normalised
         chosen = router.core_sets(VOTE * scale)
@@ -423,13 +429,13 @@ def test_block_core_set_respects_threshold_and_guard(threshold, guard, core):
 
 def test_block_core_sets_are_per_block():
     votes = torch.stack([VOTE, VOTE.flip(0), torch.zeros(8)]).view(1, 3, 8)
-    core = BlockRouter(4, 8, 1, RouterSettings(type="block", core_threshold=0.6, guard_size=1)).core_sets(votes)
+    core = BlockRouter(4, 8, 1, router_settings(type="block", core_threshold=0.6, guard_size=1)).core_sets(votes)
     assert [c.nonzero().squeeze(1).tolist() for c in core[0]] == [[1, 4], [3, 6], list(range(8))]
 
 
 def test_block_tokens_stay_inside_their_blocks_core_set():
     probs, ctx = random_case(12, 2, 40, 16)
-    settings = RouterSettings(type="block", block_length=8, core_threshold=0.5, guard_size=4)
+    settings = router_settings(type="block", block_length=8, core_threshold=0.5, guard_size=4)
     routing = BlockRouter(4, 16, 2, settings).select(probs, ctx)
     experts = routing.indices.view(2, 5, 8, 2)
     for b in range(2):
@@ -451,7 +457,7 @@ def test_block_tokens_stay_inside_their_blocks_core_set():
 def test_block_of_padding_only_routes_like_token_choice():
     probs, ctx = random_case(13, 2, 10, 8, pad=False)
     ctx.valid[1, 5:] = False  # the second sequence's second block (positions 5..9) is all padding
-    settings = RouterSettings(type="block", block_length=5, core_threshold=0.3, guard_size=2)
+    settings = router_settings(type="block", block_length=5, core_threshold=0.3, guard_size=2)
     routing = BlockRouter(4, 8, 2, settings).select(probs, ctx)
     top = probs[1, 5:].topk(2)
     rows = slice(15, 20)
@@ -463,7 +469,7 @@ def test_block_of_padding_only_routes_like_token_choice():
 
 def test_block_touches_fewer_experts_than_tc():
     probs, ctx = random_case(11, 1, 32, 64, pad=False)
-    settings = RouterSettings(type="block", block_length=32, guard_size=8)
+    settings = router_settings(type="block", block_length=32, guard_size=8)
     block = BlockRouter(4, 64, 4, settings).select(probs, ctx)
     tc = TokenChoiceRouter(4, 64, 4).select(probs, ctx)
     assert block.indices.unique().numel() < tc.indices.unique().numel()
@@ -471,7 +477,7 @@ def test_block_touches_fewer_experts_than_tc():
 
 def test_block_refuses_guard_smaller_than_k():
     with pytest.raises(ValueError, match="guard_size"):
-        build_router(RouterSettings(type="block", guard_size=1), 4, 8, 2)
+        build_router(router_settings(type="block", guard_size=1), 4, 8, 2)
 
 
 # -------------------------------------------------------------------------------------- statistics
@@ -495,7 +501,7 @@ def loop_counts(routing, valid, experts):
 @pytest.mark.parametrize("kind", ["tc", "ec", "block"])
 def test_stats_match_a_loop_count(kind):
     probs, ctx = random_case(9, 3, 20, 8)
-    settings = RouterSettings(type=kind, guard_size=2, block_length=6)
+    settings = settings_of(kind, guard_size=2, block_length=6)
     routing = build_router(settings, 4, 8, 2).select(probs, ctx)
     stats = RoutingStats(8)
     stats.update(routing, ctx.valid)
@@ -516,8 +522,8 @@ def test_stats_match_a_loop_count(kind):
 
 def test_stats_average_unique_experts_over_routings_and_serialise():
     probs, ctx = random_case(10, 2, 16, 16, pad=False)
-    ec = ExpertChoiceRouter(4, 16, 2, RouterSettings(type="ec", capacity_factor=0.5)).select(probs, ctx)
-    narrow = BlockRouter(4, 16, 2, RouterSettings(type="block", guard_size=2, core_threshold=0.1)).select(probs, ctx)
+    ec = ExpertChoiceRouter(4, 16, 2, router_settings(type="ec", capacity_factor=0.5)).select(probs, ctx)
+    narrow = BlockRouter(4, 16, 2, router_settings(type="block", guard_size=2, core_threshold=0.1)).select(probs, ctx)
     stats = RoutingStats(16)
     stats.update(ec, ctx.valid)
     stats.update(narrow, ctx.valid)
@@ -533,7 +539,7 @@ def test_stats_average_unique_experts_over_routings_and_serialise():
 
 def test_unique_experts_per_block_matches_a_loop():
     probs, ctx = random_case(13, 2, 20, 8)
-    routing = build_router(RouterSettings(type="tc"), 4, 8, 2).select(probs, ctx)
+    routing = build_router(router_settings(type="tc"), 4, 8, 2).select(probs, ctx)
     stats = RoutingStats(8, block_length=6)
     stats.update(routing, ctx.valid)
     per_block = {}
@@ -550,7 +556,7 @@ def test_denoising_blocks_are_routing_blocks_for_any_prompt_length(prompt_length
     """With block_start at the prompt's end, each denoising block is routed as one block: its tokens get
     exactly the experts the router gives that block on its own; the prompt ends on a block boundary too."""
     n, generated = 8, 24
-    router = BlockRouter(16, 16, 2, RouterSettings(type="block", block_length=n, core_threshold=0.5, guard_size=4))
+    router = BlockRouter(16, 16, 2, router_settings(type="block", block_length=n, core_threshold=0.5, guard_size=4))
     probs, _ = random_case(7, 1, prompt_length + generated, 16, pad=False)
     valid = torch.ones(1, prompt_length + generated, dtype=torch.bool)
     whole = router.select(probs, RoutingContext(valid, torch.zeros(1), block_start=prompt_length)).indices
@@ -560,3 +566,20 @@ def test_denoising_blocks_are_routing_blocks_for_any_prompt_length(prompt_length
         lo, hi = max(start, 0), start + n
         alone = router.select(probs[:, lo:hi], RoutingContext(valid[:, lo:hi], torch.zeros(1))).indices
         assert torch.equal(whole[lo:hi], alone), (lo, hi)
+
+
+def test_settings_are_per_router_and_stored_flat_sections_still_load():
+    """Each router validates only its own fields; a config.json written before per-router settings held every
+    router's fields in one flat section, and reading it keeps those of its router only."""
+    with pytest.raises(Exception, match="guard_size"):
+        router_settings(type="ec", guard_size=4)
+    flat = {"type": "ec", "capacity_factor": 2.0, "per_batch": False, "schedule": {"name": "constant"},
+            "ec_order": "softmax-then-topk", "block_length": 32, "core_threshold": 0.6, "guard_size": 16,
+            "renormalize": False}
+    settings = router_settings(flat, stored=True)
+    assert type(settings).__name__ == "ExpertChoiceSettings" and settings.capacity_factor == 2.0
+    assert "guard_size" not in settings.model_dump()
+    with pytest.raises(Exception, match="capacity_fator"):
+        router_settings({**flat, "capacity_fator": 1.0}, stored=True)  # a misspelling is never dropped
+    with pytest.raises(Exception, match="unknown router type 'xc'; use tc, ec, block"):
+        router_settings(type="xc")

@@ -18,10 +18,11 @@ from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_see
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
-from retrofit.io.sources import resolve_source
+from retrofit.io.tokenizer_files import load_tokenizer
+from retrofit.sources import resolve_source
 from retrofit.progress import PlainProgress
 from retrofit.routers import RouterSettings
-from retrofit.training.data import load_tokenizer
+from retrofit.routers.flags import router_flags, settings_from_flags
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are ~3x slower); a 7B model needs bf16 to fit
@@ -34,27 +35,34 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return choices[name]
 
 
+# Arguments lm-eval passes to every model besides the user's model_args.
+_LM_EVAL_EXTRAS = {"trust_remote_code", "parallelize", "max_batch_size"}
+
+
 def _bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
-def router_override(base: RouterSettings, router: str | None, **fields) -> RouterSettings | None:
-    """Router settings for evaluation: the checkpoint's, or another router / settings given at eval time.
-    The router's own ``block_length`` routes (dMoE: 32); the sampler's block length only decides denoising."""
-    given = {k: v for k, v in fields.items() if v is not None}
-    if router is None and not given:
-        return None
-    data = base.model_dump()
-    if router is not None and router != base.type:
-        data = RouterSettings(type=router).model_dump()
-    data.update(given)
-    return RouterSettings.model_validate(data)
+def router_fields(fields: dict) -> dict:
+    """The router flags among lm-eval ``model_args`` (strings there, typed here by the flags' own types);
+    anything else left over is named, so a misspelt setting is not silently ignored."""
+    flags = {f.dest: f for f in router_flags()}
+    unknown = sorted(set(fields) - set(flags))
+    if unknown:
+        raise RetrofitError(f"unknown model_args {', '.join(unknown)}; router settings are "
+                            f"{', '.join(sorted(flags))}")
+    typed = {}
+    for name, value in fields.items():
+        kind = flags[name].kind
+        typed[name] = value if value is None or isinstance(value, kind) else (
+            _bool(value) if kind is bool else kind(value))
+    return typed
 
 
 def check_blocks(router: RouterSettings, sampler_block: int) -> None:
     """Block routing aligns its blocks with the denoising blocks; a routing block can then only straddle two
     denoising blocks when the sampler's block is not a multiple of the router's. Say so, once."""
-    if router.type == "block" and sampler_block % router.block_length:
+    if getattr(router, "block_length", None) and sampler_block % router.block_length:
         warn(f"sampler block length {sampler_block} is not a multiple of the router's block length "
              f"{router.block_length}: some routing blocks straddle two denoising blocks")
 
@@ -62,36 +70,31 @@ def check_blocks(router: RouterSettings, sampler_block: int) -> None:
 @register_model("retrofit")
 class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
-                 steps: int | None = None, block_length: int | None = None, temperature: float = 0.0,
+                 steps: int | None = None, denoise_block: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", seed: int = 1234, router: str | None = None,
-                 capacity_factor: float | None = None, per_batch=None, ec_order: str | None = None,
-                 router_block_length: int | None = None,
-                 core_threshold: float | None = None,
-                 guard_size: int | None = None, max_length: int = 4096, device: str | None = None,
-                 dtype: str = "auto", progress: bool = True, **unused):
+                 max_length: int = 4096, device: str | None = None, dtype: str = "auto", progress: bool = True,
+                 **router_flag_values):
+        """``denoise_block``: the sampler's block; ``router`` and the router flags (``capacity_factor``,
+        ``block_length``, ``guard_size``, ... as ``retrofit eval`` names them) override the checkpoint's
+        router settings."""
         super().__init__()
         source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
         gen_length = int(gen_length)
         self.sampler = SamplerSettings(gen_length=gen_length, steps=int(steps or gen_length),
-                                       block_length=int(block_length or gen_length), temperature=float(temperature),
+                                       denoise_block=int(denoise_block or gen_length), temperature=float(temperature),
                                        remasking=remasking)
         self.sampler.check()
         base = checkpoint_config(ckpt).router_settings
-        overrides = dict(capacity_factor=None if capacity_factor is None else float(capacity_factor),
-                         per_batch=None if per_batch is None else _bool(per_batch),
-                         ec_order=ec_order,
-                         block_length=None if router_block_length is None else int(router_block_length),
-                         core_threshold=None if core_threshold is None else float(core_threshold),
-                         guard_size=None if guard_size is None else int(guard_size))
-        self.router = router_override(base, router, **overrides) or base
-        check_blocks(self.router, self.sampler.block_length)
+        given = router_fields({k: v for k, v in router_flag_values.items() if k not in _LM_EVAL_EXTRAS})
+        self.router = settings_from_flags(router, given, base) or base
+        check_blocks(self.router, self.sampler.denoise_block)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
         self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_), device=self.device_)
-        self.model.enable_routing_stats(block_length=self.sampler.block_length)
+        self.model.enable_routing_stats(block_length=self.sampler.denoise_block)
         self.tokenizer = load_tokenizer(ckpt.path)
         self.tokenizer.model_max_length = 2**62  # contexts are cut to the model's length below, not by the tokenizer
         self.mask_id = self.model.config.mask_token_id

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from retrofit.training.data import build_sequences
-from retrofit.training.objective import add_noise, diffusion_loss
-from retrofit.training.recipe import DataSection
+from retrofit.diffusion import add_noise, diffusion_loss
+from retrofit.io.text_data import DataSection, build_sequences
 
 
 def text_sequences(tokenizer, path: str | Path, fields: list[str], seq_len: int = 128,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +13,8 @@ from typing import Iterator
 
 from retrofit.errors import RetrofitError
 from retrofit.eval.tasks import DEFAULT_FEWSHOT, LOCAL_PREFIX, expand, write_local_tasks
-from retrofit.io.sources import cache_dir
+from retrofit.io.paths import cache_dir
+from retrofit.io.writer import atomic_file
 
 
 HASH_CACHE = "weights-sha256.json"
@@ -46,10 +46,8 @@ def weights_hash(directory: Path) -> str:
 
 def _save_hash_cache(cache_path: Path, cache: dict) -> None:
     try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".{os.getpid()}.partial")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_path)
+        with atomic_file(cache_path) as tmp:
+            tmp.write_text(json.dumps(cache))
     except OSError:
         pass  # a read-only cache only costs the re-hash next time
 
@@ -154,12 +152,9 @@ def _scores(results: dict, shots: dict) -> dict:
 
 def write_record(record: dict, output: Path) -> None:
     # Never into the model directory by default (the caller's choice): it may be a read-only Hub cache snapshot.
-    tmp = output.with_suffix(output.suffix + ".partial")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(output)
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RetrofitError(f"cannot write the results to {output}: {exc.strerror}; "
                             "the table above holds them") from None

@@ -16,15 +16,15 @@ from retrofit.errors import RetrofitError
 class SamplerSettings:
     gen_length: int = 256
     steps: int = 256
-    block_length: int = 256
+    denoise_block: int = 256
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
 
     def check(self) -> None:
-        if self.gen_length % self.block_length:
-            raise RetrofitError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
-                                f"({self.block_length})")
-        blocks = self.gen_length // self.block_length
+        if self.gen_length % self.denoise_block:
+            raise RetrofitError(f"gen_length ({self.gen_length}) must be a multiple of the denoising block "
+                                f"({self.denoise_block})")
+        blocks = self.gen_length // self.denoise_block
         if self.steps % blocks or self.steps < blocks:
             raise RetrofitError(f"steps ({self.steps}) must be a positive multiple of the number of blocks ({blocks})")
 
@@ -54,12 +54,12 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: SamplerSetting
     batch, start = prompt.shape
     x = torch.cat([prompt, torch.full((batch, settings.gen_length), mask_id, dtype=prompt.dtype,
                                       device=prompt.device)], dim=1)
-    blocks = settings.gen_length // settings.block_length
+    blocks = settings.gen_length // settings.denoise_block
     steps_per_block = settings.steps // blocks
     maskable = torch.zeros_like(x, dtype=torch.bool)
     maskable[:, start:] = True
     for block in range(blocks):
-        lo, hi = start + block * settings.block_length, start + (block + 1) * settings.block_length
+        lo, hi = start + block * settings.denoise_block, start + (block + 1) * settings.denoise_block
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
         for step in range(steps_per_block):
             # Only the current block's positions can be unmasked at this step: score just those.

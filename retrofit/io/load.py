@@ -19,11 +19,12 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.safetensors_file import read_header, read_into
 from retrofit.io.tokenizer_files import mask_token_id
-from retrofit.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM, config_from_checkpoint, parse_expert_key
+from retrofit.models import family_for_checkpoint, family_of
+from retrofit.models.moe import StackedExperts, parse_expert_key
 from retrofit.routers import RouterSettings
 
 
-def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None) -> LLaDAMoEConfig:
+def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None):
     """The validated config of a checkpoint; the mask id comes from its tokenizer when config.json lacks it
     (the Hub's does), and ``router`` overrides the checkpoint's own router settings."""
     raw = dict(ckpt.config)
@@ -33,7 +34,7 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
             raw["mask_token_id"] = found
     if router is not None:
         raw["router"] = router.model_dump()
-    config = config_from_checkpoint(raw)
+    config = family_for_checkpoint(raw, str(ckpt.path)).config_from_checkpoint(raw)
     if not 0 <= config.mask_token_id < config.vocab_size:
         where = "config.json's mask_token_id" if "mask_token_id" in ckpt.config else \
             "the default mask id (no <|mask|> in a tokenizer.json)"
@@ -45,17 +46,18 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
 
 def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None = None,
                dtype: torch.dtype = torch.float32, router_dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", check_memory: bool = True) -> LLaDAMoEModelLM:
+               device: str | torch.device = "cpu", check_memory: bool = True) -> torch.nn.Module:
     """Build the model from config.json and load every tensor strictly (a missing or extra tensor is an error).
 
     ``dtype``: the weights' dtype (fp32 by default: bf16 matmuls are ~3x slower on CPUs). ``router_dtype``:
     the routers' own dtype when it should differ, e.g. fp32 master copies of routers that train while the
     frozen weights stay bf16 (the router casts its weight to the activations' dtype in the forward pass).
+    The model class is the checkpoint's family's (``retrofit.models``).
     """
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     config = checkpoint_config(ckpt, router)
     with torch.device("meta"):
-        model = LLaDAMoEModelLM(config)
+        model = family_of(config).model_class(config)
     model.to(dtype)
     if router_dtype is not None:
         for block in model.moe_blocks():
@@ -68,10 +70,10 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
     return model.eval()
 
 
-def _fill(model: LLaDAMoEModelLM, ckpt: CheckpointDir) -> None:
+def _fill(model: torch.nn.Module, ckpt: CheckpointDir) -> None:
     fill_from_checkpoint(model, ckpt, list(ckpt.weight_map))
     if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 
 def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: list[str],
@@ -79,7 +81,7 @@ def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: li
     """Read the named checkpoint tensors into ``module``'s parameters (``rename``: checkpoint name → the
     module's Hub-style name), shard by shard; every parameter must be filled exactly once."""
     params = dict(module.named_parameters())
-    experts = next((m.gate_proj.shape[0] for m in module.modules() if hasattr(m, "gate_proj")), 0)
+    experts = next((m.gate_proj.shape[0] for m in module.modules() if isinstance(m, StackedExperts)), 0)
     filled: dict[str, int] = {}  # parameter name -> elements written
     by_shard: dict[str, list[str]] = {}
     for name in names:
@@ -97,7 +99,7 @@ def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: li
     tied = {"lm_head.weight"} if getattr(getattr(module, "config", None), "tie_word_embeddings", False) else set()
     missing = sorted(n for n, p in params.items() if filled.get(n, 0) != p.numel() and n not in tied)
     if missing:
-        raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: missing {missing[:5]}")
+        raise RetrofitError(f"checkpoint tensors do not match the model's architecture: missing {missing[:5]}")
 
 
 def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int) -> tuple[str, torch.Tensor]:
@@ -110,7 +112,7 @@ def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int)
             return stacked, params[stacked].data[expert]
     elif name in params:
         return name, params[name].data
-    raise RetrofitError(f"checkpoint tensors do not match the LLaDA-MoE architecture: unexpected {name}")
+    raise RetrofitError(f"checkpoint tensors do not match the model's architecture: unexpected {name}")
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -23,8 +23,6 @@ from retrofit.io.checkpoint import INDEX_NAME, CheckpointDir
 from retrofit.io.safetensors_file import read_header
 from retrofit.io.tokenizer_files import copy_tokenizer_files
 from retrofit.io.writer import WRITE_FAILURES, save_tensors, write_index, write_json
-from retrofit.models.llada_moe import MODEL_TYPE
-from retrofit.routers import RouterSettings
 
 ROUTER_FILE = "router.safetensors"
 
@@ -43,14 +41,6 @@ class WrittenShards:
         if self.patched or self.rewritten:
             parts.append(f"{len(self.patched) + len(self.rewritten)} rewritten with changed tensors")
         return "shards: " + ", ".join(parts)
-
-
-def converted_config(raw: dict, mask_token_id: int, router: RouterSettings) -> dict:
-    """The source config.json, re-typed as retrofit's own model type, with the mask id and router section."""
-    out = {k: v for k, v in raw.items() if k != "auto_map"}  # auto_map points at remote code: never carry it
-    out.update(model_type=MODEL_TYPE, architectures=["LLaDAMoEModelLM"], mask_token_id=mask_token_id,
-               router=router.model_dump())
-    return out
 
 
 def _link_or_copy(src: Path, dest: Path) -> bool:

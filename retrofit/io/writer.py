@@ -1,6 +1,7 @@
-"""Write checkpoint directories atomically: everything goes into a hidden temporary directory next to the
-destination and is renamed into place only when complete, so an interrupted or failed write never leaves a
-directory that looks like a good checkpoint."""
+"""Write atomically, and safetensors shards: everything goes into a hidden temporary file or directory next to
+its destination and is renamed into place only when complete, so an interrupted or failed write never leaves a
+file or directory that looks good (``atomic_directory`` for a new directory, ``atomic_entries`` for files added
+to an existing one, ``atomic_file`` for one file)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,47 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_entries(directory: Path, last: str) -> Iterator[Path]:
+    """Yield a hidden folder inside the existing ``directory``; on success each of its entries replaces the
+    entry of the same name in ``directory``, ``last`` moved last (a directory that is complete only once its
+    ``last`` file exists, e.g. config.json, never looks complete early); on failure it is deleted."""
+    partial = directory / f".{last}.entries-partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    try:
+        with write_failures_as_errors(directory):
+            yield partial
+        names = sorted(p.name for p in partial.iterdir())
+        for name in [n for n in names if n != last] + [n for n in names if n == last]:
+            dest = directory / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                # rename() onto another hard link of the same file does nothing (POSIX): remove it first.
+                dest.unlink()
+            os.replace(partial / name, dest)
+        partial.rmdir()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``, on failure it is
+    removed (OSErrors pass through: callers say what the file was for)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

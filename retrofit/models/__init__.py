@@ -1,20 +1,27 @@
-"""Model families retrofit implements natively (no remote code). One module per family."""
+"""Model families retrofit implements natively (no remote code): one module per family behind the interface
+of :mod:`retrofit.models.family`, one registry line each below."""
 
-from retrofit.models.llada_moe import (
-    LLaDAMoEConfig,
-    LLaDAMoEModel,
-    LLaDAMoEModelLM,
-    config_from_checkpoint,
-    is_llada_moe_config,
+from retrofit.models.family import (
+    FAMILIES,
+    ModelFamily,
+    family_for_checkpoint,
+    family_of,
+    hub_models,
+    register_family,
 )
-from retrofit.models.registration import register_with_transformers
+from retrofit.models.llada_moe import LLADA_MOE, LLaDAMoEConfig, LLaDAMoEModel, LLaDAMoEModelLM
 
-register_with_transformers()
+register_family(LLADA_MOE)
 
 __all__ = [
+    "FAMILIES",
+    "LLADA_MOE",
     "LLaDAMoEConfig",
     "LLaDAMoEModel",
     "LLaDAMoEModelLM",
-    "config_from_checkpoint",
-    "is_llada_moe_config",
+    "ModelFamily",
+    "family_for_checkpoint",
+    "family_of",
+    "hub_models",
+    "register_family",
 ]

@@ -5,16 +5,15 @@ embeddings over the full head, per-head QK RMSNorm before the rotation, every la
 shared expert. The router is ``mlp.gate`` (a :class:`retrofit.routers.Router` carrying the checkpoint's
 ``[E, d]`` gate weight), so swapping TC for EC or block routing replaces one module per layer and no tensor.
 
-Experts are stored stacked (``mlp.experts.{gate,up}_proj`` ``[E, f, d]``, ``down_proj`` ``[E, d, f]``) so
-expert choice runs every expert as one batched matmul; :func:`stack_expert_tensors` and
-:func:`unstack_expert_tensors` map to and from the Hub's per-expert names, and a registered transformers
-conversion does the same for ``from_pretrained``/``save_pretrained``.
+Experts are stored stacked (:mod:`retrofit.models.moe`); a registered transformers conversion maps them to and
+from the Hub's per-expert names for ``from_pretrained``/``save_pretrained``. :data:`LLADA_MOE` is the family
+(:mod:`retrofit.models.family`) through which the rest of retrofit reaches this module.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,10 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
 from retrofit.errors import RetrofitError, warn
-from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, build_router
+from retrofit.models.family import ModelFamily, family_of
+from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
+from retrofit.models.moe import SparseMoeBlock, StackedExperts
+from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, router_settings
 
 MODEL_TYPE = "llada_moe"
 HUB_ARCHITECTURES = ("LLaDAMoEModelLM", "LLaDAMoEModel")
@@ -138,7 +140,8 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
         self.mask_token_id = mask_token_id
-        settings = router if isinstance(router, RouterSettings) else RouterSettings.model_validate(router or {})
+        # config.json files of earlier retrofit versions hold every router's fields: read them leniently.
+        settings = router if isinstance(router, RouterSettings) else router_settings(router or {}, stored=True)
         self.router = settings.model_dump()
         self._refuse_unsupported()  # before transformers validates rope parameters with its own error
         super().__init__(
@@ -151,7 +154,7 @@ class LLaDAMoEConfig(PretrainedConfig):
 
     @property
     def router_settings(self) -> RouterSettings:
-        return RouterSettings.model_validate(self.router)
+        return router_settings(self.router)
 
     @property
     def head_dim(self) -> int:
@@ -180,84 +183,7 @@ class LLaDAMoEConfig(PretrainedConfig):
             raise RetrofitError("unsupported LLaDA-MoE config: " + "; ".join(problems))
 
 
-def known_config_fields() -> set[str]:
-    import inspect
-
-    params = set(inspect.signature(LLaDAMoEConfig.__init__).parameters) - {"self", "kwargs"}
-    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
-
-
-def is_llada_moe_config(raw: dict) -> bool:
-    """Recognise the checkpoint by architecture, never by ``model_type`` alone: the Hub's MoE config says
-    ``model_type: "llada"``, the same string as the dense LLaDA-8B."""
-    if raw.get("model_type") == MODEL_TYPE:
-        return True
-    return any(a in HUB_ARCHITECTURES for a in raw.get("architectures") or []) and "num_experts" in raw
-
-
-def config_from_checkpoint(raw: dict) -> LLaDAMoEConfig:
-    """Build the config from a checkpoint's raw config.json, refusing fields this implementation doesn't know."""
-    if not is_llada_moe_config(raw):
-        arch = raw.get("architectures") or raw.get("model_type")
-        raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch}); "
-                            "retrofit supports LLaDA-MoE models only")
-    # A real config.json may carry keys no public port names (export leftovers). Settings retrofit knows but
-    # does not implement are refused by name (_refuse_unsupported, and the other MoE families' names for such
-    # settings below); any other unknown key is kept and named.
-    unknown = sorted(set(raw) - known_config_fields())
-    changing = [k for k in unknown if k in _CHANGES_COMPUTATION and raw[k] not in (None, 0, False, [], {})]
-    if changing:
-        raise RetrofitError(f"unsupported field(s) in config.json: {', '.join(f'{k}={raw[k]!r}' for k in changing)}; "
-                            "they change the computation and retrofit's LLaDA-MoE does not implement them")
-    if unknown:
-        warn(f"config.json has field(s) retrofit's LLaDA-MoE does not use: {', '.join(unknown)}; kept as they are")
-    fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
-    try:
-        return LLaDAMoEConfig(**fields)
-    except (TypeError, ValueError) as exc:
-        raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
-
-
 # --------------------------------------------------------------------------------------------- layers
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotate-half rotary tables. The frequencies and angles are always computed in fp32, whatever the weights'
-    dtype, as the reference does (its ``inv_freq`` buffer stays fp32): a bf16 ``inv_freq`` rounds every
-    position's angle and, over 1000 positions, moves the argmax at ~5% of them. No buffer, so neither a cast of
-    the module nor a meta-device build can change or lose them."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-
-    def frequencies(self, device=None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exponents)
-
-    @torch.no_grad()
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.frequencies(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Attention(nn.Module):
@@ -300,91 +226,30 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
-class StackedExperts(nn.Module):
-    """All experts of a layer as three stacked tensors; ``gate_proj[e]`` is expert e's ``[f, d]`` weight."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-    def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
-        """``x``: ``[T, d]`` flat tokens → ``[T, d]`` gated sum of the chosen experts' outputs."""
-        if routing.layout == "expert":
-            return self._expert_major(x, routing.indices, routing.gates)
-        return self._token_major(x, routing.indices, routing.gates)
-
-    def _expert_major(self, x, tokens, gates):
-        # EC: every expert has the same number of tokens, so one batched matmul per projection runs them all.
-        # Why not the obvious forms: index_select's backward is an index_add, cheaper than x[tokens]'s
-        # accumulating index_put; the gate scales the hidden activations [E, C, f] rather than the output
-        # [E, C, d] (the same product, down_proj being linear) for half the elementwise traffic.
-        chosen = x.index_select(0, tokens.reshape(-1)).view(*tokens.shape, x.shape[-1])  # [E, C, d]
-        hidden = F.silu(torch.bmm(chosen, self.gate_proj.transpose(1, 2))) * torch.bmm(
-            chosen, self.up_proj.transpose(1, 2))
-        hidden = hidden * gates.to(x.dtype).unsqueeze(-1)
-        out = torch.bmm(hidden, self.down_proj.transpose(1, 2))
-        # Under autocast the matmuls return bf16 while x may be fp32: accumulate in x's dtype.
-        return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]).to(x.dtype))
-
-    def _token_major(self, x, experts, gates):
-        # TC/block, in the reference block's order of operations so that bf16 results are bit-identical to it:
-        # experts in ascending order, each on its (token, slot) pairs ordered by slot and then token (the order
-        # torch.where gives the reference's [E, k, T] expert mask), down_proj first and then the gate (cast to
-        # the activations' dtype), added in place. One gather split into per-expert views, so the backward
-        # builds the gradient of the gathered rows once and no [T·k, d] concatenation is allocated.
-        num_tokens, k = experts.shape
-        flat = experts.reshape(-1)
-        slot = torch.arange(k, device=x.device).repeat(num_tokens)
-        token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
-        order = torch.argsort((flat * k + slot) * num_tokens + token)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        token_of = token[order]
-        gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-        out = torch.zeros_like(x)
-        runs = zip(x.index_select(0, token_of).split(counts), token_of.split(counts), gate_of.split(counts))
-        for e, (h, rows, gate) in enumerate(runs):
-            if rows.shape[0]:
-                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
-                # .to(x.dtype): under autocast the product is bf16 while x may be fp32
-                out.index_add_(0, rows, (F.linear(h, self.down_proj[e]) * gate).to(x.dtype))
-        return out
-
-
-class SparseMoeBlock(nn.Module):
-    """Router (``gate``) + stacked experts. Optionally records routing statistics of each forward."""
-
-    def __init__(self, config: LLaDAMoEConfig, settings: RouterSettings):
-        super().__init__()
-        self.gate: Router = build_router(settings, config.hidden_size, config.num_experts,
-                                         config.num_experts_per_tok)
-        self.experts = StackedExperts(config.num_experts, config.hidden_size, config.expert_intermediate_size)
-        self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
-        self.keep_router_logits = False  # set for auxiliary losses (z-loss) that need the gate's logits
-        self.router_logits: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        batch, length, dim = x.shape
-        routing = self.gate(x, ctx)
-        if self.stats is not None:
-            self.stats.update(routing, ctx.valid)
-        if self.keep_router_logits:
-            self.router_logits = routing.logits
-        return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LLaDAMoEConfig, settings: RouterSettings):
+    def __init__(self, config: LLaDAMoEConfig, mlp: nn.Module):
         super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = SparseMoeBlock(config, settings)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rope, key_bias, ctx: RoutingContext):
         x = x + self.self_attn(self.input_layernorm(x), rope, key_bias)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+@dataclass
+class StreamedParts:
+    """How to run a model one decoder layer at a time from its checkpoint (``retrofit.verify``): the Hub names of
+    the embedding and output head, the final norm and the decoder layers with their name prefixes, and
+    ``prepare(input_ids, attention_mask, embeds=...)`` → (hidden states, the layers' other arguments)."""
+
+    embedding: str
+    head: str
+    norm: tuple[str, nn.Module]
+    layers: list[tuple[str, nn.Module]]
+    prepare: Callable
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -416,16 +281,23 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
-        settings = config.router_settings
         # As the reference: the padding token's row gets no gradient (full-parameter training).
         pad = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size else None)
-        self.layers = nn.ModuleList(DecoderLayer(config, settings) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.build_mlp(config, i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def build_mlp(self, config: LLaDAMoEConfig, layer: int) -> nn.Module:
+        """Layer ``layer``'s feed-forward block: every LLaDA-MoE layer is a MoE with the configured router
+        (a family with dense or shared-expert layers overrides this)."""
+        return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                              config.expert_intermediate_size, config.router_settings,
+                              family_of(config).scoring(config))
 
     def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0) -> RoutingContext:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -465,10 +337,11 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     """The full masked-diffusion LM: ``logits[B, L, V]`` for every position (no shift: it is not causal)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    backbone_class = LLaDAMoEModel  # a family that changes only some layers subclasses both
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
-        self.model = LLaDAMoEModel(config)
+        self.model = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -491,7 +364,18 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
         return MaskedLMOutput(logits=self.lm_head(hidden))
 
     def moe_blocks(self) -> list[SparseMoeBlock]:
-        return [layer.mlp for layer in self.model.layers]
+        """The routed layers' MoE blocks, in layer order (dense layers have none)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def streamed_parts(self) -> StreamedParts:
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(self.model.layers)]
+        return StreamedParts("model.embed_tokens.weight", head, ("model.norm.", self.model.norm), layers,
+                             self.model.prepare)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = enabled
 
     def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
         """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones.
@@ -510,73 +394,130 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
             merged.merge(block.stats)
         return merged
 
-    def set_router(self, settings: RouterSettings) -> None:
-        """Replace every layer's router in place, keeping its gate weight (the retrofit itself)."""
-        cfg = self.config
-        for block in self.moe_blocks():
-            old = block.gate
-            new = build_router(settings, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
-            new.weight = old.weight
-            block.gate = new
-        cfg.router = settings.model_dump()
+
+# ---------------------------------------------------------------------------------------------- family
 
 
-# ------------------------------------------------------------------------------- checkpoint naming
+def known_config_fields() -> set[str]:
+    import inspect
 
-def router_tensor_name(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.gate.weight"
-
-
-def is_router_tensor(name: str) -> bool:
-    """Router (gate) weights, also under a peft wrapper's longer prefix."""
-    return name.endswith(".mlp.gate.weight")
+    params = set(inspect.signature(LLaDAMoEConfig.__init__).parameters) - {"self", "kwargs"}
+    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
 
 
-_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+def _expert_stacking():
+    """Checkpoints name each expert's weights separately; the model stacks them. transformers applies this
+    conversion on ``from_pretrained`` and reverses it on ``save_pretrained``, so saved files keep Hub names."""
+    from transformers.core_model_loading import MergeModulelist, WeightConverter
+
+    return [
+        WeightConverter(
+            source_patterns=f"mlp.experts.*.{proj}.weight",
+            target_patterns=f"mlp.experts.{proj}",
+            operations=[MergeModulelist(dim=0)],
+        )
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    ]
 
 
-def parse_expert_key(name: str) -> tuple[str, int, str] | None:
-    """``model.layers.3.mlp.experts.7.up_proj.weight`` → ``("model.layers.3.mlp.experts", 7, "up_proj")``."""
-    m = _EXPERT_KEY.match(name)
-    return (m["prefix"], int(m["expert"]), m["proj"]) if m else None
+class LLaDAMoEFamily(ModelFamily):
+    """inclusionAI's LLaDA-MoE: softmax top-k routing in every layer, no shared expert."""
+
+    name = "llada-moe"
+    display_name = "LLaDA-MoE"
+    model_type = MODEL_TYPE
+    architecture = "LLaDAMoEModelLM"
+    config_class = LLaDAMoEConfig
+    model_class = LLaDAMoEModelLM
+    hub_models = {
+        "llada-moe": "inclusionAI/LLaDA-MoE-7B-A1B-Base",
+        "llada-moe-instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct",
+    }
+
+    def recognises(self, raw: dict) -> bool:
+        """By architecture, never by ``model_type`` alone: the Hub's MoE config says ``model_type: "llada"``,
+        the same string as the dense LLaDA-8B."""
+        if raw.get("model_type") == MODEL_TYPE:
+            return True
+        return any(a in HUB_ARCHITECTURES for a in raw.get("architectures") or []) and "num_experts" in raw
+
+    def config_from_checkpoint(self, raw: dict) -> LLaDAMoEConfig:
+        """The config from a checkpoint's raw config.json, refusing fields this implementation doesn't know."""
+        if not self.recognises(raw):
+            arch = raw.get("architectures") or raw.get("model_type")
+            raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch})")
+        # A real config.json may carry keys no public port names (export leftovers). Settings retrofit knows but
+        # does not implement are refused by name (_refuse_unsupported, and the other MoE families' names for
+        # such settings below); any other unknown key is kept and named.
+        unknown = sorted(set(raw) - known_config_fields())
+        changing = [k for k in unknown if k in _CHANGES_COMPUTATION and raw[k] not in (None, 0, False, [], {})]
+        if changing:
+            raise RetrofitError(f"unsupported field(s) in config.json: "
+                                f"{', '.join(f'{k}={raw[k]!r}' for k in changing)}; they change the computation "
+                                "and retrofit's LLaDA-MoE does not implement them")
+        if unknown:
+            warn(f"config.json has field(s) retrofit's LLaDA-MoE does not use: {', '.join(unknown)}; kept as they are")
+        fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
+        try:
+            return self.config_class(**fields)
+        except (TypeError, ValueError) as exc:
+            raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
+
+    def hub_config(self, config: LLaDAMoEConfig) -> dict[str, Any]:
+        """The public config.json of inclusionAI/LLaDA-MoE-7B-A1B-Base, with ``config``'s values (the Hub's
+        has no ``mask_token_id``: the mask token's id comes from tokenizer.json)."""
+        c = config
+        return {
+            "architectures": ["LLaDAMoEModelLM"],
+            "auto_map": {
+                "AutoConfig": "configuration_lladamoe.LLaDAConfig",
+                "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
+            },
+            "model_type": "llada",
+            "attention_bias": c.attention_bias,
+            "attention_dropout": c.attention_dropout,
+            "clip_qkv": c.clip_qkv,
+            "dense_intermediate_size": c.dense_intermediate_size or 4 * c.hidden_size,
+            "eos_token_id": c.eos_token_id,
+            "pad_token_id": c.pad_token_id,
+            "hidden_act": c.hidden_act,
+            "initializer_range": c.initializer_range,
+            "moe_layer_freq": list(c.moe_layer_freq),
+            "moe_router_enable_expert_bias": bool(c.moe_router_enable_expert_bias),
+            "moe_router_score_function": c.moe_router_score_function,
+            "norm_topk_prob": bool(c.norm_topk_prob),
+            "output_router_logits": c.output_router_logits,
+            "partial_rotary_factor": c.partial_rotary_factor,
+            "qk_layernorm": c.qk_layernorm,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_scaling": None,
+            "rope_theta": c.rope_theta,
+            "routed_scaling_factor": c.routed_scaling_factor,
+            "router_aux_loss_coef": c.router_aux_loss_coef,
+            "router_num_group": c.router_num_group,
+            "router_topk_group": c.router_topk_group,
+            "shared_expert_intermediate_size": c.shared_expert_intermediate_size,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.52.3",
+            "use_cache": c.use_cache,
+            **{k: getattr(c, k) for k in _DIMS},
+        }
+
+    def register_with_transformers(self) -> None:
+        """Make ``transformers.Auto*`` know this model type once ``import retrofit`` has run."""
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+
+        AutoConfig.register(MODEL_TYPE, LLaDAMoEConfig, exist_ok=True)
+        AutoModel.register(LLaDAMoEConfig, LLaDAMoEModelLM, exist_ok=True)
+        AutoModelForMaskedLM.register(LLaDAMoEConfig, LLaDAMoEModelLM, exist_ok=True)
+        register_checkpoint_conversion_mapping(MODEL_TYPE, _expert_stacking(), overwrite=True)
 
 
-def stack_expert_tensors(tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Hub per-expert names → the model's stacked names; every other tensor passes through unchanged."""
-    out, groups = {}, {}
-    for name, t in tensors.items():
-        parsed = parse_expert_key(name)
-        if parsed is None:
-            out[name] = t
-        else:
-            prefix, e, proj = parsed
-            groups.setdefault((prefix, proj), {})[e] = t
-    for (prefix, proj), by_expert in groups.items():
-        missing = sorted(set(range(num_experts)) - set(by_expert))
-        if missing:
-            raise RetrofitError(f"checkpoint lacks {prefix}.N.{proj}.weight for experts {missing[:8]}")
-        out[f"{prefix}.{proj}"] = torch.stack([by_expert[e] for e in range(num_experts)])
-    return out
+# The shape fields (retrofit.tiny's dims).
+_DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "num_experts", "num_experts_per_tok", "expert_intermediate_size", "max_position_embeddings")
 
-
-def unstack_expert_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's stacked names → the Hub's per-expert names (views, no copy)."""
-    out = {}
-    for name, t in tensors.items():
-        prefix, _, proj = name.rpartition(".")
-        if prefix.endswith(".mlp.experts") and proj in EXPERT_PROJECTIONS:
-            for e in range(t.shape[0]):
-                out[f"{prefix}.{e}.{proj}.weight"] = t[e]
-        else:
-            out[name] = t
-    return out
-
-
-def hub_state_dict(model: LLaDAMoEModelLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under the exact names of the Hub checkpoint."""
-    tensors = unstack_expert_tensors(dict(model.state_dict()))
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return tensors
-
+LLADA_MOE = LLaDAMoEFamily()

@@ -1,37 +1,46 @@
-"""Routers: who decides which (token, expert) pairs run. One module per router behind one interface."""
+"""Routers: who decides which (token, expert) pairs run. One module per router behind one interface
+(:mod:`retrofit.routers.base`), one registry line each below."""
 
-from retrofit.routers.base import Router, Routing, RoutingContext
-from retrofit.routers.block import BlockRouter
-from retrofit.routers.ec import ExpertChoiceRouter
-from retrofit.routers.schedules import expected_k, experts_per_token
-from retrofit.routers.settings import RouterSettings, ScheduleSettings
+from retrofit.routers.base import SOFTMAX, Router, RouterSettings, Routing, RoutingContext, Scoring
+from retrofit.routers.block import BlockRouter, BlockSettings
+from retrofit.routers.ec import ExpertChoiceRouter, ExpertChoiceSettings
+from retrofit.routers.registry import (
+    ROUTERS,
+    RouterField,
+    build_router,
+    register_router,
+    router_settings,
+    swap_routers,
+)
+from retrofit.routers.schedules import ScheduleSettings, expected_k, experts_per_token
 from retrofit.routers.stats import RoutingStats
-from retrofit.routers.tc import TokenChoiceRouter
+from retrofit.routers.tc import TokenChoiceRouter, TokenChoiceSettings
 
-ROUTERS: dict[str, type[Router]] = {
-    "tc": TokenChoiceRouter,
-    "ec": ExpertChoiceRouter,
-    "block": BlockRouter,
-}
-
-
-def build_router(settings: RouterSettings, hidden_size: int, num_experts: int, top_k: int) -> Router:
-    """A fresh router of the configured kind (its gate weight uninitialised: the caller loads or copies it)."""
-    return ROUTERS[settings.type](hidden_size, num_experts, top_k, settings)
-
+register_router(TokenChoiceRouter)
+register_router(ExpertChoiceRouter)
+register_router(BlockRouter)
 
 __all__ = [
     "ROUTERS",
+    "SOFTMAX",
     "BlockRouter",
+    "BlockSettings",
     "ExpertChoiceRouter",
+    "ExpertChoiceSettings",
     "Router",
+    "RouterField",
     "RouterSettings",
     "Routing",
     "RoutingContext",
     "RoutingStats",
     "ScheduleSettings",
+    "Scoring",
     "TokenChoiceRouter",
+    "TokenChoiceSettings",
     "build_router",
     "expected_k",
     "experts_per_token",
+    "register_router",
+    "router_settings",
+    "swap_routers",
 ]

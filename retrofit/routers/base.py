@@ -2,8 +2,18 @@
 
 A router owns the gate weight of one MoE layer (Hub name ``mlp.gate.weight``, shape ``[E, d]``) and turns
 hidden states into a :class:`Routing`: which (token, expert) pairs run, with which gate. Routers differ only
-in *who chooses*; all of them score with the same softmax over experts, so a token-choice checkpoint's gate
-weights initialise any of them unchanged (algorithms.md §4).
+in *who chooses*. How the gate's logits become expert scores is the checkpoint's own :class:`Scoring`, which
+the model family supplies (softmax for LLaDA-MoE), so a token-choice checkpoint's gate weights initialise any
+router unchanged (algorithms.md §4).
+
+Adding a router is one module plus one registry line (``retrofit/routers/__init__.py``):
+
+- a :class:`RouterSettings` subclass with ``type: Literal["<name>"]`` and one pydantic field per knob, each
+  with a ``description`` (it becomes the help text of the ``--<field>`` flag that ``retrofit convert`` and
+  ``retrofit eval`` both generate from the class, and it validates the ``router`` section of config.json and
+  of recipes);
+- a :class:`Router` subclass with ``kind = "<name>"``, ``settings_class`` set to that class, and ``select``
+  (or ``route`` when it ranks something other than the scores).
 """
 
 from __future__ import annotations
@@ -13,7 +23,49 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from torch import nn
+
+
+class RouterSettings(BaseModel):
+    """Base of every router's settings; the ``type`` field selects the router (see ``router_settings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+
+    def describe(self) -> str:
+        """One-line human summary: the type and the fields that differ from their defaults."""
+        changed = {k: v for k, v in self.model_dump(exclude_defaults=True).items() if k != "type"}
+        return " ".join([self.type, *(f"{k}={v}" for k, v in changed.items())])
+
+
+class Scoring:
+    """A checkpoint's own scoring: how its gate logits become per-expert scores, and how its token-choice
+    router turns scores into k experts and their gates. The model family supplies it; every router ranks and
+    gates with :meth:`scores`, so a router swap changes who chooses, never the scale of the scores.
+
+    This class is LLaDA-MoE's: an fp32 softmax over all experts, top-k of it, raw (not renormalised) gates.
+    """
+
+    name: ClassVar[str] = "softmax"
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., E]`` logits → fp32 scores (the gate values)."""
+        return F.softmax(logits, dim=-1, dtype=torch.float32)
+
+    def top_k(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checkpoint's own token choice: ``scores`` ``[T, E]`` → (gates ``[T, k]``, experts ``[T, k]``)."""
+        return scores.topk(k, dim=-1)
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+SOFTMAX = Scoring()
 
 
 @dataclass
@@ -75,30 +127,47 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base class: holds the gate weight and the softmax scoring every router shares.
+    """Base class: holds the gate weight and the checkpoint's scoring every router shares.
 
-    Subclasses set ``kind`` and implement :meth:`select`, a pure function of the fp32 probabilities, so that
-    it can be checked against a slow loop reference on random inputs.
+    Subclasses set ``kind`` and ``settings_class`` and implement :meth:`select`, a pure function of the fp32
+    scores, so that it can be checked against a slow loop reference on random inputs.
     """
 
     kind: ClassVar[str] = ""
+    settings_class: ClassVar[type[RouterSettings]] = RouterSettings
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings | None = None,
+                 scoring: Scoring = SOFTMAX):
         super().__init__()
+        self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
+        self.settings = settings if settings is not None else self.settings_class(type=self.kind)
+        if not isinstance(self.settings, self.settings_class):
+            raise TypeError(f"{type(self).__name__} needs {self.settings_class.__name__}, got "
+                            f"{type(self.settings).__name__}")
+        self.scoring = scoring
         # Same name, shape and orientation as the checkpoint's nn.Linear(d, E, bias=False).weight.
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def adopt(self, other: "Router") -> None:
+        """Share ``other``'s tensors (the gate weight, and any other tensor both routers hold): a router swap
+        keeps the checkpoint's weights and changes only who chooses."""
+        for name, param in other.named_parameters(recurse=False):
+            if hasattr(self, name):
+                setattr(self, name, param)
+        for name, buffer in other.named_buffers(recurse=False):
+            if hasattr(self, name):
+                setattr(self, name, buffer)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # A router that trains may keep an fp32 master weight beside bf16 activations: compute in the
         # activations' dtype (a no-op cast when they agree, so the checkpoint's own routing stays bit-exact).
         return F.linear(hidden, self.weight.to(hidden.dtype))
 
-    @staticmethod
-    def probabilities(logits: torch.Tensor) -> torch.Tensor:
-        # Softmax in fp32 over all experts, as the reference MoE block does.
-        return F.softmax(logits, dim=-1, dtype=torch.float32)
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's fp32 scores of ``logits`` (softmax over all experts for LLaDA-MoE)."""
+        return self.scoring.scores(logits)
 
     def forward(self, hidden: torch.Tensor, ctx: RoutingContext) -> Routing:
         """``hidden``: ``[B, L, d]`` → :class:`Routing` over the ``B * L`` flat tokens."""
@@ -108,7 +177,7 @@ class Router(nn.Module):
         return routing
 
     def route(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
-        """The gate's logits ``[B, L, E]`` → :class:`Routing`; by default :meth:`select` on the fp32 softmax."""
+        """The gate's logits ``[B, L, E]`` → :class:`Routing`; by default :meth:`select` on the fp32 scores."""
         return self.select(self.probabilities(logits), ctx)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
@@ -116,4 +185,4 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}"
+        return f"kind={self.kind}, experts={self.num_experts}, top_k={self.top_k}, scoring={self.scoring}"

@@ -14,11 +14,29 @@ touched per block than under token choice.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from retrofit.routers.base import Router, Routing, RoutingContext
-from retrofit.routers.settings import RouterSettings
+from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext, Scoring, SOFTMAX
+
+
+class BlockSettings(RouterSettings):
+    type: Literal["block"] = "block"
+    block_length: int = Field(default=32, ge=1, description=(
+        "positions per routing block, aligned with the sampler's denoising blocks (dMoE: 32)"))
+    core_threshold: float = Field(default=0.6, gt=0, le=1, description=(
+        "cumulative share of the block's vote kept in its core set (top-p)"))
+    guard_size: int = Field(default=16, ge=1, description="minimum core-set size (at least the top-k)")
+    renormalize: bool = Field(default=False, description=(
+        "renormalise each token's k gates over its k experts (dMoE's LLaDA2.0 router does); off by default to "
+        "keep LLaDA-MoE's own convention of raw softmax gates, which sets the scale of every MoE output"))
+
+    def describe(self) -> str:
+        return (f"block block_length={self.block_length} core_threshold={self.core_threshold} "
+                f"guard_size={self.guard_size}" + (" renormalize" if self.renormalize else ""))
 
 
 class BlockRouter(Router):
@@ -31,9 +49,12 @@ class BlockRouter(Router):
     Ties in the vote (zero votes, in practice) are broken by the lower expert id (stable sort)."""
 
     kind = "block"
+    settings_class = BlockSettings
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings):
-        super().__init__(hidden_size, num_experts, top_k)
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: BlockSettings | None = None,
+                 scoring: Scoring = SOFTMAX):
+        super().__init__(hidden_size, num_experts, top_k, settings, scoring)
+        settings = self.settings
         if settings.guard_size < top_k:
             raise ValueError(
                 f"block router: guard_size ({settings.guard_size}) must be at least top_k ({top_k}), so that every "

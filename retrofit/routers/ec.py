@@ -18,11 +18,32 @@ of the batch, so the total FLOPs are the same as per sequence but a sequence may
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from retrofit.routers.base import Router, Routing, RoutingContext
-from retrofit.routers.schedules import experts_per_token
-from retrofit.routers.settings import RouterSettings
+import torch
+from pydantic import Field
+
+from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext, Scoring, SOFTMAX
+from retrofit.routers.schedules import ScheduleSettings, experts_per_token
+
+
+class ExpertChoiceSettings(RouterSettings):
+    type: Literal["ec"] = "ec"
+    capacity_factor: float = Field(default=1.0, gt=0, description=(
+        "capacity C = L*k/E times this factor; 1.0 matches token choice's FLOPs"))
+    per_batch: bool = Field(default=False, description="experts choose over the whole batch, not per sequence")
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    ec_order: Literal["softmax-then-topk", "topk-then-softmax"] = Field(default="softmax-then-topk", description=(
+        "softmax-then-topk: experts rank tokens by their score (softmax probability) and gate with it; "
+        "topk-then-softmax (EC-DLM's default): experts rank tokens by raw router logit, gate = softmax over the "
+        "logits of just the experts that chose the token"))
+
+    def describe(self) -> str:
+        s = self.schedule
+        sched = s.name if s.name == "constant" else f"{s.name}[{s.k_min}..{s.k_max}]"
+        scope = "batch" if self.per_batch else "sequence"
+        order = "" if self.ec_order == "softmax-then-topk" else f" {self.ec_order}"
+        return f"ec capacity_factor={self.capacity_factor} schedule={sched} per-{scope}{order}"
 
 
 def sequence_capacity(lengths: torch.Tensor, k: torch.Tensor, num_experts: int, capacity_factor: float):
@@ -40,9 +61,12 @@ class ExpertChoiceRouter(Router):
     are flat token ids, sequences in batch order, each in descending score order; ``capacity`` is C_b."""
 
     kind = "ec"
+    settings_class = ExpertChoiceSettings
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings):
-        super().__init__(hidden_size, num_experts, top_k)
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: ExpertChoiceSettings | None = None,
+                 scoring: Scoring = SOFTMAX):
+        super().__init__(hidden_size, num_experts, top_k, settings, scoring)
+        settings = self.settings
         self.capacity_factor = settings.capacity_factor
         self.per_batch = settings.per_batch
         self.schedule = settings.schedule

@@ -23,11 +23,50 @@ k_min = 8, k_max = 32, linear-reverse averages 20, the paper's constant baseline
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retrofit.routers.settings import ScheduleSettings
+ScheduleName = Literal[
+    "constant",
+    "linear",
+    "linear-reverse",
+    "cosine",
+    "cosine-reverse",
+    "bell",
+    "gaussian",
+    "gaussian-reverse",
+    "step",
+    "step-reverse",
+]
+
+
+class ScheduleSettings(BaseModel):
+    """Capacity as a function of the mask ratio r (algorithms.md §5).
+
+    k(r) = round(k_min + (k_max - k_min) * s(r)), clamped to [k_min, k_max]; ``None`` bounds default to the
+    checkpoint's top-k. ``constant`` ignores r and uses the checkpoint's top-k.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ScheduleName = Field(default="constant", description=(
+        "capacity as a function of the mask ratio r (constant: the checkpoint's top-k at every step)"))
+    k_min: int | None = Field(default=None, ge=0, description="experts per token at s(r)=0 (default: the "
+                                                              "checkpoint's top-k)")
+    k_max: int | None = Field(default=None, ge=1, description="experts per token at s(r)=1 (default: the "
+                                                              "checkpoint's top-k)")
+    sigma: float = Field(default=0.22, gt=0, description="width of the gaussian schedules' bell",
+                         json_schema_extra={"flag": "schedule-sigma"})
+    threshold: float = Field(default=0.5, ge=0, le=1, description="mask ratio where the step schedules switch",
+                             json_schema_extra={"flag": "schedule-threshold"})
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "ScheduleSettings":
+        if self.k_min is not None and self.k_max is not None and self.k_min > self.k_max:
+            raise ValueError(f"schedule k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        return self
 
 
 def _gaussian(r: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from retrofit.routers.base import Router, Routing, RoutingContext
-from retrofit.routers.settings import RouterSettings
+from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext
+
+
+class TokenChoiceSettings(RouterSettings):
+    """Token choice has nothing to tune: it is the checkpoint's own routing."""
+
+    type: Literal["tc"] = "tc"
+
+    def describe(self) -> str:
+        return "tc (checkpoint top-k)"
 
 
 class TokenChoiceRouter(Router):
-    """Bit-exact with the reference LLaDA-MoE block: ``topk`` of the fp32 softmax over the flat ``[T, E]``
-    probabilities, gates are the raw (not renormalised) probabilities, so a token's k gates sum to less than 1.
-    Padding tokens are routed too, as the reference does; statistics ignore them."""
+    """The checkpoint's own token choice through its :class:`~retrofit.routers.base.Scoring`: for LLaDA-MoE,
+    bit-exact with the reference block (``topk`` of the fp32 softmax over the flat ``[T, E]`` probabilities,
+    raw gates, so a token's k gates sum to less than 1). Padding tokens are routed too, as the reference does;
+    statistics ignore them."""
 
     kind = "tc"
-
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: RouterSettings | None = None):
-        # ``settings`` is accepted so every router builds the same way; token choice has nothing to tune.
-        super().__init__(hidden_size, num_experts, top_k)
+    settings_class = TokenChoiceSettings
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
-        gates, experts = probs.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)
+        gates, experts = self.scoring.top_k(probs.reshape(-1, self.num_experts), self.top_k)
         return Routing("token", experts, gates, self.num_experts)

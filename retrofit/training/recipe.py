@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrofit.errors import RetrofitError
-from retrofit.routers import RouterSettings
+from retrofit.io.text_data import DataSection
+from retrofit.routers import RouterField
 
 
 class Section(BaseModel):
@@ -24,19 +25,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     source: str = Field(description="registry name, Hub id or directory of a TC or converted checkpoint")
-    router: RouterSettings | None = Field(default=None, description="overrides the checkpoint's router")
-
-
-class DataSection(Section):
-    path: str = Field(description="local file (jsonl, json, txt, parquet, csv) or a Hub dataset name")
-    format: Literal["auto", "json", "text", "parquet", "csv"] = "auto"
-    split: str = "train"
-    objective: Literal["pretrain", "sft"] = "pretrain"
-    text_field: str | list[str] = Field(default="text", description="field, or fields joined by newlines")
-    prompt_field: str = "question"
-    response_field: str = "answer"
-    seq_len: int = Field(default=256, ge=8)
-    max_examples: int | None = Field(default=None, ge=1)
+    router: RouterField | None = Field(default=None, description=(
+        "overrides the checkpoint's router: a mapping whose type (tc, ec, block, ...) selects the router's own "
+        "settings"))
 
 
 class DistillSection(Section):
@@ -168,14 +159,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         return Recipe.model_validate(data), path.resolve().parent
     except ValidationError as exc:
         raise explain(exc, str(path)) from None
-
-
-def resolve_path(value: str, recipe_dir: Path) -> Path | None:
-    """A relative path is looked up beside the recipe first, then in the working directory."""
-    candidate = Path(value).expanduser()
-    if candidate.is_absolute():
-        return candidate if candidate.exists() else None
-    for base in (recipe_dir, Path.cwd()):
-        if (base / candidate).exists():
-            return (base / candidate).resolve()
-    return None

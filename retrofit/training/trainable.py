@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from retrofit.models.llada_moe import LLaDAMoEModelLM, is_router_tensor
+from retrofit.routers import Router
 from retrofit.training.recipe import TrainableSection
 
 
 def router_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if is_router_tensor(name)]
+    """Every router's parameters (the gate weights), under their names in ``model`` (a peft wrapper's too)."""
+    return [f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, Router)
+            for name, _ in module.named_parameters(recurse=False)]
 
 
-def make_trainable(model: LLaDAMoEModelLM, section: TrainableSection) -> nn.Module:
+def make_trainable(model: nn.Module, section: TrainableSection) -> nn.Module:
     """Freeze all but the routers (and LoRA adapters); returns the module to train (a PeftModel with LoRA).
     ``all`` trains every parameter (pretraining a model from scratch)."""
     if section.mode == "all":
@@ -30,12 +32,12 @@ def make_trainable(model: LLaDAMoEModelLM, section: TrainableSection) -> nn.Modu
                             target_modules=lora.target_modules, bias="none")
         model = get_peft_model(model, config)  # adapters are created trainable, the base stays frozen
     for block in base_model(model).moe_blocks():
-        block.gate.weight.requires_grad_(True)
+        block.gate.requires_grad_(True)
     return model
 
 
-def base_model(model: nn.Module) -> LLaDAMoEModelLM:
-    """The LLaDA-MoE model under an optional peft wrapper."""
+def base_model(model: nn.Module) -> nn.Module:
+    """The native model under an optional peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

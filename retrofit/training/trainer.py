@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -22,22 +21,22 @@ import torch
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
-from retrofit.io.model_dir import converted_config, write_model_directory
-from retrofit.io.sources import Source, resolve_source
-from retrofit.io.writer import check_writable, write_failures_as_errors
-from retrofit.models.llada_moe import hub_state_dict
-from retrofit.routers import TokenChoiceRouter
+from retrofit.diffusion import add_noise, diffusion_loss
+from retrofit.io.model_card import model_card
+from retrofit.io.model_dir import write_model_directory
+from retrofit.io.paths import resolve_path
+from retrofit.io.text_data import TokenBatches, build_sequences
+from retrofit.io.tokenizer_files import load_tokenizer
+from retrofit.io.writer import atomic_entries, check_writable
+from retrofit.models import family_of
+from retrofit.models.moe import hub_state_dict
+from retrofit.routers import swap_routers
+from retrofit.routers.registry import swap_routers_back
+from retrofit.sources import Source, resolve_source
 from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from retrofit.training.data import TokenBatches, build_sequences, load_tokenizer
-from retrofit.training.objective import (
-    add_noise,
-    diffusion_loss,
-    distillation_kl,
-    load_balancing_loss,
-    router_z_loss,
-)
-from retrofit.training.recipe import Recipe, resolve_path
-from retrofit.training.trainable import base_model, make_trainable, router_parameter_names
+from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
+from retrofit.training.recipe import Recipe
+from retrofit.training.trainable import make_trainable, router_parameter_names
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -102,11 +101,12 @@ class Finetune:
                            device=self.device)
         self.base = model
         self.config = model.config
+        self.family = family_of(model.config)
         self.data: TokenBatches = build_sequences(recipe.data, recipe_dir, load_tokenizer(self.ckpt.path))
         self.teacher_weights = [b.gate.weight.detach().clone() for b in model.moe_blocks()]
         self.model = make_trainable(model, recipe.trainable)
         if optim.activation_checkpointing:
-            model.model.gradient_checkpointing = True
+            model.enable_activation_checkpointing()
         for block in model.moe_blocks():
             block.keep_router_logits = recipe.objective.z_loss > 0 or recipe.objective.balance_loss > 0
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -134,21 +134,21 @@ class Finetune:
 
     @contextmanager
     def teacher_routing(self):
-        """The original TC model: the checkpoint's own routers and gate weights, adapters off, no stats."""
+        """The original TC model: the family's own token-choice routers with the checkpoint's gate weights,
+        adapters off, no stats."""
         blocks = self.base.moe_blocks()
-        saved = [(b.gate, b.stats, b.keep_router_logits) for b in blocks]
-        cfg = self.config
-        for block, weight in zip(blocks, self.teacher_weights):
-            tc = TokenChoiceRouter(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok)
-            tc.weight = torch.nn.Parameter(weight, requires_grad=False)
-            block.gate, block.stats, block.keep_router_logits = tc, None, False
+        saved = [(b.stats, b.keep_router_logits) for b in blocks]
+        for block in blocks:
+            block.stats, block.keep_router_logits = None, False
+        students = swap_routers(self.base, self.family.token_choice(self.config), weights=self.teacher_weights)
         adapters = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         try:
             with adapters:
                 yield
         finally:
-            for block, (gate, stats, keep) in zip(blocks, saved):
-                block.gate, block.stats, block.keep_router_logits = gate, stats, keep
+            swap_routers_back(self.base, students)
+            for block, (stats, keep) in zip(blocks, saved):
+                block.stats, block.keep_router_logits = stats, keep
 
     def loss_terms(self, ids: torch.Tensor, prompt_len: torch.Tensor) -> dict[str, torch.Tensor]:
         obj = self.recipe.objective
@@ -161,7 +161,8 @@ class Finetune:
         if obj.z_loss > 0:
             terms["z_loss"] = router_z_loss(router_logits)
         if obj.balance_loss > 0:
-            terms["balance"] = load_balancing_loss(router_logits, self.config.num_experts_per_tok)
+            terms["balance"] = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
+                                                   self.family.scoring(self.config))
         if obj.distill.weight > 0:
             with torch.no_grad(), self.teacher_routing(), self.autocast:
                 teacher = self.model(input_ids=noisy, mask_ratio=t).logits
@@ -252,33 +253,22 @@ class Finetune:
         # routers go to router.safetensors.
         stored = {name: entry.dtype for name, entry in self.ckpt.entries(list(trained)).items()}
         changed = {name: t.detach().cpu().to(stored[name]) for name, t in trained.items()}
-        config = converted_config(self.ckpt.config, self.config.mask_token_id, self.config.router_settings)
-        partial = self.output_dir / ".export-partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir()
-        with write_failures_as_errors(self.output_dir):
+        config = self.family.converted_config(self.ckpt.config, self.config.mask_token_id,
+                                              self.config.router_settings)
+        # Moved into place with config.json last: the directory only looks complete once everything is there.
+        with atomic_entries(self.output_dir, last="config.json") as partial:
             write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
-        if self.recipe.trainable.mode == "routers+lora":
-            self.model.save_pretrained(str(partial / "adapter"))
-        # Move into place with config.json last: the directory only looks complete once everything is there.
-        names = sorted(p.name for p in partial.iterdir())
-        for name in [n for n in names if n != "config.json"] + ["config.json"]:
-            dest = self.output_dir / name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            elif dest.exists():
-                # rename() onto another hard link of the same file does nothing (POSIX): remove it first.
-                dest.unlink()
-            os.replace(partial / name, dest)
-        partial.rmdir()
+            if self.recipe.trainable.mode == "routers+lora":
+                self.model.save_pretrained(str(partial / "adapter"))
 
     def model_card(self) -> str:
-        return (f"# {self.output_dir.name}\n\nRouter fine-tuning of `{self.source.origin}` by retrofit "
-                f"({self.config.router_settings.describe()}). Trainable: {self.recipe.trainable.mode}. Only the "
-                f"router tensors differ from the source; they are also in `router.safetensors`."
-                f"{' LoRA adapters are in `adapter/`.' if self.recipe.trainable.mode != 'routers' else ''}\n\n"
+        mode = self.recipe.trainable.mode
+        body = (f"Router fine-tuning of `{self.source.origin}` by retrofit ({self.config.router_settings.describe()})."
+                f" Trainable: {mode}. Only the router tensors differ from the source; they are also in "
+                f"`router.safetensors`.{' LoRA adapters are in `adapter/`.' if mode != 'routers' else ''}\n\n"
                 f"Recipe:\n\n```yaml\n{self.recipe_text}\n```\n")
+        tags = [self.family.name, f"{self.config.router_settings.type}-routing"]
+        return model_card(self.output_dir.name, body, base_model=self.source.origin, tags=tags)
 
 
 def _to(noise, device):

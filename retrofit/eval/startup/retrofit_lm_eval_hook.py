@@ -4,6 +4,13 @@ Loaded at interpreter start through a .pth file that `make setup` writes (``pyth
 retrofit.eval.install_hook``). It imports only the standard library: when, and only when, a program imports
 ``lm_eval.api.registry``, it registers ``retrofit`` as a lazy entry pointing at retrofit.eval.adapter, after
 lm-eval's own models, so nothing heavy is imported for any other program.
+
+Why a start-up hook and not an entry point: lm-eval 0.4.13 resolves ``--model`` only through
+``lm_eval.api.registry.get_model()``, which looks the name up in ``model_registry``, filled only from
+``lm_eval.models.MODEL_MAPPING`` and by ``register_model`` calls in code already imported; nothing in
+lm-eval calls ``importlib.metadata.entry_points()`` (no ``lm_eval.models``/plugins group), and no environment
+variable or CLI option imports a third-party module (``--include_path`` is for task YAMLs only), so the name
+can only be registered by code already running in the ``lm_eval`` process.
 """
 
 import importlib.abc

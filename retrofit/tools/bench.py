@@ -1,4 +1,4 @@
-"""CPU benchmark of retrofit's MoE paths: ``python -m retrofit.bench [--out DIR] [--quick]``.
+"""CPU benchmark of retrofit's MoE paths: ``python -m retrofit.tools.bench [--out DIR] [--quick]``.
 
 Everything is measured side by side in one process (fp32, 2 threads; each figure the median of repeated runs
 after a warm-up run), so the tables compare implementations on the same machine at the same moment:
@@ -11,7 +11,8 @@ after a warm-up run), so the tables compare implementations on the same machine 
    generation.
 
 A "Targets" section checks the measured figures against the project's goals. No figure is hard-coded: every
-number written comes from the run that writes it. Results go to ``DIR/bench.md`` and ``DIR/bench.json``.
+number written comes from the run that writes it. Results go to ``DIR/bench.md`` and ``DIR/bench.json``; this
+module measures, :mod:`retrofit.tools.bench_report` renders and writes them.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrofit.diffusion import add_noise, diffusion_loss
 from retrofit.eval.likelihood import mc_loglikelihood
 from retrofit.eval.sampler import SamplerSettings, generate
-from retrofit.models.llada_moe import StackedExperts
-from retrofit.routers import Router, RouterSettings, RoutingContext, build_router
+from retrofit.models.moe import StackedExperts
+from retrofit.routers import Router, RouterSettings, RoutingContext, build_router, router_settings
 from retrofit.tiny import TINY_EOS_ID, build_tiny_model
-from retrofit.training.objective import add_noise, diffusion_loss
+from retrofit.tools.bench_report import write_report
 from retrofit.training.recipe import TrainableSection
 from retrofit.training.trainable import make_trainable
 
@@ -47,7 +49,7 @@ THREADS = 2
 LLADA_MOE = dict(d=2048, f=1024, experts=64, top_k=8)
 LAYER_TOKENS = (64, 512, 2048)
 TARGET_TOKENS = 512
-BLOCK = RouterSettings(type="block", block_length=32, core_threshold=0.6, guard_size=16)
+BLOCK = router_settings(type="block", block_length=32, core_threshold=0.6, guard_size=16)
 MODEL_DIMS = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, expert_intermediate_size=256)
 TRAIN_BATCH, TRAIN_LENGTH = 8, 128
@@ -148,12 +150,12 @@ def routed(layer: MoeLayer, settings: RouterSettings) -> Implementation:
 def implementations(layer: MoeLayer) -> dict[str, Implementation]:
     """The rows of the layer table (EC in both of its orders); the loop re-implements the TC router's choice
     inline, as the reference code does, so the TC router only counts its pairs."""
-    tc = RouterSettings(type="tc")
+    tc = router_settings(type="tc")
     return {
         LOOP: Implementation(layer.router(tc), partial(tc_loop, layer)),
         GROUPED: routed(layer, tc),
-        BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
-        BATCHED_BY_LOGIT: routed(layer, RouterSettings(type="ec", capacity_factor=1.0, ec_order="topk-then-softmax")),
+        BATCHED: routed(layer, router_settings(type="ec", capacity_factor=1.0)),
+        BATCHED_BY_LOGIT: routed(layer, router_settings(type="ec", capacity_factor=1.0, ec_order="topk-then-softmax")),
     }
 
 
@@ -246,8 +248,8 @@ def block_table(layer: MoeLayer, settings: RouterSettings, repeats: int) -> dict
     is what block routing cuts; at this size the layer reads each touched expert's weights for a handful of
     tokens, so its time should follow the unique-expert count."""
     x = layer.tokens(settings.block_length)
-    impls = {GROUPED: routed(layer, RouterSettings(type="tc")),
-             BATCHED: routed(layer, RouterSettings(type="ec", capacity_factor=1.0)),
+    impls = {GROUPED: routed(layer, router_settings(type="tc")),
+             BATCHED: routed(layer, router_settings(type="ec", capacity_factor=1.0)),
              BLOCKED: routed(layer, settings)}
     times = median_ms({name: partial(forward, impl.run, x) for name, impl in impls.items()}, repeats)
     rows = [{"router": name, "tokens": x.shape[0], "ms": times[name],
@@ -275,7 +277,8 @@ def workload(mode: str, dims: dict, batch: int, length: int) -> tuple[nn.Module,
     if mode == "inference":
         return model, partial(forward, model, ids)
     if mode == "routers+checkpointing":  # recompute each layer in backward instead of keeping activations
-        model.model.gradient_checkpointing, mode = True, "routers"
+        model.enable_activation_checkpointing()
+        mode = "routers"
     model = make_trainable(model.train(), TrainableSection(mode=mode))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -315,7 +318,7 @@ def peak_memory(mode: str, dims: dict, batch: int, length: int) -> dict:
 def fresh_process_peak(mode: str, dims: dict, batch: int, length: int) -> dict:
     """:func:`peak_memory` in a new interpreter, so nothing an earlier measurement left resident skews it."""
     args = json.dumps(dict(mode=mode, dims=dims, batch=batch, length=length))
-    code = ("import json, sys, torch; from retrofit.bench import THREADS, peak_memory; "
+    code = ("import json, sys, torch; from retrofit.tools.bench import THREADS, peak_memory; "
             "torch.set_num_threads(THREADS); print(json.dumps(peak_memory(**json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, args], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.splitlines()[-1])
@@ -325,7 +328,7 @@ def evaluation_rates(model: nn.Module, repeats: int) -> dict:
     """Likelihood requests/s (a 48-token context, an 8-token continuation, 8 Monte-Carlo samples in one batch)
     and generated tokens/s (one 32-token block after a 48-token prompt, 32 steps, batch 1)."""
     ids, mask_id = random_ids((56,)).tolist(), model.config.mask_token_id
-    settings = SamplerSettings(gen_length=32, steps=32, block_length=32)
+    settings = SamplerSettings(gen_length=32, steps=32, denoise_block=32)
     times = median_ms({
         "score": partial(mc_loglikelihood, model, ids[:48], ids[48:], mask_id=mask_id, mc_num=8, batch_size=8,
                          seed=0, device="cpu"),
@@ -383,95 +386,6 @@ def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
             for name, value, op, bound, unit, alone in checks]
 
 
-# ----------------------------------------------------------------------------------------- rendering
-
-
-def num(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
-
-
-def md_table(headers: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(num(c) if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
-
-
-def layer_markdown(table: dict) -> list[str]:
-    passes = ("fwd", "fwd+bwd")
-    headers = ["tokens", "implementation"] + [f"{p} {h}" for p in passes
-                                              for h in ("ms", "speed-up", "GFLOP/s", "% dense")]
-    rows = [[r["tokens"], r["implementation"]] + [v for p in passes for v in
-            (r[p]["ms"], f"{num(r[p]['speedup'])}x", r[p]["gflops"], f"{num(r[p]['pct_dense'])}%")]
-            for r in table["rows"]]
-    dense = [[d["tokens"], d["shape"], d["ms"], d["gflops"]] for d in table["dense"]]
-    shape = table["shape"]
-    return [f"## 1. MoE layer (d={shape['d']}, f={shape['f']}, E={shape['experts']}, k={shape['top_k']}, "
-            "one sequence, experts frozen)", "",
-            "Times include the router. Useful expert FLOPs = 2·3·d·f per routed (token, expert) pair; fwd+bwd "
-            "counts 2x the forward FLOPs, because with frozen experts backward runs only the input-gradient "
-            "matmuls (x and gate get gradients). Speed-up is against the TC per-expert loop; % dense is the "
-            "achieved rate over the plain-matmul rate measured below at the same FLOPs.", "",
-            *md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
-            *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
-
-
-def block_markdown(table: dict) -> list[str]:
-    body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x"]
-            for r in table["rows"]]
-    return [f"## 2. One denoising block ({table['settings']}, same layer, random tokens)", "",
-            *md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
-                       "TC / this (time)"], body), ""]
-
-
-def model_markdown(m: dict) -> list[str]:
-    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only",
-              "routers+checkpointing": "train routers only, activation checkpointing", "all": "train all"}
-    body = [[labels[mode], s["ms"], s["tokens_per_s"], s["memory"]["above_baseline_mib"], s["memory"]["peak_mib"]]
-            for mode, s in m["steps"].items()]
-    return [f"## 3. Tiny model ({', '.join(f'{k}={v}' for k, v in m['dims'].items())}; TC router)", "",
-            f"Steps on a batch of {m['batch']} x {m['length']} tokens (training: masked-diffusion loss, backward, "
-            "AdamW). Peak memory is VmHWM of one step in a fresh process, above the resident memory just before "
-            "it (the first step, so it includes creating the optimiser state).", "",
-            *md_table(["mode", "step ms", "tokens/s", "peak above baseline MiB", "peak RSS MiB"], body), "",
-            f"Routers-only training peak / inference peak (above baseline): {num(m['memory_ratio'])}x "
-            f"({num(m['checkpointed_memory_ratio'])}x with activation checkpointing); whole-process peak RSS "
-            f"ratio: {num(m['rss_ratio'])}x", "",
-            *md_table(["loglikelihood requests/s (mc_num 8, batch 8, 48+8 tokens)",
-                       "generation tokens/s (gen 32, steps 32, block 32, batch 1)"],
-                      [[m["loglikelihood_requests_per_s"], m["generation_tokens_per_s"]]]), ""]
-
-
-def memory_markdown(m: dict) -> list[str]:
-    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only"}
-    body = [[labels[mode], p["peak_mib"], p["baseline_mib"], p["above_baseline_mib"]] for mode, p in m["peaks"].items()]
-    return [f"## 4. Peak memory at LLaDA-MoE layer size ({', '.join(f'{k}={v}' for k, v in m['dims'].items())})", "",
-            f"One step on {m['batch']} x {m['length']} tokens in a fresh process; the peak is the whole process's "
-            "VmHWM, weights included, as a user would see it.", "",
-            *md_table(["mode", "peak RSS MiB", "before the step MiB", "step's own MiB"], body), "",
-            f"Routers-only training peak / inference peak: {num(m['ratio'])}x", ""]
-
-
-def targets_markdown(checks: list[dict]) -> list[str]:
-    body = [[c["target"], f"{num(c['measured'])}{c['unit']}", f"{c['op']} {num(c['bound'])}{c['unit']}",
-             "PASS" if c["met"] else "MISS",
-             "" if c["gemms_alone"] is None else f"{num(c['gemms_alone'])}{c['unit']}"] for c in checks]
-    return ["## Targets", "",
-            f"The last column is the same figure for `{CEILING}` (table 1): the batched matmuls with everything "
-            "else free, i.e. the most the EC path could reach with this CPU's matmul library.", "",
-            *md_table(["target", "measured", "goal", "result", "EC GEMMs alone"], body), ""]
-
-
-def render(results: dict) -> str:
-    env = results["environment"]
-    head = ["# retrofit benchmark", "",
-            f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
-            f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
-            f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.", ""]
-    lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
-             + model_markdown(results["model"]) + memory_markdown(results["memory"])
-             + targets_markdown(results["targets"]))
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -509,16 +423,11 @@ def run(quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m retrofit.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m retrofit.tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for bench.md/json")
     parser.add_argument("--quick", action="store_true", help="one run per figure, no 2048-token layer")
     args = parser.parse_args(argv)
-    results = run(args.quick)
-    text = render(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.md").write_text(text)
-    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
-    print(text)
+    print(write_report(run(args.quick), args.out, CEILING))
 
 
 if __name__ == "__main__":

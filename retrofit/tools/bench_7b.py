@@ -1,5 +1,5 @@
 """Full-size benchmark on a random LLaDA-MoE-7B-A1B snapshot: ``make bench-7b``
-(``python -m retrofit.bench_7b [--snapshot DIR] [--work DIR] [--out DIR]``).
+(``python -m retrofit.tools.bench_7b [--snapshot DIR] [--work DIR] [--out DIR] [--data-dir DIR]``).
 
 What a user runs, at the real model's size, each step a fresh process measured from outside (wall time, peak
 resident memory from the kernel's rusage, peak anonymous memory sampled from /proc, i.e. memory that is not
@@ -13,7 +13,8 @@ the page cache of the files being read):
 
 The snapshot is written on first use by ``retrofit create-tiny --preset llada-moe-7b`` (14.7 GB; about as much
 again for the fine-tuned copy of the shards). Results: ``DIR/bench-7b.md`` and ``DIR/bench-7b.json``; every
-figure comes from the run that writes it.
+figure comes from the run that writes it. Paths default relative to the working directory, the repository root
+(recipes/ec.yaml and ../shared/data are read from there).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from retrofit.tools.checkout import DATA_DIR, gsm8k_problem, recipe_problem
+
 GiB = 2**30
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+RECIPE = Path("recipes") / "ec.yaml"
 FORWARD_TOKENS = 128
 FINETUNE_STEPS = 3
 ROUTERS = ("tc", "ec", "block")
@@ -89,7 +91,7 @@ def forward_worker(model_dir: str) -> None:
     import torch
 
     from retrofit.io.load import load_model, model_bytes
-    from retrofit.routers import RouterSettings
+    from retrofit.routers import router_settings, swap_routers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where there is one
     start = time.perf_counter()
@@ -102,7 +104,7 @@ def forward_worker(model_dir: str) -> None:
     ids = ids.to(device)
     forwards = {}
     for router in ROUTERS:
-        model.set_router(RouterSettings(type=router))
+        swap_routers(model, router_settings(type=router))
         with torch.no_grad():
             start = time.perf_counter()
             model(ids)
@@ -126,7 +128,7 @@ def hash_worker(model_dir: str) -> None:
 
 
 def _hwm() -> int:
-    from retrofit.bench import proc_status_kib
+    from retrofit.tools.bench import proc_status_kib
 
     return proc_status_kib("VmHWM") * 1024
 
@@ -138,7 +140,7 @@ def retrofit_cli() -> str:
     return str(Path(sys.executable).with_name("retrofit"))
 
 
-def run_all(snapshot: Path, work: Path) -> dict:
+def run_all(snapshot: Path, work: Path, data: Path) -> dict:
     cli, py = retrofit_cli(), sys.executable
     results: dict = {"machine": _machine(), "snapshot": str(snapshot)}
     if not (snapshot / "config.json").is_file():
@@ -150,12 +152,13 @@ def run_all(snapshot: Path, work: Path) -> dict:
         results[f"convert_{router}"] = asdict(measure(
             [cli, "convert", "--src", str(snapshot), "--router", router, "--out", str(work / router), "--force"],
             f"convert to {router}"))
-    run = measure([py, "-m", "retrofit.bench_7b", "--worker", "forward", str(work / "ec")], "load bf16 + forwards")
+    run = measure([py, "-m", "retrofit.tools.bench_7b", "--worker", "forward", str(work / "ec")],
+                  "load bf16 + forwards")
     results["forward"] = {**asdict(run), **_last_json(run)}
     finetuned = work / "ec-ft"
     shutil.rmtree(finetuned, ignore_errors=True)
-    run = measure([cli, "finetune", str(REPO / "recipes" / "ec.yaml"), f"model.source={work / 'ec'}",
-                   f"data.path={DATA / 'gsm8k' / 'train.jsonl'}", "data.seq_len=128", "data.max_examples=64",
+    run = measure([cli, "finetune", str(RECIPE.resolve()), f"model.source={work / 'ec'}",
+                   f"data.path={data / 'gsm8k' / 'train.jsonl'}", "data.seq_len=128", "data.max_examples=64",
                    "optim.batch_size=1", "optim.grad_accum=1", f"optim.max_steps={FINETUNE_STEPS}",
                    "optim.warmup_steps=0", "optim.precision=bf16", "logging.every=1",
                    f"checkpoint.every={FINETUNE_STEPS}", f"checkpoint.output_dir={finetuned}"], "finetune")
@@ -163,12 +166,12 @@ def run_all(snapshot: Path, work: Path) -> dict:
     output = work / "eval.json"
     results["eval"] = asdict(measure(
         [cli, "eval", "--model", str(finetuned), "--tasks", "gsm8k", "--limit", "1", "--dtype", "bfloat16",
-         "--data-dir", str(DATA), "--gen-length", "32", "--steps", "8", "--block-length", "32",
+         "--data-dir", str(data), "--gen-length", "32", "--steps", "8", "--denoise-block", "32",
          "--output", str(output)], "eval --limit 1"))
     env_cache = work / "hash-cache"
     shutil.rmtree(env_cache, ignore_errors=True)
     os.environ["RETROFIT_CACHE"] = str(env_cache)
-    run = measure([py, "-m", "retrofit.bench_7b", "--worker", "hash", str(finetuned)], "weights hash")
+    run = measure([py, "-m", "retrofit.tools.bench_7b", "--worker", "hash", str(finetuned)], "weights hash")
     results["hash"] = {**asdict(run), **_last_json(run)}
     return results
 
@@ -251,19 +254,22 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--snapshot", type=Path, default=REPO / "out" / "llada-moe-7b-random")
-    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench-7b")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser = argparse.ArgumentParser(prog="python -m retrofit.tools.bench_7b", description=__doc__.splitlines()[0])
+    parser.add_argument("--snapshot", type=Path, default=Path("out") / "llada-moe-7b-random")
+    parser.add_argument("--work", type=Path, default=Path("out") / "bench-7b")
+    parser.add_argument("--out", type=Path, default=Path("bench") / "results")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help=f"local data holding gsm8k/ (default {DATA_DIR}, from the working directory)")
     parser.add_argument("--worker", choices=("forward", "hash"), help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         {"forward": forward_worker, "hash": hash_worker}[args.worker](args.path)
         return
-    if not (DATA / "gsm8k" / "train.jsonl").is_file():
-        sys.exit(f"bench-7b needs GSM8K in {DATA / 'gsm8k'} (train.jsonl, test.jsonl)")
-    results = run_all(args.snapshot.resolve(), args.work.resolve())
+    problem = gsm8k_problem(args.data_dir) or recipe_problem(RECIPE, "bench-7b")
+    if problem:  # checked before the minutes of snapshot and conversion that precede their first use
+        parser.error(problem)
+    results = run_all(args.snapshot.resolve(), args.work.resolve(), args.data_dir.resolve())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-7b.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "bench-7b.md").write_text(markdown(results))

@@ -1,19 +1,18 @@
-"""Resolve ``--src``: a registry name, a Hub id, or a local directory → a local checkpoint directory."""
+"""Resolve ``--src``/``--model``: a registry name, a Hub id, or a local directory → a local checkpoint directory.
+
+The registry names are the model families' (``retrofit.models``) plus the tiny models retrofit ships or makes.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from retrofit.errors import RetrofitError
+from retrofit.io.paths import cache_dir, looks_like_path
+from retrofit.models import hub_models
 
-# Short names a user can type instead of a Hub id.
-REGISTRY: dict[str, str] = {
-    "llada-moe": "inclusionAI/LLaDA-MoE-7B-A1B-Base",
-    "llada-moe-instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct",
-}
 # Names reserved for models that will ship inside the package.
 EMBEDDED: dict[str, str] = {"tiny": "the embedded tiny pretrained model"}
 # Models generated on first use into the cache: random weights, for trying the pipeline, not for quality.
@@ -48,29 +47,22 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
             raise RetrofitError(f"{flag} {src}: {EMBEDDED[src]} is not built into this version yet; "
                                 f"use tiny-random, or make one with `retrofit create-tiny DIR` and pass {flag} DIR")
         return Source(path=embedded, name=src, origin=src)
-    repo_id = REGISTRY.get(src, src)
+    registry = hub_models()
+    repo_id = registry.get(src, src)
     if not _HUB_ID.match(repo_id) or looks_like_path(src):
         if looks_like_path(src):
             raise RetrofitError(f"{flag} {src}: no such directory")
-        names = ", ".join([*REGISTRY, *EMBEDDED, *GENERATED])
+        names = ", ".join([*registry, *EMBEDDED, *GENERATED])
         raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
                             f"or a local directory ({flag} PATH)")
     path = (download or hub_snapshot)(repo_id, flag)
-    name = src if src in REGISTRY else repo_id.split("/")[-1]
+    name = src if src in registry else repo_id.split("/")[-1]
     return Source(path=Path(path), name=name, origin=src)
 
 
-def looks_like_path(src: str) -> bool:
-    return src.startswith((".", "/", "~")) or src.count("/") > 1 or "\\" in src
-
-
 def _embedded_path(name: str) -> Path | None:
-    path = Path(__file__).resolve().parent.parent / "assets" / name
+    path = Path(__file__).resolve().parent / "assets" / name
     return path if (path / "config.json").is_file() else None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RETROFIT_CACHE", Path.home() / ".cache" / "retrofit")).expanduser()
 
 
 def _generated_path(name: str) -> Path:

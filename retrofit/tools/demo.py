@@ -3,6 +3,7 @@
 Converts ``tiny`` (token choice) to expert choice, fine-tunes the EC routers with recipes/tiny-ec.yaml, then
 compares TC, EC, EC fine-tuned and block routing on GSM8K (and ARC/MMLU where local copies exist) with
 ``--limit``, next to the held-out masked-token loss, unique experts per layer and forward, and generation speed.
+Runs from the repository root, as `make demo` does: the recipe and the default paths are relative to it.
 """
 
 from __future__ import annotations
@@ -21,28 +22,30 @@ from retrofit.convert import convert, plan_conversion
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.heldout import masked_token_loss, text_sequences
 from retrofit.eval.runner import run_eval
-from retrofit.io.sources import resolve_source
+from retrofit.io.tokenizer_files import load_tokenizer
 from retrofit.progress import PlainProgress
-from retrofit.routers import RouterSettings
-from retrofit.training.data import load_tokenizer
+from retrofit.routers import router_settings
+from retrofit.sources import resolve_source
+from retrofit.tools.checkout import DATA_DIR, gsm8k_problem, recipe_problem
 from retrofit.training.recipe import load_recipe
 from retrofit.training.trainer import Finetune
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+RECIPE = Path("recipes") / "tiny-ec.yaml"
 console = Console()
 
 
-def prepare(out: Path, steps: int | None = None) -> dict[str, tuple[str, dict]]:
-    """Build the EC and EC fine-tuned models; returns variant → (model, router overrides). ``steps`` replaces
-    the recipe's number of fine-tuning steps."""
+def prepare(out: Path, data: Path, steps: int | None = None) -> dict[str, tuple[str, dict]]:
+    """Build the EC and EC fine-tuned models; returns variant → (model, router overrides). The fine-tuning
+    reads GSM8K train from ``data`` (not the recipe's own path), so --data-dir governs all the demo reads;
+    ``steps`` replaces the recipe's number of fine-tuning steps."""
     ec = out / "tiny-ec"
     console.print("[bold]1. convert[/] tiny -> expert choice")
-    convert(plan_conversion(resolve_source("tiny"), RouterSettings(type="ec"), ec), force=True)
+    convert(plan_conversion(resolve_source("tiny"), router_settings(type="ec"), ec), force=True)
     console.print("[bold]2. finetune[/] EC routers with recipes/tiny-ec.yaml")
-    overrides = [f"model.source={ec}", f"checkpoint.output_dir={out / 'tiny-ec-ft'}"]
+    overrides = [f"model.source={ec}", f"checkpoint.output_dir={out / 'tiny-ec-ft'}",
+                 f"data.path={(data / 'gsm8k' / 'train.jsonl').resolve()}"]
     overrides += [] if steps is None else [f"optim.max_steps={steps}"]
-    recipe, recipe_dir = load_recipe(REPO / "recipes" / "tiny-ec.yaml", overrides)
+    recipe, recipe_dir = load_recipe(RECIPE, overrides)
     if (out / "tiny-ec-ft").exists():
         shutil.rmtree(out / "tiny-ec-ft")
     plain = PlainProgress(console, "finetune steps", recipe.optim.max_steps)  # lines when run into a log
@@ -61,7 +64,7 @@ def tasks_available(data: Path) -> list[str]:
 def evaluate_variant(model: str, router: dict, tasks: list[str], limit: int, heldout, data: Path,
                      gen_length: int) -> dict:
     lm = RetrofitLM(model, **router, mc_num=8, batch_size=8, gen_length=gen_length, steps=gen_length,
-                    block_length=32, progress=False)
+                    denoise_block=32, progress=False)
     loss = masked_token_loss(lm.model, heldout, lm.mask_id)
     lm.model.enable_routing_stats(block_length=32)
     # GSM8K alone is timed and gives the routing figures: it is the generation task, where routing per
@@ -108,10 +111,11 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m retrofit.demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "demo", help="where the models and demo.json go")
+    parser = argparse.ArgumentParser(prog="python -m retrofit.tools.demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("out") / "demo", help="where the models and demo.json go")
     parser.add_argument("--limit", type=positive, default=8, help="documents per task")
-    parser.add_argument("--data-dir", type=Path, default=DATA, help="local benchmark data (gsm8k/, arc/, mmlu/)")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                        help=f"local benchmark data: gsm8k/, and arc/, mmlu/ where present (default {DATA_DIR})")
     parser.add_argument("--steps", type=positive, default=None,
                         help="router fine-tuning steps (default: the recipe's)")
     parser.add_argument("--gen-length", type=positive, default=64,
@@ -119,13 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-examples", type=positive, default=200,
                         help="GSM8K test examples in the held-out masked-token loss")
     args = parser.parse_args(argv)
-    if not (args.data_dir / "gsm8k" / "test.jsonl").is_file():
-        parser.error(f"no GSM8K test file at {args.data_dir / 'gsm8k' / 'test.jsonl'}; pass --data-dir DIR "
-                     "holding gsm8k/test.jsonl (the project's copy is ../shared/data)")
+    problem = gsm8k_problem(args.data_dir) or recipe_problem(RECIPE, "demo")
+    if problem:
+        parser.error(problem)
     if args.gen_length % 32:
         parser.error(f"--gen-length must be a multiple of 32 (the denoising block), got {args.gen_length}")
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = prepare(args.out, args.steps)
+    variants = prepare(args.out, args.data_dir, args.steps)
     tasks = tasks_available(args.data_dir)
     source = resolve_source("tiny").path
     heldout = text_sequences(load_tokenizer(source), args.data_dir / "gsm8k" / "test.jsonl", ["question", "answer"],

@@ -1,4 +1,4 @@
-"""Training data: text or prompt/response records → fixed-length token sequences.
+"""Text data for training and held-out evaluation: text or prompt/response records → fixed-length token sequences.
 
 - ``pretrain``: every record's text field is tokenised, followed by EOS, concatenated and cut into
   ``seq_len`` chunks; every position is maskable.
@@ -14,13 +14,31 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from retrofit.errors import RetrofitError
-from retrofit.training.recipe import DataSection, resolve_path
+from retrofit.io.paths import looks_like_path, resolve_path
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataSection(BaseModel):
+    """The ``data`` section of a recipe: where the text is and how it becomes sequences."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="local file (jsonl, json, txt, parquet, csv) or a Hub dataset name")
+    format: Literal["auto", "json", "text", "parquet", "csv"] = "auto"
+    split: str = "train"
+    objective: Literal["pretrain", "sft"] = "pretrain"
+    text_field: str | list[str] = Field(default="text", description="field, or fields joined by newlines")
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    seq_len: int = Field(default=256, ge=8)
+    max_examples: int | None = Field(default=None, ge=1)
 
 
 @dataclass
@@ -32,15 +50,6 @@ class TokenBatches:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
-
-
-def load_tokenizer(model_dir: Path):
-    """The checkpoint's own fast tokenizer, read from tokenizer.json without consulting remote code."""
-    from transformers import PreTrainedTokenizerFast
-
-    if not (model_dir / "tokenizer.json").is_file():
-        raise RetrofitError(f"{model_dir} has no tokenizer.json; retrofit needs the checkpoint's fast tokenizer")
-    return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
 
 
 def load_records(section: DataSection, recipe_dir: Path):
@@ -56,7 +65,7 @@ def load_records(section: DataSection, recipe_dir: Path):
                                     f"data.format to one of json, text, parquet, csv")
             _check_file(local)
             records = datasets.load_dataset(builder, data_files=str(local), split="train")
-        elif section.path.startswith((".", "/", "~")) or Path(section.path).suffix in _BUILDERS:
+        elif looks_like_path(section.path):
             raise RetrofitError(f"data file not found: {section.path} (looked beside the recipe and in the "
                                 "working directory)")
         else:

@@ -1,8 +1,9 @@
-"""Tiny random LLaDA-MoE models of the real architecture, for tests, benchmarks and `retrofit create-tiny`.
+"""Tiny random models of the real architectures, for tests, benchmarks and `retrofit create-tiny`.
 
-``write_hub_snapshot`` lays a model out exactly like the Hub snapshot of inclusionAI/LLaDA-MoE-7B-A1B-Base:
-a config.json with the Hub's ``model_type: "llada"``/``architectures``/``auto_map`` and every public field,
-bf16 safetensors shards with per-expert tensor names plus their index, and tokenizer files.
+``write_hub_snapshot`` lays a model out exactly like its family's Hub snapshot (for LLaDA-MoE, that of
+inclusionAI/LLaDA-MoE-7B-A1B-Base: a config.json with the Hub's ``model_type: "llada"``/``architectures``/
+``auto_map`` and every public field), bf16 safetensors shards with per-expert tensor names plus their index,
+and tokenizer files.
 
 ``create_preset`` writes the same layout at full size (``retrofit create-tiny --preset llada-moe-7b``: the real
 7.36B-parameter shapes, 14.7 GB of random bf16 weights in the Hub's three 5 GB shards) without ever building
@@ -19,11 +20,14 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from retrofit.errors import RetrofitError
-from retrofit.io.tokenizer_files import (EOS_TOKEN, MASK_TOKEN, train_bpe_tokenizer, write_byte_tokenizer,
-                                         write_padded_byte_tokenizer)
+from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN
+from retrofit.tiny.tokenizers import train_bpe_tokenizer, write_byte_tokenizer, write_padded_byte_tokenizer
 from retrofit.io.writer import (TensorSpec, atomic_directory, plan_shards, write_json, write_sharded,
                                 write_streaming_sharded)
-from retrofit.models.llada_moe import DEFAULT_MASK_TOKEN_ID, LLaDAMoEConfig, LLaDAMoEModelLM, hub_state_dict
+from retrofit.models import LLADA_MOE, ModelFamily, family_of
+from retrofit.models.llada_moe import DEFAULT_MASK_TOKEN_ID, LLaDAMoEConfig
+from retrofit.models.moe import hub_state_dict
+from retrofit.routers import router_settings
 
 # Small enough for a CPU test in milliseconds; 8 experts, top-2 as the issue asks.
 TINY_DIMS = dict(
@@ -40,57 +44,23 @@ TINY_DIMS = dict(
 TINY_EOS_ID, TINY_MASK_ID = 256, 257  # the byte tokenizer's special tokens
 
 
-def hub_config_dict(**dims) -> dict:
-    """A config.json shaped like the public LLaDA-MoE one (which has no ``mask_token_id``)."""
+def hub_config_dict(family: ModelFamily = LLADA_MOE, **dims) -> dict:
+    """A config.json shaped like the family's public one (LLaDA-MoE's has no ``mask_token_id``), tiny by default."""
     d = {**TINY_DIMS, **dims}
-    return {
-        "architectures": ["LLaDAMoEModelLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_lladamoe.LLaDAConfig",
-            "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
-            "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
-        },
-        "model_type": "llada",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "clip_qkv": None,
-        "dense_intermediate_size": 4 * d["hidden_size"],
-        "eos_token_id": d.pop("eos_token_id", TINY_EOS_ID),
-        "pad_token_id": d.pop("pad_token_id", TINY_EOS_ID),
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "moe_layer_freq": [1] * d["num_hidden_layers"],
-        "moe_router_enable_expert_bias": False,
-        "moe_router_score_function": "softmax",
-        "norm_topk_prob": False,
-        "output_router_logits": False,
-        "partial_rotary_factor": 1.0,
-        "qk_layernorm": True,
-        "rms_norm_eps": 1e-5,
-        "rope_scaling": None,
-        "rope_theta": 50000.0,
-        "routed_scaling_factor": 1,
-        "router_aux_loss_coef": 0.01,
-        "router_num_group": None,
-        "router_topk_group": None,
-        "shared_expert_intermediate_size": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.52.3",
-        "use_cache": False,
-        **d,
-    }
+    eos, pad = d.pop("eos_token_id", TINY_EOS_ID), d.pop("pad_token_id", TINY_EOS_ID)
+    mask = d.pop("mask_token_id", TINY_MASK_ID)  # not in the Hub's config.json; only keeps the config valid
+    return family.hub_config(family.config_class(**d, eos_token_id=eos, pad_token_id=pad, mask_token_id=mask))
 
 
-def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_ID, **dims) -> LLaDAMoEModelLM:
-    """A randomly initialised tiny model (fp32). Gate weights get a larger scale than the default init so
-    that routing is far from uniform, as in a trained checkpoint."""
-    raw = hub_config_dict(**dims)
-    fields = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "model_type", "torch_dtype",
-                                                        "transformers_version")}
-    config = LLaDAMoEConfig(**fields, mask_token_id=mask_token_id, router=router)
+def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_ID,
+                     family: ModelFamily = LLADA_MOE, **dims):
+    """A randomly initialised tiny model of ``family`` (fp32). Gate weights get a larger scale than the default
+    init so that routing is far from uniform, as in a trained checkpoint."""
+    raw = hub_config_dict(family, **dims)
+    settings = router_settings(router).model_dump() if router is not None else None
+    config = family.config_from_checkpoint({**raw, "mask_token_id": mask_token_id, "router": settings})
     torch.manual_seed(seed)
-    model = LLaDAMoEModelLM(config)
+    model = family.model_class(config)
     with torch.no_grad():
         for block in model.moe_blocks():
             block.gate.weight.normal_(0.0, 0.5)
@@ -100,16 +70,15 @@ def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_
     return model.eval()
 
 
-def write_hub_snapshot(model: LLaDAMoEModelLM, out: str | Path, max_shard_bytes: int = 96 * 1024,
+def write_hub_snapshot(model, out: str | Path, max_shard_bytes: int = 96 * 1024,
                        dtype: torch.dtype = torch.bfloat16, force: bool = False,
                        write_tokenizer: Callable[[Path], dict[str, int]] = write_byte_tokenizer) -> Path:
     """Write ``model`` as a Hub-style snapshot directory (atomically); ``write_tokenizer`` writes the
     tokenizer files and returns its special ids, which must be the ones the model was built with."""
     cfg = model.config
-    dims = {k: getattr(cfg, k) for k in TINY_DIMS}
     tensors = {k: v.detach().to(dtype) for k, v in hub_state_dict(model).items()}
     with atomic_directory(out, force=force) as tmp:
-        config = hub_config_dict(**dims, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        config = family_of(cfg).hub_config(cfg)
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
         write_sharded(tmp, tensors, max_shard_bytes)
@@ -248,7 +217,7 @@ def create_preset(out: str | Path, preset: str = "llada-moe-7b", seed: int = 0, 
     p = get_preset(preset, **_overrides)
     specs = hub_tensor_specs(p.dims, p.dtype)
     with atomic_directory(out, force=force) as tmp:
-        config = hub_config_dict(**p.dims, eos_token_id=p.eos_token_id, pad_token_id=p.eos_token_id)
+        config = hub_config_dict(LLADA_MOE, **p.dims, eos_token_id=p.eos_token_id, pad_token_id=p.eos_token_id)
         config["initializer_range"] = p.initializer_range
         config["torch_dtype"] = str(p.dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)

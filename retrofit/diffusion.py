@@ -1,0 +1,37 @@
+"""The masked-diffusion forward process and loss (algorithms.md §2), shared by training and held-out evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class NoisedBatch:
+    noisy: torch.Tensor  # input ids with masked positions replaced by the mask token
+    masked: torch.Tensor  # bool [B, L]
+    p_mask: torch.Tensor  # [B] mask probability of each sequence
+    t: torch.Tensor  # [B] sampled timestep, the mask ratio timestep-aware routers read
+    normaliser: torch.Tensor  # [B] tokens each sequence's loss is divided by
+
+
+def add_noise(input_ids, prompt_len, mask_id: int, eps: float, generator: torch.Generator) -> NoisedBatch:
+    """t ~ U(0,1) per sequence; each maskable token is masked with probability p = (1 − ε)·t + ε."""
+    batch, length = input_ids.shape
+    t = torch.rand(batch, generator=generator)
+    p = (1 - eps) * t + eps
+    maskable = torch.arange(length).unsqueeze(0) >= prompt_len.unsqueeze(1)
+    masked = (torch.rand(batch, length, generator=generator) < p.unsqueeze(1)) & maskable
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    # Pretraining divides by all tokens; SFT by each sequence's response length (the prompt is never masked).
+    normaliser = maskable.sum(1).float()
+    return NoisedBatch(noisy, masked, p, t, normaliser)
+
+
+def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, noise: NoisedBatch) -> torch.Tensor:
+    """Σ over masked positions of CE / p, divided by each sequence's normaliser, averaged over the batch."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, L]
+    weighted = (ce * noise.masked) / noise.p_mask.unsqueeze(1)
+    return (weighted.sum(1) / noise.normaliser.clamp(min=1)).mean()

@@ -1,0 +1,112 @@
+"""The one interface between retrofit and a model family, and the registry of families.
+
+Everything outside ``retrofit/models/`` (convert, verify, loading, training, evaluation, create-tiny, the
+benches) reaches a model only through :class:`ModelFamily` and the methods every native model class offers
+(``moe_blocks()``, ``enable_routing_stats``/``routing_stats``, ``streamed_parts()``, ``forward`` with
+``mask_ratio``/``logits_to_keep``/``maskable``/``block_start``). A family provides:
+
+- ``recognises(raw)``: whether a checkpoint's config.json (``model_type``/``architectures`` and fields) is one
+  of its models, and ``config_from_checkpoint(raw)`` to build its config, refusing what it does not implement;
+- ``config_class``/``model_class``: its configuration and native masked-diffusion LM (no remote code);
+- ``moe_layers(config)`` and ``router_tensor_name(layer)``: which layers route, and the Hub names of their
+  router tensors;
+- ``scoring(config)``: the checkpoint's own :class:`~retrofit.routers.Scoring` (softmax; or sigmoid with an
+  expert bias, group-limited top-k, renormalisation and a scaling factor), which every router scores with;
+- ``token_choice(config)``: the settings of its own token-choice router (the distillation teacher);
+- ``hub_config(config)``: the config.json its Hub snapshots carry (tiny snapshots are written with it), and
+  ``converted_config(raw, ...)``: the config.json of a converted model (retrofit's own ``model_type``);
+- ``hub_models``: short names for ``--src``/``--model`` and their Hub ids.
+
+Adding a family is one module defining a subclass and one ``register_family`` line (``models/__init__.py``);
+``tests/test_family_seam.py`` proves it with a toy family defined in the test suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from retrofit.errors import RetrofitError
+from retrofit.routers import SOFTMAX, RouterSettings, Scoring, TokenChoiceSettings
+
+
+class ModelFamily:
+    name: ClassVar[str] = ""  # short name, e.g. "llada-moe"
+    display_name: ClassVar[str] = ""  # for messages and model cards, e.g. "LLaDA-MoE"
+    model_type: ClassVar[str] = ""  # retrofit's own model_type, written into converted config.json
+    architecture: ClassVar[str] = ""  # architectures[0] of a converted config.json
+    config_class: ClassVar[type] = object
+    model_class: ClassVar[type] = object
+    hub_models: ClassVar[dict[str, str]] = {}  # --src short name -> Hub id
+
+    # ------------------------------------------------------------------ recognising and building configs
+
+    def recognises(self, raw: dict) -> bool:
+        return raw.get("model_type") == self.model_type
+
+    def config_from_checkpoint(self, raw: dict):
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
+        return self.config_class(**fields)
+
+    # ------------------------------------------------------------------ routing
+
+    def moe_layers(self, config) -> list[int]:
+        return list(range(config.num_hidden_layers))
+
+    def router_tensor_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.gate.weight"
+
+    def scoring(self, config) -> Scoring:
+        return SOFTMAX
+
+    def token_choice(self, config) -> RouterSettings:
+        return TokenChoiceSettings()
+
+    # ------------------------------------------------------------------ config.json files
+
+    def hub_config(self, config) -> dict[str, Any]:
+        raise NotImplementedError(f"{self.display_name}: no Hub config.json layout")
+
+    def converted_config(self, raw: dict, mask_token_id: int, router: RouterSettings) -> dict[str, Any]:
+        """The source config.json, re-typed as retrofit's own model type, with the mask id and router section."""
+        out = {k: v for k, v in raw.items() if k != "auto_map"}  # auto_map points at remote code: never carry it
+        out.update(model_type=self.model_type, architectures=[self.architecture], mask_token_id=mask_token_id,
+                   router=router.model_dump())
+        return out
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make ``family`` known to loading, conversion and the command line; its model type to transformers'
+    Auto classes when it registers itself there."""
+    FAMILIES[family.name] = family
+    register = getattr(family, "register_with_transformers", None)
+    if register is not None:
+        register()
+    return family
+
+
+def family_for_checkpoint(raw: dict, where: str = "") -> ModelFamily:
+    """The family whose models a config.json describes; unknown ones are refused, naming the families."""
+    for family in FAMILIES.values():
+        if family.recognises(raw):
+            return family
+    arch = raw.get("architectures") or raw.get("model_type")
+    names = ", ".join(f.display_name for f in FAMILIES.values())
+    raise RetrofitError(f"{where + ': ' if where else ''}not a checkpoint of a supported model family "
+                        f"(architectures/model_type: {arch}); retrofit supports {names}")
+
+
+def family_of(config) -> ModelFamily:
+    """The family of a native config (or model) by its model type."""
+    config = getattr(config, "config", config)
+    for family in FAMILIES.values():
+        if family.model_type == config.model_type:
+            return family
+    raise RetrofitError(f"no model family for model_type {config.model_type!r}")
+
+
+def hub_models() -> dict[str, str]:
+    """Every family's short names and Hub ids, for ``--src``/``--model``."""
+    return {name: repo for family in FAMILIES.values() for name, repo in family.hub_models.items()}

@@ -1,0 +1,141 @@
+"""The MoE layer every family builds on: a swappable router (``gate``) over stacked experts.
+
+Experts are stored stacked (``experts.{gate,up}_proj`` ``[E, f, d]``, ``down_proj`` ``[E, d, f]``) so expert
+choice runs every expert as one batched matmul; checkpoints name each expert's weights separately
+(``mlp.experts.N.gate_proj.weight``), and :func:`parse_expert_key`, :func:`stack_expert_tensors` and
+:func:`unstack_expert_tensors` map between the two.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrofit.errors import RetrofitError
+from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, Scoring, build_router
+
+
+class StackedExperts(nn.Module):
+    """All experts of a layer as three stacked tensors; ``gate_proj[e]`` is expert e's ``[f, d]`` weight."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, routing) -> torch.Tensor:
+        """``x``: ``[T, d]`` flat tokens → ``[T, d]`` gated sum of the chosen experts' outputs."""
+        if routing.layout == "expert":
+            return self._expert_major(x, routing.indices, routing.gates)
+        return self._token_major(x, routing.indices, routing.gates)
+
+    def _expert_major(self, x, tokens, gates):
+        # EC: every expert has the same number of tokens, so one batched matmul per projection runs them all.
+        # Why not the obvious forms: index_select's backward is an index_add, cheaper than x[tokens]'s
+        # accumulating index_put; the gate scales the hidden activations [E, C, f] rather than the output
+        # [E, C, d] (the same product, down_proj being linear) for half the elementwise traffic.
+        chosen = x.index_select(0, tokens.reshape(-1)).view(*tokens.shape, x.shape[-1])  # [E, C, d]
+        hidden = F.silu(torch.bmm(chosen, self.gate_proj.transpose(1, 2))) * torch.bmm(
+            chosen, self.up_proj.transpose(1, 2))
+        hidden = hidden * gates.to(x.dtype).unsqueeze(-1)
+        out = torch.bmm(hidden, self.down_proj.transpose(1, 2))
+        # Under autocast the matmuls return bf16 while x may be fp32: accumulate in x's dtype.
+        return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]).to(x.dtype))
+
+    def _token_major(self, x, experts, gates):
+        # TC/block, in the reference block's order of operations so that bf16 results are bit-identical to it:
+        # experts in ascending order, each on its (token, slot) pairs ordered by slot and then token (the order
+        # torch.where gives the reference's [E, k, T] expert mask), down_proj first and then the gate (cast to
+        # the activations' dtype), added in place. One gather split into per-expert views, so the backward
+        # builds the gradient of the gathered rows once and no [T·k, d] concatenation is allocated.
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        slot = torch.arange(k, device=x.device).repeat(num_tokens)
+        token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
+        order = torch.argsort((flat * k + slot) * num_tokens + token)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = token[order]
+        gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        out = torch.zeros_like(x)
+        runs = zip(x.index_select(0, token_of).split(counts), token_of.split(counts), gate_of.split(counts))
+        for e, (h, rows, gate) in enumerate(runs):
+            if rows.shape[0]:
+                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
+                # .to(x.dtype): under autocast the product is bf16 while x may be fp32
+                out.index_add_(0, rows, (F.linear(h, self.down_proj[e]) * gate).to(x.dtype))
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (``gate``) + stacked experts. Optionally records routing statistics of each forward."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
+                 settings: RouterSettings, scoring: Scoring):
+        super().__init__()
+        self.gate: Router = build_router(settings, hidden_size, num_experts, top_k, scoring)
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
+        self.keep_router_logits = False  # set for auxiliary losses (z-loss) that need the gate's logits
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        batch, length, dim = x.shape
+        routing = self.gate(x, ctx)
+        if self.stats is not None:
+            self.stats.update(routing, ctx.valid)
+        if self.keep_router_logits:
+            self.router_logits = routing.logits
+        return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)
+
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def parse_expert_key(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.experts.7.up_proj.weight`` → ``("model.layers.3.mlp.experts", 7, "up_proj")``."""
+    m = _EXPERT_KEY.match(name)
+    return (m["prefix"], int(m["expert"]), m["proj"]) if m else None
+
+
+def stack_expert_tensors(tensors: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Hub per-expert names → the model's stacked names; every other tensor passes through unchanged."""
+    out, groups = {}, {}
+    for name, t in tensors.items():
+        parsed = parse_expert_key(name)
+        if parsed is None:
+            out[name] = t
+        else:
+            prefix, e, proj = parsed
+            groups.setdefault((prefix, proj), {})[e] = t
+    for (prefix, proj), by_expert in groups.items():
+        missing = sorted(set(range(num_experts)) - set(by_expert))
+        if missing:
+            raise RetrofitError(f"checkpoint lacks {prefix}.N.{proj}.weight for experts {missing[:8]}")
+        out[f"{prefix}.{proj}"] = torch.stack([by_expert[e] for e in range(num_experts)])
+    return out
+
+
+def unstack_expert_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's stacked names → the Hub's per-expert names (views, no copy)."""
+    out = {}
+    for name, t in tensors.items():
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith(".mlp.experts") and proj in EXPERT_PROJECTIONS:
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.{proj}.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
+def hub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the exact names of its Hub checkpoint (experts unstacked, a tied head once)."""
+    tensors = unstack_expert_tensors(dict(model.state_dict()))
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    return tensors

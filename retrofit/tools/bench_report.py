@@ -1,0 +1,107 @@
+"""The report of ``python -m retrofit.tools.bench``: its results as Markdown tables (``bench.md``) beside the
+raw figures (``bench.json``).
+
+Apart from :mod:`retrofit.tools.bench`, which measures, so that rewording a table cannot touch what is timed. It
+imports nothing from there (that module imports this one); what it needs of the measurements comes in as data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:#.3g}"
+
+
+def md_table(headers: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(num(c) if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
+
+
+def layer_markdown(table: dict) -> list[str]:
+    passes = ("fwd", "fwd+bwd")
+    headers = ["tokens", "implementation"] + [f"{p} {h}" for p in passes
+                                              for h in ("ms", "speed-up", "GFLOP/s", "% dense")]
+    rows = [[r["tokens"], r["implementation"]] + [v for p in passes for v in
+            (r[p]["ms"], f"{num(r[p]['speedup'])}x", r[p]["gflops"], f"{num(r[p]['pct_dense'])}%")]
+            for r in table["rows"]]
+    dense = [[d["tokens"], d["shape"], d["ms"], d["gflops"]] for d in table["dense"]]
+    shape = table["shape"]
+    return [f"## 1. MoE layer (d={shape['d']}, f={shape['f']}, E={shape['experts']}, k={shape['top_k']}, "
+            "one sequence, experts frozen)", "",
+            "Times include the router. Useful expert FLOPs = 2·3·d·f per routed (token, expert) pair; fwd+bwd "
+            "counts 2x the forward FLOPs, because with frozen experts backward runs only the input-gradient "
+            "matmuls (x and gate get gradients). Speed-up is against the TC per-expert loop; % dense is the "
+            "achieved rate over the plain-matmul rate measured below at the same FLOPs.", "",
+            *md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
+            *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
+
+
+def block_markdown(table: dict) -> list[str]:
+    body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x"]
+            for r in table["rows"]]
+    return [f"## 2. One denoising block ({table['settings']}, same layer, random tokens)", "",
+            *md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
+                       "TC / this (time)"], body), ""]
+
+
+def model_markdown(m: dict) -> list[str]:
+    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only",
+              "routers+checkpointing": "train routers only, activation checkpointing", "all": "train all"}
+    body = [[labels[mode], s["ms"], s["tokens_per_s"], s["memory"]["above_baseline_mib"], s["memory"]["peak_mib"]]
+            for mode, s in m["steps"].items()]
+    return [f"## 3. Tiny model ({', '.join(f'{k}={v}' for k, v in m['dims'].items())}; TC router)", "",
+            f"Steps on a batch of {m['batch']} x {m['length']} tokens (training: masked-diffusion loss, backward, "
+            "AdamW). Peak memory is VmHWM of one step in a fresh process, above the resident memory just before "
+            "it (the first step, so it includes creating the optimiser state).", "",
+            *md_table(["mode", "step ms", "tokens/s", "peak above baseline MiB", "peak RSS MiB"], body), "",
+            f"Routers-only training peak / inference peak (above baseline): {num(m['memory_ratio'])}x "
+            f"({num(m['checkpointed_memory_ratio'])}x with activation checkpointing); whole-process peak RSS "
+            f"ratio: {num(m['rss_ratio'])}x", "",
+            *md_table(["loglikelihood requests/s (mc_num 8, batch 8, 48+8 tokens)",
+                       "generation tokens/s (gen 32, steps 32, block 32, batch 1)"],
+                      [[m["loglikelihood_requests_per_s"], m["generation_tokens_per_s"]]]), ""]
+
+
+def memory_markdown(m: dict) -> list[str]:
+    labels = {"inference": "inference (no_grad forward)", "routers": "train routers only"}
+    body = [[labels[mode], p["peak_mib"], p["baseline_mib"], p["above_baseline_mib"]] for mode, p in m["peaks"].items()]
+    return [f"## 4. Peak memory at LLaDA-MoE layer size ({', '.join(f'{k}={v}' for k, v in m['dims'].items())})", "",
+            f"One step on {m['batch']} x {m['length']} tokens in a fresh process; the peak is the whole process's "
+            "VmHWM, weights included, as a user would see it.", "",
+            *md_table(["mode", "peak RSS MiB", "before the step MiB", "step's own MiB"], body), "",
+            f"Routers-only training peak / inference peak: {num(m['ratio'])}x", ""]
+
+
+def targets_markdown(checks: list[dict], ceiling: str) -> list[str]:
+    body = [[c["target"], f"{num(c['measured'])}{c['unit']}", f"{c['op']} {num(c['bound'])}{c['unit']}",
+             "PASS" if c["met"] else "MISS",
+             "" if c["gemms_alone"] is None else f"{num(c['gemms_alone'])}{c['unit']}"] for c in checks]
+    return ["## Targets", "",
+            f"The last column is the same figure for `{ceiling}` (table 1): the batched matmuls with everything "
+            "else free, i.e. the most the EC path could reach with this CPU's matmul library.", "",
+            *md_table(["target", "measured", "goal", "result", ceiling], body), ""]
+
+
+def render(results: dict, ceiling: str) -> str:
+    """The whole ``bench.md``; ``ceiling`` names table 1's matmuls-alone row, which the targets compare against."""
+    env = results["environment"]
+    head = ["# retrofit benchmark", "",
+            f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
+            f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
+            f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.", ""]
+    lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
+             + model_markdown(results["model"]) + memory_markdown(results["memory"])
+             + targets_markdown(results["targets"], ceiling))
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path, ceiling: str) -> str:
+    """Write ``out/bench.md`` and ``out/bench.json``; returns the Markdown, which the run also prints."""
+    text = render(results, ceiling)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    return text
