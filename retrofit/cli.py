@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from retrofit.errors import RetrofitError
+from retrofit.models import FAMILIES
 
 app = typer.Typer(
     name="retrofit",
@@ -64,7 +65,7 @@ def router_options(command):
     params = [p for p in original.parameters.values() if p.name != "router_flags"]
     for flag in flags:
         names = [f"{flag.flag}/--no-{flag.flag[2:]}"] if flag.kind is bool else [flag.flag]
-        metavar = None if flag.kind is bool else ("NAME" if flag.choices else flag.kind.__name__.upper())
+        metavar = "<choice>" if flag.choices else None
         option = typer.Option(None, *names, help=flag.help, metavar=metavar, show_default=False)
         params.append(inspect.Parameter(flag.dest, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[flag.kind]))
@@ -154,6 +155,9 @@ def create_tiny(
              "(one tensor in memory at a time), and a byte-level tokenizer padded to the real vocabulary "
              "(<|endoftext|> 156892, <|mask|> 156895). Only --seed and --force go with it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    family: str = typer.Option("llada-moe", "--family", metavar="NAME",
+                               help="Model family of the tiny model: " + ", ".join(FAMILIES)
+                                    + "."),
     shard_kb: int = typer.Option(96, "--shard-kb", help="Maximum shard size in KiB (small, to get several)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
     tokenizer_data: Optional[Path] = typer.Option(None, "--tokenizer-data", help="Train a BPE tokenizer on "
@@ -167,8 +171,8 @@ def create_tiny(
     top_k: int = typer.Option(2, "--top-k"),
     expert_size: int = typer.Option(32, "--expert-size", help="Expert intermediate size."),
 ):
-    """Write a tiny random LLaDA-MoE (default 2 layers, 8 experts, top-2) laid out exactly like a Hub snapshot;
-    with --preset llada-moe-7b, the full-size model's shapes (~14.7 GB)."""
+    """Write a tiny random model (default LLaDA-MoE: 2 layers, 8 experts, top-2) laid out exactly like its Hub
+    snapshot; with --preset llada-moe-7b, the full-size model's shapes (~14.7 GB)."""
     if preset is not None:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                    TransferSpeedColumn)
@@ -176,7 +180,7 @@ def create_tiny(
         from retrofit.io.writer import check_destination
         from retrofit.tiny import create_preset, preset_total_bytes
 
-        shape_flags = {"shard_kb": "--shard-kb", "tokenizer_data": "--tokenizer-data", "text_fields": "--text-fields",
+        shape_flags = {"family": "--family", "shard_kb": "--shard-kb", "tokenizer_data": "--tokenizer-data", "text_fields": "--text-fields",
                        "vocab_size": "--vocab-size", "hidden_size": "--hidden-size", "layers": "--layers",
                        "heads": "--heads", "experts": "--experts", "top_k": "--top-k", "expert_size": "--expert-size"}
         # typer vendors click, so compare the ParameterSource by name (COMMANDLINE or ENVIRONMENT = given).
@@ -199,7 +203,9 @@ def create_tiny(
         return
     from retrofit.tiny import create_tiny as build
 
-    dims = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+    if family not in FAMILIES:
+        raise RetrofitError(f"unknown --family {family!r}; use {', '.join(FAMILIES)}")
+    dims = dict(family=FAMILIES[family], hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=heads, num_experts=experts, num_experts_per_tok=top_k,
                 expert_intermediate_size=expert_size)
     texts = None

@@ -61,8 +61,9 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
     routed = set(family.moe_layers(config))
     routers = [_variant_router(v, config) for v in variants]
     streams = [x0] * len(variants)
+    shells: dict[tuple, torch.nn.Module] = {}
     for i, (prefix, layer) in enumerate(parts.layers):
-        layer.to_empty(device="cpu")
+        layer = _shell(layer, shells)
         names = [n for n in ckpt.weight_map if n.startswith(prefix)]
         fill_from_checkpoint(layer, ckpt, names, lambda n: n.removeprefix(prefix))
         block = next((m for m in layer.modules() if isinstance(m, SparseMoeBlock)), None) if i in routed else None
@@ -73,8 +74,17 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
             streams[v] = layer(streams[v], *layer_args)
         if not all(bool(torch.isfinite(x).all()) for x in streams):
             _check_finite(layer, ckpt, prefix)  # only then: scanning every weight costs time and memory
-        layer.to(device="meta")  # give the layer's memory back before the next one is read
     return [_head(ckpt, parts.head, config.vocab_size, norm(x)) for x in streams]
+
+
+def _shell(layer: torch.nn.Module, shells: dict[tuple, torch.nn.Module]) -> torch.nn.Module:
+    """The memory a layer is read into: one allocation per layer structure (class and parameter shapes), reused
+    by every layer of that structure (they differ only in their weights), so verifying needs about one layer of
+    each kind (a dense first layer, MoE layers) and the allocator is not asked for a 7B model's worth in turn."""
+    key = (type(layer), tuple((n, tuple(p.shape), p.dtype) for n, p in layer.named_parameters()))
+    if key not in shells:
+        shells[key] = layer.to_empty(device="cpu")
+    return shells[key]
 
 
 def _check_finite(layer: torch.nn.Module, ckpt: CheckpointDir, prefix: str) -> None:

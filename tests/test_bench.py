@@ -12,21 +12,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from retrofit.routers import router_settings
 from retrofit.tools import bench, bench_report
-from tests.conftest import pairwise_experts
+from tests.helpers import pairwise_experts
 
 TOKENS = 16
 BLOCK = router_settings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
 DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
             num_experts_per_tok=2, expert_intermediate_size=16)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Only structure is checked: one thread keeps the test fast even while other work holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Only structure is checked: one thread keeps the tests fast even while other work holds a core.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_implementations_agree():

@@ -6,19 +6,15 @@ import json
 
 import pytest
 import transformers
-from typer.testing import CliRunner
 
-import retrofit  # noqa: F401
+import retrofit  # noqa: F401  (registers the model with transformers' Auto classes)
 from retrofit.cli import app
 from retrofit import sources
-from tests.conftest import one_line_error
-
-runner = CliRunner(env={"COLUMNS": "200"})
+from tests.helpers import one_line_error, runner
 
 
 def run(*args):
     return runner.invoke(app, list(map(str, args)))
-
 
 
 @pytest.fixture
@@ -130,12 +126,37 @@ def test_existing_out_needs_force(created, tmp_path):
 
 
 def test_bad_router_settings_are_one_line(created, tmp_path):
+    """Each names the flag the user typed (not the settings' field path) and what is wrong with it."""
     line = one_line_error(run("convert", "--src", created, "--router", "ec", "--capacity-factor", "0",
                               "--out", tmp_path / "o"))
-    assert "capacity_factor" in line
+    assert "invalid --capacity-factor: Input should be greater than 0" in line
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--schedule", "cosinus",
+                              "--out", tmp_path / "o"))
+    assert "invalid --schedule: Input should be 'constant'" in line
     line = one_line_error(run("convert", "--src", created, "--router", "block", "--guard-size", "1",
                               "--out", tmp_path / "o"))
-    assert "guard_size" in line
+    assert "guard_size (1) must be at least top_k (2)" in line
+    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--guard-size", "4",
+                              "--out", tmp_path / "o"))
+    assert "--guard-size is a setting of the block router, not of ec" in line
+    line = one_line_error(run("convert", "--src", created, "--router", "xc", "--out", tmp_path / "o"))
+    assert "unknown --router 'xc'; use tc, ec, block" in line
+
+
+def test_convert_and_eval_take_the_same_router_flags_with_the_same_help():
+    """Both commands' router options come from the routers' settings classes: same names, same help."""
+    from retrofit.routers.flags import router_flags
+
+    def router_lines(command: str) -> list[str]:
+        text = run(command, "--help").output
+        start = text.index("  --capacity-factor")
+        return [line for line in text[start:].splitlines() if not line.strip().startswith("--help")]
+
+    assert router_lines("convert") == router_lines("eval")
+    text = run("eval", "--help").output
+    for flag in router_flags():
+        assert flag.flag in text, flag.flag
+    assert "--denoise-block" in text and "block: positions per routing block" in text
 
 
 def test_help_explains_commands():
@@ -151,7 +172,7 @@ def test_help_explains_commands():
 
 @pytest.mark.parametrize("command", [[], ["convert"], ["create-tiny"], ["finetune"], ["validate"], ["eval"]])
 def test_help_reads_at_80_columns(command):
-    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, [*command, "--help"])
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
     assert all(len(line) <= 80 for line in result.output.splitlines()), result.output
     assert "<bool>" not in result.output and "…" not in result.output

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 import transformers
 
-import retrofit  # noqa: F401
+import retrofit  # noqa: F401  (registers the model with transformers' Auto classes)
 from retrofit.convert import convert, plan_conversion
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
@@ -15,7 +16,7 @@ from retrofit.io.load import load_model
 from retrofit.sources import resolve_source
 from retrofit.routers import router_settings
 from retrofit.verify import probe_input, streamed_logits
-from tests.conftest import random_ids
+from tests.helpers import random_ids, runner, tiny_snapshot
 
 
 def _convert(src_dir, out, **router):
@@ -97,16 +98,14 @@ print(base, status('VmHWM'))
 """
 
 
+@pytest.mark.slow
 def test_convert_peak_memory_stays_near_one_shard(tmp_path):
     """Convert in a fresh process and compare its peak RSS growth with the shard sizes."""
     import subprocess
     import sys
 
-    from retrofit.tiny import build_tiny_model, write_hub_snapshot
-
-    model = build_tiny_model(hidden_size=256, expert_intermediate_size=512, num_hidden_layers=8, vocab_size=512)
-    src = write_hub_snapshot(model, tmp_path / "src", max_shard_bytes=16 * 2**20, dtype=torch.float32)
-    del model
+    src = tiny_snapshot(tmp_path / "src", max_shard_bytes=16 * 2**20, dtype=torch.float32, hidden_size=256,
+                        expert_intermediate_size=512, num_hidden_layers=8, vocab_size=512)
     ckpt = CheckpointDir(src)
     sizes = [(src / s).stat().st_size for s in ckpt.shards]
     assert len(sizes) >= 6
@@ -144,11 +143,8 @@ def test_failed_conversion_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_across_file_systems_shards_are_copied_and_the_summary_says_so(tiny_dir, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
     from retrofit.cli import app
 
-    runner = CliRunner(env={"COLUMNS": "200"})
     result = runner.invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     assert f"shards: {len(CheckpointDir(tiny_dir).shards)} hard-linked, 0 copied" in result.output

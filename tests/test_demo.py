@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from retrofit.tools import demo
-from tests.conftest import write_arc_mmlu
+from tests.helpers import REPO, write_arc_mmlu
 
 VARIANTS = ["TC (checkpoint)", "EC", "EC fine-tuned", "block (32, guard 2)"]
 
@@ -17,9 +16,10 @@ VARIANTS = ["TC (checkpoint)", "EC", "EC fine-tuned", "block (32, guard 2)"]
 @pytest.fixture(autouse=True)
 def at_repository_root(monkeypatch):
     """The demo reads recipes/ from the working directory, as `make demo` runs it from the repository root."""
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(REPO)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_variant_on_every_local_task(tmp_path):
     data = write_arc_mmlu(tmp_path / "data")
     out = tmp_path / "demo"

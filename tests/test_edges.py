@@ -8,18 +8,11 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-import retrofit  # noqa: F401
 from retrofit.cli import app
-from tests.conftest import one_line_error
-from tests.test_finetune import GSM8K, write_recipe
-
-REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner(env={"COLUMNS": "200"})
+from tests.helpers import REPO, one_line_error, runner, write_arc_mmlu, write_recipe
 
 
 def convert(src, out, *extra):
@@ -134,7 +127,7 @@ def test_unwritable_destinations_fail_up_front_in_one_line(tiny_dir, tmp_path, m
     assert "cannot write the results into" in line
 
 
-def test_eval_prints_its_results_before_a_failed_write(tiny_dir, tmp_path, monkeypatch):
+def test_eval_prints_its_results_before_a_failed_write(tiny_dir, tmp_path, monkeypatch, shared_data):
     import retrofit.eval.runner as runner_module
 
     real = runner_module.Path.write_text
@@ -145,9 +138,8 @@ def test_eval_prints_its_results_before_a_failed_write(tiny_dir, tmp_path, monke
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(runner_module.Path, "write_text", full_disk)
-    shared = REPO.parent / "shared" / "data"
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
-                                 str(shared), "--gen-length", "8", "--steps", "2", "--denoise-block", "8",
+                                 str(shared_data), "--gen-length", "8", "--steps", "2", "--denoise-block", "8",
                                  "--output", str(tmp_path / "e.json")])
     assert result.exit_code == 1 and "exact_match" in result.output
     assert "No space left on device; the table above holds them" in result.output
@@ -193,18 +185,19 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypa
     assert not (tmp_path / "ec").exists() and not list(tmp_path.glob(".ec.*"))
 
 
-def test_an_unknown_task_is_refused_before_the_model_loads():
+@pytest.mark.slow
+def test_an_unknown_task_is_refused_before_the_model_loads(shared_data):
     line = one_line_error(runner.invoke(app, ["eval", "--model", "./no-such-model", "--tasks", "gsm8k,nosuchtask",
-                                              "--data-dir", str(REPO.parent / "shared" / "data")]))
+                                              "--data-dir", str(shared_data)]))
     assert "unknown task 'nosuchtask'" in line
 
 
-def test_offline_task_files_for_lm_eval(tmp_path):
+def test_offline_task_files_for_lm_eval(tmp_path, shared_data):
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path / "tasks"
-    result = runner.invoke(app, ["eval", "--tasks", "gsm8k,arc", "--data-dir", str(REPO.parent / "shared" / "data"),
-                                 "--write-tasks", str(folder)])
+    result = runner.invoke(app, ["eval", "--tasks", "gsm8k,arc", "--data-dir", str(shared_data), "--write-tasks",
+                                 str(folder)])
     assert result.exit_code == 0, result.output
     assert "lm_eval --model retrofit" in result.output and "--include_path" in result.output
     known = set(TaskManager(include_path=str(folder), include_defaults=False).all_tasks)
@@ -261,8 +254,6 @@ def test_ctrl_c_at_start_up_is_one_line(monkeypatch, capsys):
 
 
 def test_eval_says_that_limit_counts_per_mmlu_subject(tiny_dir, tmp_path):
-    from tests.conftest import write_arc_mmlu
-
     data = write_arc_mmlu(tmp_path / "data")
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "mmlu", "--limit", "1", "--mc-num", "2",
                                  "--data-dir", str(data), "--output", str(tmp_path / "r.json")])

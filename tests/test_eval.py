@@ -11,28 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
-import retrofit  # noqa: F401
+import retrofit
 from retrofit.cli import app
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.likelihood import mc_loglikelihood, request_seed
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
-from tests.conftest import SHARED_DATA, one_line_error, write_arc_mmlu
-
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-class Request:
-    def __init__(self, *args):
-        self.args = args
+from tests.helpers import Request, one_line_error, runner, tiny_snapshot, write_arc_mmlu
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    from retrofit.tiny import build_tiny_model, write_hub_snapshot
-
-    path = write_hub_snapshot(build_tiny_model(seed=3), tmp_path_factory.mktemp("eval") / "tiny")
+    path = tiny_snapshot(tmp_path_factory.mktemp("eval") / "tiny", seed=3)
     return RetrofitLM(str(path), mc_num=64, batch_size=16, gen_length=16, steps=8, denoise_block=8, progress=False)
 
 
@@ -148,6 +138,7 @@ def test_lm_eval_registry_finds_retrofit():
     assert get_model("retrofit") is RetrofitLM
 
 
+@pytest.mark.slow
 def test_start_up_hook_registers_without_importing_torch():
     hook_dir = Path(retrofit.__file__).parent / "eval" / "startup"
     code = ("import sys; sys.path.insert(0, %r); import retrofit_lm_eval_hook; heavy = 'torch' in sys.modules; "
@@ -157,10 +148,10 @@ def test_start_up_hook_registers_without_importing_torch():
     assert out == ["False", "RetrofitLM", "HFLM"]
 
 
-def test_eval_gsm8k_end_to_end(lm, tmp_path):
+def test_eval_gsm8k_end_to_end(lm, tmp_path, shared_data):
     out = tmp_path / "gsm8k.json"
     result = runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--limit", "3", "--data-dir",
-                                 str(SHARED_DATA), "--gen-length", "16", "--steps", "4", "--denoise-block", "8",
+                                 str(shared_data), "--gen-length", "16", "--steps", "4", "--denoise-block", "8",
                                  "--output", str(out)])
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
@@ -186,14 +177,15 @@ def test_eval_arc_and_mmlu_on_local_files(lm, tmp_path):
         assert 0.0 <= results[task]["acc"] <= 1.0
 
 
-
+@pytest.mark.slow
 def test_eval_errors_are_one_line(lm, tmp_path):
     assert "unknown task 'nosuchtask'" in one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks",
                                                                       "nosuchtask"]))
     line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "arc", "--data-dir",
                                         str(tmp_path)]))
     assert "no local data for arc_challenge" in line
-    assert "no such directory" in one_line_error(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
+    line = one_line_error(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
+    assert "no such directory" in line
     line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
                                         "--denoise-block", "4"]))
     assert "multiple of the denoising block" in line
@@ -218,7 +210,8 @@ def _full_logits_generate(model, prompt, mask_id, settings):
     blocks = settings.gen_length // settings.denoise_block
     per_block = settings.steps // blocks
     for block in range(blocks):
-        lo, hi = prompt.shape[1] + block * settings.denoise_block, prompt.shape[1] + (block + 1) * settings.denoise_block
+        lo = prompt.shape[1] + block * settings.denoise_block
+        hi = lo + settings.denoise_block
         schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1), per_block)
         for step in range(per_block):
             with torch.no_grad():
@@ -242,3 +235,19 @@ def test_sampler_scoring_only_the_block_matches_full_logits(lm):
     with torch.no_grad():
         kept = lm.model(input_ids=ids, logits_to_keep=slice(5, 11)).logits
         assert torch.allclose(kept, lm.model(input_ids=ids).logits[:, 5:11], atol=1e-6)
+
+
+def test_the_demo_block_row_is_one_command_line(shared_data, tmp_path):
+    """The demo's "block (32, guard 2)" variant, reproduced from the command line with the router flags."""
+    from retrofit.routers import router_settings
+
+    out = tmp_path / "block.json"
+    result = runner.invoke(app, ["eval", "--model", "tiny", "--tasks", "gsm8k", "--limit", "1", "--data-dir",
+                                 str(shared_data), "--gen-length", "32", "--steps", "32", "--denoise-block", "32",
+                                 "--router", "block", "--block-length", "32", "--guard-size", "2",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["router"] == router_settings(type="block", guard_size=2).model_dump()
+    assert record["settings"]["sampler"]["denoise_block"] == 32
+    assert record["routing"]["unique_experts_per_block"] < 8

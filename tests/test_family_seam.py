@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from typer.testing import CliRunner
 
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
@@ -21,8 +20,8 @@ from retrofit.models import FAMILIES, ModelFamily, register_family
 from retrofit.models.llada_moe import LLADA_MOE, LLaDAMoEConfig, LLaDAMoEModel, LLaDAMoEModelLM
 from retrofit.models.moe import SparseMoeBlock
 from retrofit.routers import ROUTERS, Router, RouterSettings, Routing, RoutingContext, register_router
-from retrofit.tiny import build_tiny_model, write_hub_snapshot
-from tests.conftest import SHARED_DATA, random_ids
+from retrofit.tiny import build_tiny_model
+from tests.helpers import gsm8k_train, random_ids, runner, shared_data_dir, tiny_snapshot
 
 # ------------------------------------------------------------------------------------------ toy family
 
@@ -119,8 +118,6 @@ class RandomTopKRouter(Router):
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-runner = CliRunner()
-
 
 @pytest.fixture
 def toy_family():
@@ -145,13 +142,13 @@ def toy_snapshot(tmp_path, seed=0):
     with torch.no_grad():  # weights on the bf16 grid, so the written snapshot holds exactly this model
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    return model, write_hub_snapshot(model, tmp_path / "toy-src", max_shard_bytes=48 * 1024)
+    return model, tiny_snapshot(tmp_path / "toy-src", model, max_shard_bytes=48 * 1024)
 
 
 def finetune(app, tmp_path, source, out, router: dict | None = None):
     recipe = {
         "model": {"source": str(source), **({"router": router} if router else {})},
-        "data": {"path": str(SHARED_DATA / "gsm8k" / "train.jsonl"), "text_field": ["question", "answer"],
+        "data": {"path": str(gsm8k_train()), "text_field": ["question", "answer"],
                  "seq_len": 32, "max_examples": 16},
         "objective": {"balance_loss": 0.01, "distill": {"weight": 0.5}},
         "optim": {"max_steps": 2, "batch_size": 2, "lr": 0.05, "warmup_steps": 0},
@@ -168,7 +165,8 @@ def finetune(app, tmp_path, source, out, router: dict | None = None):
 def evaluate(app, model_dir, tmp_path, *flags):
     out = tmp_path / f"eval-{model_dir.name}.json"
     result = runner.invoke(app, ["eval", "--model", str(model_dir), "--tasks", "gsm8k", "--limit", "1", "--data-dir",
-                                 str(SHARED_DATA), "--gen-length", "8", "--steps", "4", "--output", str(out), *flags])
+                                 str(shared_data_dir()), "--gen-length", "8", "--steps", "4", "--output", str(out),
+                                 *flags])
     assert result.exit_code == 0, result.output
     return json.loads(out.read_text())
 
@@ -215,6 +213,7 @@ def test_toy_family_converts_finetunes_and_evaluates(toy_family, tmp_path):
 # ------------------------------------------------------------------------------------------ the router
 
 
+@pytest.mark.slow
 def test_toy_router_converts_finetunes_and_evaluates(toy_router, tiny_dir, tmp_path):
     app = toy_router
     help_text = runner.invoke(app, ["convert", "--help"]).output

@@ -7,23 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
-import retrofit  # noqa: F401
 from retrofit.cli import app
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
-from retrofit.tiny import build_tiny_model, write_hub_snapshot
+from retrofit.tiny import build_tiny_model
 from retrofit.diffusion import add_noise, diffusion_loss
 from retrofit.training.recipe import load_recipe
 from retrofit.training.trainer import Finetune
-from tests.conftest import SHARED_DATA, one_line_error
-
-REPO = Path(__file__).resolve().parents[1]
-GSM8K = SHARED_DATA / "gsm8k" / "train.jsonl"
-runner = CliRunner(env={"COLUMNS": "200"})
+from tests.helpers import REPO, finetune, gsm8k_train, one_line_error, runner, tiny_snapshot, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -34,29 +27,7 @@ def strong_tiny(tmp_path_factory) -> Path:
         for block in model.moe_blocks():
             for p in (block.experts.gate_proj, block.experts.up_proj, block.experts.down_proj):
                 p.mul_(25.0)
-    return write_hub_snapshot(model, tmp_path_factory.mktemp("m") / "tiny", max_shard_bytes=64 * 1024)
-
-
-def write_recipe(tmp_path: Path, source: Path, **sections) -> Path:
-    recipe = {
-        "model": {"source": str(source), "router": {"type": "ec"}},
-        "data": {"path": str(GSM8K), "objective": "pretrain", "text_field": "question", "seq_len": 64,
-                 "max_examples": 200},
-        "optim": {"lr": 0.05, "max_steps": 12, "batch_size": 4, "warmup_steps": 2, "seed": 0},
-        "checkpoint": {"output_dir": str(tmp_path / "run"), "every": 4},
-        "logging": {"every": 2},
-    }
-    for key, value in sections.items():
-        recipe.setdefault(key, {}).update(value)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def finetune(path: Path, *overrides: str, resume: bool = False, progress=None):
-    recipe, recipe_dir = load_recipe(path, list(overrides))
-    job = Finetune(recipe, recipe_dir, path.read_text(), progress=progress, resume=resume)
-    return job, job.run()
+    return tiny_snapshot(tmp_path_factory.mktemp("m") / "tiny", model, max_shard_bytes=64 * 1024)
 
 
 def test_every_shipped_recipe_validates():
@@ -113,16 +84,6 @@ def test_loss_decreases_with_router_training(strong_tiny, tmp_path):
     job.run()
     after = held_out_loss(job.model, job.data, job.config.mask_token_id)
     assert after < before - 0.005, (before, after)
-
-
-@pytest.fixture
-def one_thread():
-    # MKL picks kernels by the machine's load when it has several threads, which changes the last bits of
-    # matmuls between runs on a busy machine; one thread makes bit-for-bit comparisons of two runs meaningful.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_ends_with_identical_weights(strong_tiny, tmp_path, one_thread):
@@ -239,7 +200,6 @@ def test_sft_data_from_gsm8k(strong_tiny, tmp_path):
     assert 190 <= len(job.data) <= 200 and (job.data.prompt_len > 0).all()
 
 
-
 def test_unknown_key_names_the_closest_valid_one(strong_tiny, tmp_path):
     path = write_recipe(tmp_path, strong_tiny, optim={"learning_rate": 0.1})
     line = one_line_error(runner.invoke(app, ["validate", str(path)]))
@@ -247,7 +207,8 @@ def test_unknown_key_names_the_closest_valid_one(strong_tiny, tmp_path):
 
 
 def test_misspelled_key_suggestion(strong_tiny, tmp_path):
-    line = one_line_error(runner.invoke(app, ["validate", str(write_recipe(tmp_path, strong_tiny)), "optim.max_step=3"]))
+    path = write_recipe(tmp_path, strong_tiny)
+    line = one_line_error(runner.invoke(app, ["validate", str(path), "optim.max_step=3"]))
     assert "optim.max_step" in line and "did you mean optim.max_steps" in line
 
 
@@ -281,6 +242,8 @@ def test_finetune_cli_end_to_end(strong_tiny, tmp_path):
 
 
 def test_shipped_tiny_recipe_runs_from_the_repo_root(tmp_path, monkeypatch):
+    """The recipe as shipped, with its own data.path (../shared/data beside the checkout), which
+    RETROFIT_SHARED_DATA does not change."""
     monkeypatch.chdir(REPO)  # data.path is relative to the recipe or the working directory
     out = tmp_path / "tiny-ec-ft"
     result = runner.invoke(app, ["finetune", "recipes/tiny-ec.yaml", "optim.max_steps=3", "data.max_examples=64",
@@ -310,7 +273,7 @@ def test_load_balancing_loss_matches_a_loop():
 def test_all_parameter_training_from_a_bpe_snapshot(tmp_path):
     from retrofit.tiny import create_tiny
 
-    texts = [json.loads(line) for line in GSM8K.read_text().splitlines()[:300]]
+    texts = [json.loads(line) for line in gsm8k_train().read_text().splitlines()[:300]]
     src = create_tiny(tmp_path / "init", tokenizer_texts=[t["question"] + "\n" + t["answer"] for t in texts],
                       vocab_size=400, hidden_size=32, expert_intermediate_size=16)
     tok = json.loads((src / "tokenizer.json").read_text())

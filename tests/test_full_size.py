@@ -11,7 +11,6 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from retrofit import tiny
 from retrofit.cli import app
@@ -20,11 +19,8 @@ from retrofit.io.load import load_model
 from retrofit.io.tokenizer_files import mask_token_id
 from retrofit.tiny.tokenizers import write_padded_byte_tokenizer
 from retrofit.io.writer import StreamingShardWriter, TensorSpec, write_streaming_sharded
-from retrofit.tiny import (TINY_DIMS, build_tiny_model, create_preset, full_size_plan, preset_total_bytes,
-                           write_hub_snapshot)
-from tests.conftest import one_line_error
-
-runner = CliRunner(env={"COLUMNS": "200"})
+from retrofit.tiny import TINY_DIMS, create_preset, full_size_plan, preset_total_bytes
+from tests.helpers import one_line_error, runner, tiny_snapshot
 
 # The preset shrunk to tiny dims (vocab 320: byte tokens, then specials at the preset's offsets from 256).
 SMALL = dict(dims=dict(TINY_DIMS), eos_token_id=300, mask_token_id=303)
@@ -129,7 +125,7 @@ def test_padded_tokenizer_has_the_real_vocabulary_size(tmp_path):
 
 def test_shrunk_preset_matches_write_hub_snapshot(tmp_path):
     out = create_preset(tmp_path / "p", seed=1, max_shard_bytes=SMALL_SHARD_BYTES, **SMALL)
-    reference = write_hub_snapshot(build_tiny_model(**TINY_DIMS), tmp_path / "ref")
+    reference = tiny_snapshot(tmp_path / "ref", **TINY_DIMS)
     ckpt, ref = CheckpointDir(out), CheckpointDir(reference)
     assert set(ckpt.weight_map) == set(ref.weight_map)
     assert len(ckpt.shards) == 3

@@ -11,22 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import retrofit  # noqa: F401
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.models.moe import hub_state_dict
 from retrofit.routers import router_settings, swap_routers
-from retrofit.tiny import build_tiny_model, write_hub_snapshot
-from tests.conftest import random_ids
-from tests.test_finetune import finetune, write_recipe
+from retrofit.tiny import build_tiny_model
+from tests.helpers import Request, finetune, random_ids, tiny_snapshot, write_recipe
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_every_tensor_lands_exactly_in_the_requested_dtype(tmp_path, stored, dtype):
     model = build_tiny_model(seed=1)
-    src = write_hub_snapshot(model, tmp_path / "m", max_shard_bytes=48 * 1024, dtype=stored)
+    src = tiny_snapshot(tmp_path / "m", model, max_shard_bytes=48 * 1024, dtype=stored)
     loaded = load_model(src, dtype=dtype)
     expected = {k: v.to(stored).to(dtype) for k, v in hub_state_dict(model).items()}  # what a plain cast gives
     got = hub_state_dict(loaded)
@@ -41,7 +39,7 @@ def test_every_tensor_lands_exactly_in_the_requested_dtype(tmp_path, stored, dty
 
 def test_loaded_model_equals_the_built_one(tmp_path):
     model = build_tiny_model(seed=2).double()
-    src = write_hub_snapshot(model, tmp_path / "m", dtype=torch.float64)
+    src = tiny_snapshot(tmp_path / "m", model, dtype=torch.float64)
     loaded = load_model(src, dtype=torch.float64)
     ids = random_ids(model, batch=2, length=16)
     with torch.no_grad():
@@ -89,12 +87,12 @@ print(base, status('VmHWM'), model_bytes(model))
 """
 
 
+@pytest.mark.slow
 def test_load_holds_nothing_twice(tmp_path):
     """Peak memory growth of a bf16 load is the model plus one tensor, not two models (fresh process)."""
-    model = build_tiny_model(hidden_size=256, expert_intermediate_size=512, num_hidden_layers=8, vocab_size=512)
-    src = write_hub_snapshot(model, tmp_path / "src", max_shard_bytes=32 * 2**20, dtype=torch.bfloat16)
-    del model
-    warm = write_hub_snapshot(build_tiny_model(), tmp_path / "warm-up")
+    src = tiny_snapshot(tmp_path / "src", max_shard_bytes=32 * 2**20, dtype=torch.bfloat16, hidden_size=256,
+                        expert_intermediate_size=512, num_hidden_layers=8, vocab_size=512)
+    warm = tiny_snapshot(tmp_path / "warm-up")
     run = subprocess.run([sys.executable, "-c", _PEAK, str(src), str(warm)], capture_output=True, text=True,
                          check=True)
     base, peak, weights = map(int, run.stdout.split())
@@ -177,7 +175,6 @@ def test_a_run_that_fails_before_any_checkpoint_leaves_no_directory(tiny_dir, tm
 
 def test_bf16_eval_on_tiny_for_every_router(tiny_dir):
     from retrofit.eval.adapter import RetrofitLM
-    from tests.test_eval import Request
 
     for router in ("tc", "ec", "block"):
         lm = RetrofitLM(str(tiny_dir), dtype="bfloat16", router=router, guard_size=2 if router == "block" else None,

@@ -6,15 +6,15 @@ import pytest
 import torch
 import transformers
 
-import retrofit  # noqa: F401  (registers the model with transformers)
+import retrofit  # noqa: F401  (registers the model with transformers' Auto classes)
 from retrofit.errors import RetrofitError
 from retrofit.io.load import load_model
 from retrofit.models.llada_moe import LLADA_MOE, LLaDAMoEModelLM
 from retrofit.models.moe import StackedExperts, hub_state_dict, stack_expert_tensors, unstack_expert_tensors
 from retrofit.routers import router_settings, swap_routers
 from retrofit.routers.base import Routing
-from retrofit.tiny import build_tiny_model, hub_config_dict, write_hub_snapshot
-from tests.conftest import pairwise_experts, random_ids
+from retrofit.tiny import hub_config_dict
+from tests.helpers import pairwise_experts, random_ids, runner, tiny_snapshot
 from tests.reference_llada import reference_logits
 
 
@@ -129,8 +129,6 @@ def test_unknown_config_keys_load_with_one_warning_and_are_kept(tiny_dir, tmp_pa
     import json
     import logging
 
-    from typer.testing import CliRunner
-
     from retrofit.cli import app
 
     raw = json.loads((tiny_dir / "config.json").read_text())
@@ -142,8 +140,8 @@ def test_unknown_config_keys_load_with_one_warning_and_are_kept(tiny_dir, tmp_pa
     assert len(lines) == 1 and "frobnicate, megatron_tp_size" in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="retrofit"):
-        result = CliRunner().invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out",
-                                          str(tmp_path / "ec")])
+        result = runner.invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--out",
+                                     str(tmp_path / "ec")])
     assert result.exit_code == 0, result.output
     assert not caplog.records, "said once per process, not once per reading of the config"
     kept = json.loads((tmp_path / "ec" / "config.json").read_text())
@@ -252,8 +250,8 @@ def test_bf16_logits_are_bit_identical_to_the_reference_order_over_long_sequence
 
     from tests.reference_llada import reference_order_logits
 
-    model = build_tiny_model(seed=4, max_position_embeddings=2048)
-    src = write_hub_snapshot(model, tmp_path / "m", max_shard_bytes=10**9, dtype=torch.bfloat16)
+    src = tiny_snapshot(tmp_path / "m", max_shard_bytes=10**9, dtype=torch.bfloat16, seed=4,
+                        max_position_embeddings=2048)
     loaded = load_model(src, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (2, 1100), generator=torch.Generator().manual_seed(0))
     tensors = load_file(str(src / "model.safetensors"))

@@ -19,7 +19,7 @@ from retrofit.routers import (
     build_router,
     router_settings,
 )
-from tests.test_schedules import loop_shape
+from tests.helpers import loop_shape, runner
 
 
 def random_case(seed: int, batch: int, length: int, experts: int, pad: bool = True):
@@ -360,13 +360,11 @@ def test_ec_logit_order_matches_reference(seed, batch, length, experts, k, facto
 
 def test_ec_orders_choose_different_pairs_and_the_setting_travels(tiny_dir, tmp_path):
     """The two orders are different routers on the same weights; the converted config records which one."""
-    from typer.testing import CliRunner
-
     from retrofit.cli import app
     from retrofit.io.load import load_model
 
-    result = CliRunner().invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--ec-order",
-                                      "topk-then-softmax", "--out", str(tmp_path / "ec")])
+    result = runner.invoke(app, ["convert", "--src", str(tiny_dir), "--router", "ec", "--ec-order",
+                                 "topk-then-softmax", "--out", str(tmp_path / "ec")])
     assert result.exit_code == 0, result.output
     model = load_model(tmp_path / "ec")
     assert model.config.router_settings.ec_order == "topk-then-softmax"

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from retrofit.routers import ScheduleSettings, expected_k, experts_per_token
 from retrofit.routers.schedules import SHAPES, shape
+from tests.helpers import loop_shape
 
 R = torch.tensor([0.0, 0.5, 1.0])
 NAMES = [name for name in SHAPES if name != "constant"]
-
-
-def loop_shape(name: str, r: float, sigma: float = 0.22, threshold: float = 0.5) -> float:
-    """s(r) written out from algorithms.md §5, one number at a time."""
-    gauss = math.exp(-((r - 0.5) ** 2) / (2 * sigma**2))
-    edge = math.exp(-0.25 / (2 * sigma**2))
-    gauss = (gauss - edge) / (1 - edge)
-    return {
-        "linear": r,
-        "linear-reverse": 1 - r,
-        "cosine": (1 - math.cos(math.pi * r)) / 2,
-        "cosine-reverse": (1 + math.cos(math.pi * r)) / 2,
-        "bell": max(0.0, 1 - 4 * (r - 0.5) ** 2),
-        "gaussian": gauss,
-        "gaussian-reverse": 1 - gauss,
-        "step": 1.0 if r >= threshold else 0.0,
-        "step-reverse": 0.0 if r >= threshold else 1.0,
-    }[name]
 
 
 @pytest.mark.parametrize(

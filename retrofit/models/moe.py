@@ -139,3 +139,23 @@ def hub_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     return tensors
+
+
+def hub_tensor_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the model's checkpoint tensors in its Hub checkpoint's order: module order, each
+    expert's three projections together (expert 0's gate/up/down, then expert 1's, ...), a tied head once.
+    Reads no data, so a model on the meta device plans a full-size checkpoint."""
+    out, stacked = [], {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in model.state_dict().items():
+        prefix, _, proj = name.rpartition(".")
+        if not (prefix.endswith(".experts") and proj in EXPERT_PROJECTIONS):
+            if not (tied and name == "lm_head.weight"):
+                out.append((name, tuple(tensor.shape)))
+            continue
+        stacked.setdefault(prefix, {})[proj] = tensor.shape
+        if len(stacked[prefix]) == len(EXPERT_PROJECTIONS):
+            shapes = stacked.pop(prefix)
+            out += [(f"{prefix}.{e}.{p}.weight", tuple(shapes[p][1:]))
+                    for e in range(shapes["gate_proj"][0]) for p in EXPERT_PROJECTIONS]
+    return out

@@ -12,8 +12,8 @@ Adding a router is one module plus one registry line (``retrofit/routers/__init_
   with a ``description`` (it becomes the help text of the ``--<field>`` flag that ``retrofit convert`` and
   ``retrofit eval`` both generate from the class, and it validates the ``router`` section of config.json and
   of recipes);
-- a :class:`Router` subclass with ``kind = "<name>"``, ``settings_class`` set to that class, and ``select``
-  (or ``route`` when it ranks something other than the scores).
+- a :class:`Router` subclass with ``kind = "<name>"``, ``settings_class`` set to that class, ``configure``
+  when it reads its settings, and ``select`` (or ``route`` when it ranks something other than the scores).
 """
 
 from __future__ import annotations
@@ -149,6 +149,10 @@ class Router(nn.Module):
         self.scoring = scoring
         # Same name, shape and orientation as the checkpoint's nn.Linear(d, E, bias=False).weight.
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.configure(self.settings)
+
+    def configure(self, settings: RouterSettings) -> None:
+        """Take what the router needs from its settings, refusing (ValueError) what this layer cannot honour."""
 
     def adopt(self, other: "Router") -> None:
         """Share ``other``'s tensors (the gate weight, and any other tensor both routers hold): a router swap

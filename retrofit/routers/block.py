@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext, Scoring, SOFTMAX
+from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext
 
 
 class BlockSettings(RouterSettings):
@@ -51,18 +51,15 @@ class BlockRouter(Router):
     kind = "block"
     settings_class = BlockSettings
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: BlockSettings | None = None,
-                 scoring: Scoring = SOFTMAX):
-        super().__init__(hidden_size, num_experts, top_k, settings, scoring)
-        settings = self.settings
-        if settings.guard_size < top_k:
+    def configure(self, settings: BlockSettings) -> None:
+        if settings.guard_size < self.top_k:
             raise ValueError(
-                f"block router: guard_size ({settings.guard_size}) must be at least top_k ({top_k}), so that every "
-                "token finds k experts in its block's core set"
+                f"block router: guard_size ({settings.guard_size}) must be at least top_k ({self.top_k}), so that "
+                "every token finds k experts in its block's core set"
             )
         self.block_length = settings.block_length
         self.core_threshold = settings.core_threshold
-        self.guard_size = min(settings.guard_size, num_experts)
+        self.guard_size = min(settings.guard_size, self.num_experts)
         self.renormalize = settings.renormalize
 
     def votes(self, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext, Scoring, SOFTMAX
+from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext
 from retrofit.routers.schedules import ScheduleSettings, experts_per_token
 
 
@@ -63,16 +63,14 @@ class ExpertChoiceRouter(Router):
     kind = "ec"
     settings_class = ExpertChoiceSettings
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, settings: ExpertChoiceSettings | None = None,
-                 scoring: Scoring = SOFTMAX):
-        super().__init__(hidden_size, num_experts, top_k, settings, scoring)
-        settings = self.settings
+    def configure(self, settings: ExpertChoiceSettings) -> None:
         self.capacity_factor = settings.capacity_factor
         self.per_batch = settings.per_batch
         self.schedule = settings.schedule
         self.order = settings.ec_order
 
     def route(self, logits: torch.Tensor, ctx: RoutingContext) -> Routing:
+        # topk-then-softmax is defined on the raw logits (EC-DLM's definition), whatever the family's scoring.
         if self.order == "softmax-then-topk":
             return super().route(logits, ctx)
         return self.select_by_logits(logits.float(), ctx)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from retrofit.errors import RetrofitError
 from retrofit.routers.base import RouterSettings
@@ -114,4 +114,10 @@ def settings_from_flags(router: str | None, given: dict[str, Any], base: RouterS
         for key in flag.path[:-1]:
             node = node.setdefault(key, {})
         node[flag.path[-1]] = value
-    return router_settings(data)
+    try:
+        return router_settings(data)
+    except ValidationError as exc:  # named by the flag the user typed, not the settings' field path
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        where = next((f.flag for f in flags.values() if f.path == loc), ".".join(loc))
+        raise RetrofitError(f"invalid {where}: {err['msg'].removeprefix('Value error, ')}") from None

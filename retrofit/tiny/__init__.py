@@ -25,8 +25,7 @@ from retrofit.tiny.tokenizers import train_bpe_tokenizer, write_byte_tokenizer, 
 from retrofit.io.writer import (TensorSpec, atomic_directory, plan_shards, write_json, write_sharded,
                                 write_streaming_sharded)
 from retrofit.models import LLADA_MOE, ModelFamily, family_of
-from retrofit.models.llada_moe import DEFAULT_MASK_TOKEN_ID, LLaDAMoEConfig
-from retrofit.models.moe import hub_state_dict
+from retrofit.models.moe import hub_state_dict, hub_tensor_shapes
 from retrofit.routers import router_settings
 
 # Small enough for a CPU test in milliseconds; 8 experts, top-2 as the issue asks.
@@ -124,10 +123,10 @@ class Preset:
 
 
 def _llada_moe_7b() -> Preset:
-    """LLaDA-MoE-7B-A1B: the shapes are LLaDAMoEConfig's defaults, which are the Hub config's."""
-    defaults = LLaDAMoEConfig()
+    """LLaDA-MoE-7B-A1B: the shapes are the config class's defaults, which are the Hub config's."""
+    defaults = LLADA_MOE.config_class()
     return Preset("llada-moe-7b", {k: getattr(defaults, k) for k in TINY_DIMS}, defaults.eos_token_id,
-                  DEFAULT_MASK_TOKEN_ID, initializer_range=defaults.initializer_range)
+                  defaults.mask_token_id, initializer_range=defaults.initializer_range)
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"llada-moe-7b": _llada_moe_7b}
@@ -144,32 +143,16 @@ def get_preset(name: str, **overrides) -> Preset:
     return preset
 
 
-def hub_tensor_specs(dims: dict, dtype: torch.dtype = torch.bfloat16,
-                     tie_word_embeddings: bool = False) -> list[TensorSpec]:
-    """Every tensor of a LLaDA-MoE checkpoint with these dims, under the Hub's names and in the Hub's order
-    (per layer: attention, router, experts 0..E-1 each gate/up/down, the two layer norms)."""
-    d = {**TINY_DIMS, **dims}
-    hidden, heads, kv_heads = d["hidden_size"], d["num_attention_heads"], d["num_key_value_heads"]
-    head_dim, inter = hidden // heads, d["expert_intermediate_size"]
-    specs = [("model.embed_tokens.weight", (d["vocab_size"], hidden))]
-    for i in range(d["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        specs += [(f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden)),
-                  (f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden)),
-                  (f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden)),
-                  (f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)),
-                  (f"{p}.self_attn.q_norm.weight", (head_dim,)),
-                  (f"{p}.self_attn.k_norm.weight", (head_dim,)),
-                  (f"{p}.mlp.gate.weight", (d["num_experts"], hidden))]
-        for e in range(d["num_experts"]):
-            specs += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (inter, hidden)),
-                      (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, hidden)),
-                      (f"{p}.mlp.experts.{e}.down_proj.weight", (hidden, inter))]
-        specs += [(f"{p}.input_layernorm.weight", (hidden,)), (f"{p}.post_attention_layernorm.weight", (hidden,))]
-    specs.append(("model.norm.weight", (hidden,)))
-    if not tie_word_embeddings:
-        specs.append(("lm_head.weight", (d["vocab_size"], hidden)))
-    return [TensorSpec(name, dtype, shape) for name, shape in specs]
+def hub_tensor_specs(dims: dict, dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False,
+                     family: ModelFamily = LLADA_MOE) -> list[TensorSpec]:
+    """Every tensor of a checkpoint of ``family`` with these dims, under the Hub's names and in the Hub's order
+    (for LLaDA-MoE, per layer: attention, router, experts 0..E-1 each gate/up/down, the two layer norms),
+    planned from the family's own model built on the meta device (no memory)."""
+    raw = hub_config_dict(family, **dims, tie_word_embeddings=tie_word_embeddings)
+    config = family.config_from_checkpoint(raw)
+    with torch.device("meta"):
+        model = family.model_class(config)
+    return [TensorSpec(name, dtype, shape) for name, shape in hub_tensor_shapes(model)]
 
 
 class PlannedTensor(NamedTuple):
