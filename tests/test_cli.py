@@ -125,22 +125,16 @@ def test_existing_out_needs_force(created, tmp_path):
     assert run("convert", "--src", created, "--router", "ec", "--out", tmp_path / "o", "--force").exit_code == 0
 
 
-def test_bad_router_settings_are_one_line(created, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--router", "ec", "--capacity-factor", "0"], "invalid --capacity-factor: Input should be greater than 0"),
+    (["--router", "ec", "--schedule", "cosinus"], "invalid --schedule: Input should be 'constant'"),
+    (["--router", "block", "--guard-size", "1"], "guard_size (1) must be at least top_k (2)"),
+    (["--router", "ec", "--guard-size", "4"], "--guard-size is a setting of the block router, not of ec"),
+    (["--router", "xc"], "unknown --router 'xc'; use tc, ec, block"),
+])
+def test_bad_router_settings_are_one_line(created, tmp_path, flags, message):
     """Each names the flag the user typed (not the settings' field path) and what is wrong with it."""
-    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--capacity-factor", "0",
-                              "--out", tmp_path / "o"))
-    assert "invalid --capacity-factor: Input should be greater than 0" in line
-    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--schedule", "cosinus",
-                              "--out", tmp_path / "o"))
-    assert "invalid --schedule: Input should be 'constant'" in line
-    line = one_line_error(run("convert", "--src", created, "--router", "block", "--guard-size", "1",
-                              "--out", tmp_path / "o"))
-    assert "guard_size (1) must be at least top_k (2)" in line
-    line = one_line_error(run("convert", "--src", created, "--router", "ec", "--guard-size", "4",
-                              "--out", tmp_path / "o"))
-    assert "--guard-size is a setting of the block router, not of ec" in line
-    line = one_line_error(run("convert", "--src", created, "--router", "xc", "--out", tmp_path / "o"))
-    assert "unknown --router 'xc'; use tc, ec, block" in line
+    assert message in one_line_error(run("convert", "--src", created, *flags, "--out", tmp_path / "o"))
 
 
 def test_convert_and_eval_take_the_same_router_flags_with_the_same_help():
