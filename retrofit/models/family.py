@@ -2,8 +2,7 @@
 
 Everything outside ``retrofit/models/`` (convert, verify, loading, training, evaluation, create-tiny, the
 benches) reaches a model only through :class:`ModelFamily` and the methods every native model class offers
-(``moe_blocks()``, ``enable_routing_stats``/``routing_stats``, ``streamed_parts()``, ``forward`` with
-``mask_ratio``/``logits_to_keep``/``maskable``/``block_start``). A family provides:
+(:class:`NativeModel`). A family provides:
 
 - ``recognises(raw)``: whether a checkpoint's config.json (``model_type``/``architectures`` and fields) is one
   of its models, and ``config_from_checkpoint(raw)`` to build its config, refusing what it does not implement;
@@ -23,10 +22,32 @@ Adding a family is one module defining a subclass and one ``register_family`` li
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from retrofit.errors import RetrofitError
 from retrofit.routers import SOFTMAX, RouterSettings, Scoring, TokenChoiceSettings
+
+
+class NativeModel(Protocol):
+    """What a family's model class offers besides transformers' ``PreTrainedModel`` API."""
+
+    config: Any
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep=None, maskable=None,
+                block_start: int = 0):
+        """Masked-diffusion logits; ``mask_ratio``/``maskable``/``block_start`` feed the routing context."""
+
+    def moe_blocks(self) -> list:
+        """The routed layers' MoE blocks (``retrofit.models.moe.SparseMoeBlock``), in layer order."""
+
+    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None: ...
+
+    def routing_stats(self): ...
+
+    def streamed_parts(self):
+        """How ``retrofit.verify`` runs the model one layer at a time from its checkpoint."""
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None: ...
 
 
 class ModelFamily:
