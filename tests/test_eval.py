@@ -251,3 +251,16 @@ def test_the_demo_block_row_is_one_command_line(shared_data, tmp_path):
     assert record["router"] == router_settings(type="block", guard_size=2).model_dump()
     assert record["settings"]["sampler"]["denoise_block"] == 32
     assert record["routing"]["unique_experts_per_block"] < 8
+
+
+def test_lm_eval_model_args_are_checked_by_name_and_type(lm):
+    """model_args reach the adapter as strings: router settings are typed by their flags, and a misspelt or
+    mistyped one is an error that names it (never silently ignored)."""
+    from retrofit.errors import RetrofitError
+
+    with pytest.raises(RetrofitError, match="unknown model_args 'capacity_factr'; did you mean capacity_factor"):
+        RetrofitLM(str(lm.path), router="ec", capacity_factr="2", progress=False)
+    with pytest.raises(RetrofitError, match="model_args capacity_factor='lots': expected float"):
+        RetrofitLM(str(lm.path), router="ec", capacity_factor="lots", progress=False)
+    typed = RetrofitLM(str(lm.path), router="ec", capacity_factor="2", per_batch="true", progress=False)
+    assert typed.router.capacity_factor == 2.0 and typed.router.per_batch is True

@@ -45,17 +45,27 @@ def _bool(value) -> bool:
 
 def router_fields(fields: dict) -> dict:
     """The router flags among lm-eval ``model_args`` (strings there, typed here by the flags' own types);
-    anything else left over is named, so a misspelt setting is not silently ignored."""
+    anything else left over is named with the closest valid name, so a misspelt setting is never ignored."""
+    import difflib
+    import inspect
+
     flags = {f.dest: f for f in router_flags()}
-    unknown = sorted(set(fields) - set(flags))
-    if unknown:
-        raise RetrofitError(f"unknown model_args {', '.join(unknown)}; router settings are "
-                            f"{', '.join(sorted(flags))}")
+    for name in fields:
+        if name not in flags:
+            own = [p for p in inspect.signature(RetrofitLM.__init__).parameters
+                   if p not in ("self", "router_flag_values")]
+            close = difflib.get_close_matches(name, [*own, *flags], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise RetrofitError(f"unknown model_args {name!r}; {hint}valid: {', '.join(own)} and the router "
+                                f"settings {', '.join(flags)}")
     typed = {}
     for name, value in fields.items():
         kind = flags[name].kind
-        typed[name] = value if value is None or isinstance(value, kind) else (
-            _bool(value) if kind is bool else kind(value))
+        try:
+            typed[name] = value if value is None or isinstance(value, kind) else (
+                _bool(value) if kind is bool else kind(value))
+        except ValueError:
+            raise RetrofitError(f"model_args {name}={value!r}: expected {kind.__name__}") from None
     return typed
 
 
