@@ -205,9 +205,10 @@ def create_tiny(
 
     if family not in FAMILIES:
         raise RetrofitError(f"unknown --family {family!r}; use {', '.join(FAMILIES)}")
-    dims = dict(family=FAMILIES[family], hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=heads, num_experts=experts, num_experts_per_tok=top_k,
-                expert_intermediate_size=expert_size)
+    chosen = FAMILIES[family]
+    dims = dict(family=chosen, **chosen.tiny_dims(hidden_size=hidden_size, layers=layers, heads=heads,
+                                                   experts=experts, top_k=top_k, expert_size=expert_size))
+    dims.pop("vocab_size")  # the byte tokenizer's, or --vocab-size with --tokenizer-data
     texts = None
     if tokenizer_data is not None:
         texts = _jsonl_texts(tokenizer_data, [f.strip() for f in text_fields.split(",") if f.strip()])

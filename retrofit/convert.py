@@ -93,18 +93,20 @@ def _check_target(config, target: RouterSettings) -> None:
 
 
 def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Each layer's new router, initialised from the checkpoint's gate weight, as Hub-named tensors, and the
-    names of those that differ from the checkpoint's (usually none: a router swap keeps the gate weights)."""
-    source = ckpt.read([s.name for s in plan.swaps])
+    """Each layer's new router, holding the checkpoint's router tensors (its gate weight, and an expert bias
+    where the family has one), as Hub-named tensors, and the names of those that differ from the checkpoint's
+    (usually none: a router swap keeps the router's tensors)."""
+    prefixes = [s.name.removesuffix("weight") for s in plan.swaps]  # "model.layers.3.mlp.gate."
+    source = ckpt.read([n for n in ckpt.weight_map if n.startswith(tuple(prefixes))])
     out, changed = {}, set()
-    for name, weight in source.items():
+    for prefix in prefixes:
+        own = {n.removeprefix(prefix): t for n, t in source.items() if n.startswith(prefix)}
         router = _router(plan.config, plan.target)
-        router.weight = torch.nn.Parameter(weight, requires_grad=False)
+        router.load_state_dict(own, strict=False, assign=True)  # keeps the stored tensors and their dtype
         for key, tensor in router.state_dict().items():
-            full = name.removesuffix(".weight") + "." + key
-            out[full] = tensor.to(weight.dtype)
-            if full not in source or not torch.equal(out[full], source[full]):
-                changed.add(full)
+            out[prefix + key] = tensor.detach()
+            if prefix + key not in source or not torch.equal(tensor, source[prefix + key]):
+                changed.add(prefix + key)
     return out, changed
 
 

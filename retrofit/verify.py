@@ -69,8 +69,7 @@ def streamed_logits_many(ckpt: CheckpointDir, input_ids: torch.Tensor, variants:
         block = next((m for m in layer.modules() if isinstance(m, SparseMoeBlock)), None) if i in routed else None
         for v, (variant, build) in enumerate(zip(variants, routers)):
             if block is not None:
-                name = family.router_tensor_name(i)
-                block.gate = build(variant.read([name])[name])
+                block.gate = build(variant, family.router_tensor_name(i).removesuffix("weight"))
             streams[v] = layer(streams[v], *layer_args)
         if not all(bool(torch.isfinite(x).all()) for x in streams):
             _check_finite(layer, ckpt, prefix)  # only then: scanning every weight costs time and memory
@@ -99,10 +98,12 @@ def _variant_router(variant: CheckpointDir, base):
     settings = checkpoint_config(variant).router_settings
     scoring = family_of(base).scoring(base)
 
-    def build(weight: torch.Tensor):
+    def build(ckpt: CheckpointDir, prefix: str):
+        """The variant's router of one layer, holding its tensors (``prefix``: "model.layers.3.mlp.gate.")."""
         router = build_router(settings, base.hidden_size, base.num_experts, base.num_experts_per_tok, scoring)
-        router.weight = torch.nn.Parameter(weight, requires_grad=False)
-        return router
+        tensors = ckpt.read([n for n in ckpt.weight_map if n.startswith(prefix)])
+        router.load_state_dict({n.removeprefix(prefix): t for n, t in tensors.items()}, assign=True)
+        return router.requires_grad_(False)
 
     return build
 

@@ -85,6 +85,9 @@ class ToyFamily(ModelFamily):
     def moe_layers(self, config):
         return list(range(config.first_k_dense_replace, config.num_hidden_layers))
 
+    def tiny_dims(self, **shape):
+        return LLADA_MOE.tiny_dims(**shape)
+
     def hub_config(self, config):
         raw = LLADA_MOE.hub_config(config)
         raw.pop("auto_map")

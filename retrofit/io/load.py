@@ -80,7 +80,7 @@ def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: li
                          rename: Callable[[str], str] = lambda name: name) -> None:
     """Read the named checkpoint tensors into ``module``'s parameters (``rename``: checkpoint name → the
     module's Hub-style name), shard by shard; every parameter must be filled exactly once."""
-    params = dict(module.named_parameters())
+    params = dict(module.state_dict(keep_vars=True))  # parameters and persistent buffers (an expert bias)
     experts = next((m.gate_proj.shape[0] for m in module.modules() if isinstance(m, StackedExperts)), 0)
     filled: dict[str, int] = {}  # parameter name -> elements written
     by_shard: dict[str, list[str]] = {}

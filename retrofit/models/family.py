@@ -14,7 +14,8 @@ benches) reaches a model only through :class:`ModelFamily` and the methods every
 - ``token_choice(config)``: the settings of its own token-choice router (the distillation teacher);
 - ``hub_config(config)``: the config.json its Hub snapshots carry (tiny snapshots are written with it), and
   ``converted_config(raw, ...)``: the config.json of a converted model (retrofit's own ``model_type``);
-- ``hub_models``: short names for ``--src``/``--model`` and their Hub ids.
+- ``hub_models``: short names for ``--src``/``--model`` and their Hub ids;
+- ``tiny_dims(...)``: its config fields for a tiny model of a generic shape (``create-tiny``, tests).
 
 Adding a family is one module defining a subclass and one ``register_family`` line (``models/__init__.py``);
 ``tests/test_family_seam.py`` proves it with a toy family defined in the test suite.
@@ -81,6 +82,12 @@ class ModelFamily:
 
     def token_choice(self, config) -> RouterSettings:
         return TokenChoiceSettings()
+
+    def tiny_dims(self, hidden_size: int = 64, layers: int = 2, heads: int = 4, experts: int = 8, top_k: int = 2,
+                  expert_size: int = 32) -> dict[str, Any]:
+        """Config fields of a tiny model of this family with the given generic shape (vocabulary 320, for the
+        byte tokenizer; 1,024 positions)."""
+        raise NotImplementedError(f"{self.display_name}: no tiny shape")
 
     # ------------------------------------------------------------------ config.json files
 

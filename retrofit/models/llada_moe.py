@@ -463,6 +463,11 @@ class LLaDAMoEFamily(ModelFamily):
         except (TypeError, ValueError) as exc:
             raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
 
+    def tiny_dims(self, hidden_size=64, layers=2, heads=4, experts=8, top_k=2, expert_size=32) -> dict[str, Any]:
+        return dict(vocab_size=320, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                    num_key_value_heads=heads, num_experts=experts, num_experts_per_tok=top_k,
+                    expert_intermediate_size=expert_size, max_position_embeddings=1024)
+
     def hub_config(self, config: LLaDAMoEConfig) -> dict[str, Any]:
         """The public config.json of inclusionAI/LLaDA-MoE-7B-A1B-Base, with ``config``'s values (the Hub's
         has no ``mask_token_id``: the mask token's id comes from tokenizer.json)."""

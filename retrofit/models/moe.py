@@ -21,8 +21,13 @@ from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStat
 class StackedExperts(nn.Module):
     """All experts of a layer as three stacked tensors; ``gate_proj[e]`` is expert e's ``[f, d]`` weight."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, slot_sum_fp32: bool = False):
         super().__init__()
+        # How a token's k expert outputs are combined in token layout (TC, block), each family as its reference
+        # does it: LLaDA-MoE scales each output by its gate in the activations' dtype and adds it in place,
+        # expert by expert; LLaDA2.0 (``slot_sum_fp32``) scales the k outputs in fp32 and sums them over the
+        # slots in fp32, then casts once.
+        self.slot_sum_fp32 = slot_sum_fp32
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
@@ -31,6 +36,8 @@ class StackedExperts(nn.Module):
         """``x``: ``[T, d]`` flat tokens → ``[T, d]`` gated sum of the chosen experts' outputs."""
         if routing.layout == "expert":
             return self._expert_major(x, routing.indices, routing.gates)
+        if self.slot_sum_fp32:
+            return self._token_major_slot_sum(x, routing.indices, routing.gates)
         return self._token_major(x, routing.indices, routing.gates)
 
     def _expert_major(self, x, tokens, gates):
@@ -45,6 +52,24 @@ class StackedExperts(nn.Module):
         out = torch.bmm(hidden, self.down_proj.transpose(1, 2))
         # Under autocast the matmuls return bf16 while x may be fp32: accumulate in x's dtype.
         return torch.zeros_like(x).index_add_(0, tokens.reshape(-1), out.reshape(-1, x.shape[-1]).to(x.dtype))
+
+    def _token_major_slot_sum(self, x, experts, gates):
+        # LLaDA2.0's order: experts in ascending order on their rows, each row's output kept in its (token, slot)
+        # place, then out = Σ_slots fp32(output) · fp32(gate), in slot order, cast to the activations' dtype.
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        rows = x.index_select(0, order // k)
+        outputs = []
+        for e, h in enumerate(rows.split(counts)):
+            if h.shape[0]:
+                outputs.append(F.linear(F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]),
+                                        self.down_proj[e]))
+        placed = torch.empty(num_tokens * k, x.shape[-1], dtype=outputs[0].dtype, device=x.device)
+        placed = placed.index_copy(0, order, torch.cat(outputs))
+        mixed = (placed.view(num_tokens, k, -1).float() * gates.float().unsqueeze(-1)).sum(dim=1)
+        return mixed.to(x.dtype)
 
     def _token_major(self, x, experts, gates):
         # TC/block, in the reference block's order of operations so that bf16 results are bit-identical to it:
@@ -74,10 +99,10 @@ class SparseMoeBlock(nn.Module):
     """Router (``gate``) + stacked experts. Optionally records routing statistics of each forward."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-                 settings: RouterSettings, scoring: Scoring):
+                 settings: RouterSettings, scoring: Scoring, slot_sum_fp32: bool = False):
         super().__init__()
         self.gate: Router = build_router(settings, hidden_size, num_experts, top_k, scoring)
-        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self.experts = StackedExperts(num_experts, hidden_size, intermediate_size, slot_sum_fp32)
         self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
         self.keep_router_logits = False  # set for auxiliary losses (z-loss) that need the gate's logits
         self.router_logits: torch.Tensor | None = None

@@ -45,21 +45,39 @@ class Scoring:
     router turns scores into k experts and their gates. The model family supplies it; every router ranks and
     gates with :meth:`scores`, so a router swap changes who chooses, never the scale of the scores.
 
+    - ``logits_dtype``: the least dtype the gate's matmul runs in (None: the activations'; LLaDA2.0's: fp32);
+    - ``uses_expert_bias``: the router holds an ``expert_bias`` ``[E]`` that biases *selection* only (:meth:`selection`);
+    - ``renormalizes``: its token choice's gates already sum to a fixed total (a router does not renormalise again).
+
     This class is LLaDA-MoE's: an fp32 softmax over all experts, top-k of it, raw (not renormalised) gates.
     """
 
     name: ClassVar[str] = "softmax"
+    logits_dtype: ClassVar[torch.dtype | None] = None
+    uses_expert_bias: ClassVar[bool] = False
+    renormalizes: ClassVar[bool] = False
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` logits → fp32 scores (the gate values)."""
         return F.softmax(logits, dim=-1, dtype=torch.float32)
 
-    def top_k(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The checkpoint's own token choice: ``scores`` ``[T, E]`` → (gates ``[T, k]``, experts ``[T, k]``)."""
-        return scores.topk(k, dim=-1)
+    def selection(self, scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The scores experts are *chosen* by (the gate values plus the expert bias, where there is one)."""
+        return scores if bias is None else scores + bias.float()
+
+    def top_k(self, scores: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+              allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checkpoint's own token choice: ``scores`` ``[..., E]`` → (gates ``[..., k]``, experts ``[..., k]``),
+        choosing only among ``allowed`` experts (bool, broadcastable) when given."""
+        ranked = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+        _, experts = ranked.topk(k, dim=-1)
+        return scores.gather(-1, experts), experts
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(vars(self).items()))))
 
     def __repr__(self) -> str:
         return self.name
@@ -149,6 +167,8 @@ class Router(nn.Module):
         self.scoring = scoring
         # Same name, shape and orientation as the checkpoint's nn.Linear(d, E, bias=False).weight.
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if scoring.uses_expert_bias:  # a checkpoint tensor (``mlp.gate.expert_bias``), never trained here
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.configure(self.settings)
 
     def configure(self, settings: RouterSettings) -> None:
@@ -166,8 +186,16 @@ class Router(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # A router that trains may keep an fp32 master weight beside bf16 activations: compute in the
-        # activations' dtype (a no-op cast when they agree, so the checkpoint's own routing stays bit-exact).
-        return F.linear(hidden, self.weight.to(hidden.dtype))
+        # activations' dtype (a no-op cast when they agree, so the checkpoint's own routing stays bit-exact),
+        # or in the dtype the checkpoint's own gate uses (at least: a float64 model keeps float64).
+        floor = self.scoring.logits_dtype
+        dtype = torch.promote_types(hidden.dtype, floor) if floor is not None else hidden.dtype
+        return F.linear(hidden.to(dtype), self.weight.to(dtype))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The expert bias selection adds to the scores, where the checkpoint has one."""
+        return getattr(self, "expert_bias", None)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The checkpoint's fp32 scores of ``logits`` (softmax over all experts for LLaDA-MoE)."""

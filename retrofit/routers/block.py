@@ -63,7 +63,8 @@ class BlockRouter(Router):
         self.renormalize = settings.renormalize
 
     def votes(self, probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Unnormalised vote ``[B, N, E]``: the sum over each block's valid tokens of their own top-k probs."""
+        """Unnormalised vote ``[B, N, E]``: the sum over each block's valid tokens of their own top-k selection
+        scores (the probabilities, plus the expert bias where the family has one, as dMoE votes)."""
         top, idx = probs.topk(self.top_k, dim=-1)
         own = torch.zeros_like(probs).scatter(-1, idx, top) * valid.unsqueeze(-1)
         return own.sum(-2)
@@ -91,11 +92,11 @@ class BlockRouter(Router):
         tail = (-(lead + length)) % n
         blocked = F.pad(probs, (0, 0, lead, tail)).reshape(batch, -1, n, num_experts)  # [B, N, n, E]
         valid = F.pad(ctx.valid, (lead, tail), value=False).reshape(batch, -1, n)
-        core = self.core_sets(self.votes(blocked, valid))  # [B, N, E]
-        inside = blocked.masked_fill(~core.unsqueeze(2), float("-inf"))
-        _, experts = inside.topk(self.top_k, dim=-1)  # core sets hold ≥ guard_size ≥ k experts
-        gates = blocked.gather(-1, experts)
-        if self.renormalize:
+        core = self.core_sets(self.votes(self.scoring.selection(blocked, self.bias), valid))  # [B, N, E]
+        # Each token's own token choice (the family's: group limits, renormalisation and scale included), among
+        # its block's core experts only; core sets hold ≥ guard_size ≥ k experts.
+        gates, experts = self.scoring.top_k(blocked, self.top_k, self.bias, allowed=core.unsqueeze(2))
+        if self.renormalize and not self.scoring.renormalizes:
             gates = gates / gates.sum(-1, keepdim=True)
         experts = experts.reshape(batch, -1, self.top_k)[:, lead:lead + length].reshape(-1, self.top_k)
         gates = gates.reshape(batch, -1, self.top_k)[:, lead:lead + length].reshape(-1, self.top_k)

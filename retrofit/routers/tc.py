@@ -28,5 +28,5 @@ class TokenChoiceRouter(Router):
     settings_class = TokenChoiceSettings
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
-        gates, experts = self.scoring.top_k(probs.reshape(-1, self.num_experts), self.top_k)
+        gates, experts = self.scoring.top_k(probs.reshape(-1, self.num_experts), self.top_k, self.bias)
         return Routing("token", experts, gates, self.num_experts)

@@ -28,24 +28,14 @@ from retrofit.models import LLADA_MOE, ModelFamily, family_of
 from retrofit.models.moe import hub_state_dict, hub_tensor_shapes
 from retrofit.routers import router_settings
 
-# Small enough for a CPU test in milliseconds; 8 experts, top-2 as the issue asks.
-TINY_DIMS = dict(
-    vocab_size=320,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    num_experts=8,
-    num_experts_per_tok=2,
-    expert_intermediate_size=32,
-    max_position_embeddings=1024,
-)
+# Small enough for a CPU test in milliseconds; 8 experts, top-2 as the issue asks (LLaDA-MoE's field names).
+TINY_DIMS = LLADA_MOE.tiny_dims()
 TINY_EOS_ID, TINY_MASK_ID = 256, 257  # the byte tokenizer's special tokens
 
 
 def hub_config_dict(family: ModelFamily = LLADA_MOE, **dims) -> dict:
     """A config.json shaped like the family's public one (LLaDA-MoE's has no ``mask_token_id``), tiny by default."""
-    d = {**TINY_DIMS, **dims}
+    d = {**family.tiny_dims(), **dims}
     eos, pad = d.pop("eos_token_id", TINY_EOS_ID), d.pop("pad_token_id", TINY_EOS_ID)
     mask = d.pop("mask_token_id", TINY_MASK_ID)  # not in the Hub's config.json; only keeps the config valid
     return family.hub_config(family.config_class(**d, eos_token_id=eos, pad_token_id=pad, mask_token_id=mask))
@@ -63,6 +53,8 @@ def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_
     with torch.no_grad():
         for block in model.moe_blocks():
             block.gate.weight.normal_(0.0, 0.5)
+            if block.gate.bias is not None:  # an expert bias that moves selection, as a trained one does
+                block.gate.expert_bias.normal_(0.0, 0.1)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # perturb norms so a wrong norm placement shows up in parity
                 p.uniform_(0.5, 1.5)

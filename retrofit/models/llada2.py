@@ -1,0 +1,536 @@
+"""LLaDA2.0 (inclusionAI/LLaDA2.0-mini, -flash; FSCCS/dMoE-16B): a native implementation with a swappable router.
+
+Established from the public reference code (read, not copied; the spec with line references is kept beside the
+project's notes): dMoE's ``evaluations/models/modeling_llada2_moe.py`` (fscdc/dMoE @ a5b7679), the Hub
+modeling file as copied in ZHZisZZ/dllm @ d8cc119 (``dllm/pipelines/llada2/models/modeling_llada2_moe.py``),
+and inclusionAI/dInfer's ``python/dinfer/model/modeling_llada2_moe.py`` @ fce4e32. What differs from LLaDA-MoE:
+
+- attention: one fused ``query_key_value`` projection (Q rows, then K, then V) and an output ``dense``;
+  grouped-query attention (KV head j serves query heads j·g … j·g+g−1); per-head QK RMSNorm
+  (``query_layernorm``/``key_layernorm``, one weight of ``head_dim`` shared by the heads) before the rotation;
+  partial rotary: the first ``head_dim · partial_rotary_factor`` dims of each head rotate (rotate-half inside
+  them), the rest pass through;
+- the first ``first_k_dense_replace`` layers are a dense SwiGLU; the others a MoE with ``num_shared_experts``
+  always-on shared experts (one SwiGLU of ``moe_intermediate_size · num_shared_experts``);
+- routing (:class:`GroupLimitedSigmoid`): the gate runs in fp32, scores are sigmoids, a learned ``expert_bias``
+  is added for *selection* only; experts are chosen group-limited (``n_group`` groups, group score = the sum of
+  its two best biased scores, the best ``topk_group`` groups kept, then the top-k), gates are the unbiased
+  scores renormalised over the k and times ``routed_scaling_factor``; a token's k outputs are summed in fp32;
+- attention at sampling time is block-causal (``attention_blocks``: blocks counted from position 0, each sees
+  itself and every earlier block), the mask LLaDA2.0 is trained and sampled with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import MaskedLMOutput
+
+from retrofit.errors import RetrofitError, warn
+from retrofit.models.family import ModelFamily, family_of
+from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
+from retrofit.models.llada_moe import StreamedParts
+from retrofit.models.moe import SparseMoeBlock, StackedExperts
+from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, Scoring, router_settings
+
+MODEL_TYPE = "llada2_moe"
+HUB_MODEL_TYPES = (MODEL_TYPE, "llada2_moe_veomni")  # the second is what dFactory/dMoE training writes
+HUB_ARCHITECTURES = ("LLaDA2MoeModelLM", "LLaDA2MoeModel")
+MASK_TOKEN_ID, EOS_TOKEN_ID = 156895, 156892  # not in config.json; the reference generate()'s defaults
+
+# Fields of the public config.json the reference modeling code does not act on (it hard-codes what they say).
+IGNORED_BY_REFERENCE = ("score_function", "router_dtype", "moe_router_enable_expert_bias", "norm_topk_prob",
+                        "rotary_dim", "max_window_layers", "norm_head", "norm_softmax", "use_rmsnorm",
+                        "embedding_dropout", "output_dropout", "output_router_logits", "use_cache")
+_META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+                "_name_or_path"}
+
+
+class LLaDA2Config(PretrainedConfig):
+    """Configuration of LLaDA2.0; the defaults are LLaDA2.0-mini's (16,255,638,528 parameters)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        vocab_size: int = 157184,
+        hidden_size: int = 2048,
+        num_hidden_layers: int = 20,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int = 4,
+        head_dim: int | None = 128,
+        intermediate_size: int = 5120,
+        moe_intermediate_size: int = 512,
+        num_experts: int = 256,
+        num_experts_per_tok: int = 8,
+        num_shared_experts: int = 1,
+        n_group: int = 8,
+        topk_group: int = 4,
+        routed_scaling_factor: float = 2.5,
+        first_k_dense_replace: int = 1,
+        partial_rotary_factor: float = 0.5,
+        rope_theta: float = 600000.0,
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int = 16384,
+        rms_norm_eps: float = 1e-6,
+        hidden_act: str = "silu",
+        use_qkv_bias: bool = False,
+        use_bias: bool = False,
+        use_qk_norm: bool = True,
+        use_sliding_window: bool = False,
+        sliding_window: int | None = None,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        score_function: str = "sigmoid",
+        router_dtype: str = "fp32",
+        moe_router_enable_expert_bias: bool = True,
+        norm_topk_prob: bool = True,
+        rotary_dim: int | None = None,
+        max_window_layers: int | None = None,
+        norm_head: bool = False,
+        norm_softmax: bool = False,
+        use_rmsnorm: bool = True,
+        embedding_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        output_router_logits: bool = False,
+        use_cache: bool = False,
+        pad_token_id: int | None = EOS_TOKEN_ID,
+        eos_token_id: int | None = EOS_TOKEN_ID,
+        mask_token_id: int = MASK_TOKEN_ID,
+        router: dict | RouterSettings | None = None,
+        **kwargs: Any,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_experts = num_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.num_shared_experts = num_shared_experts
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.first_k_dense_replace = first_k_dense_replace
+        self.partial_rotary_factor = partial_rotary_factor
+        self.rope_theta = rope_theta
+        # transformers 5 keeps rotary settings in `rope_parameters`; the Hub config has `rope_scaling: null`.
+        self._rope_scaling = rope_scaling
+        self.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta,
+                                "partial_rotary_factor": partial_rotary_factor}
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.hidden_act = hidden_act
+        self.use_qkv_bias = use_qkv_bias
+        self.use_bias = use_bias
+        self.use_qk_norm = use_qk_norm
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.score_function = score_function
+        self.router_dtype = router_dtype
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.norm_topk_prob = norm_topk_prob
+        self.rotary_dim = rotary_dim
+        self.max_window_layers = max_window_layers
+        self.norm_head = norm_head
+        self.norm_softmax = norm_softmax
+        self.use_rmsnorm = use_rmsnorm
+        self.embedding_dropout = embedding_dropout
+        self.output_dropout = output_dropout
+        self.output_router_logits = output_router_logits
+        self.use_cache = use_cache
+        self.mask_token_id = mask_token_id
+        settings = router if isinstance(router, RouterSettings) else router_settings(router or {}, stored=True)
+        self.router = settings.model_dump()
+        self._refuse_unsupported()
+        super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def router_settings(self) -> RouterSettings:
+        return router_settings(self.router)
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def _refuse_unsupported(self) -> None:
+        """What the reference acts on (or what would change the computation) but this implementation does not."""
+        problems = []
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act={self.hidden_act!r} (only 'silu')")
+        if self._rope_scaling:
+            problems.append(f"rope_scaling={self._rope_scaling} (only plain rotary)")
+        if self.use_qkv_bias or self.use_bias:
+            problems.append("use_qkv_bias/use_bias (no biases)")
+        if self.use_sliding_window:
+            problems.append("use_sliding_window=true (no sliding window)")
+        if self.score_function not in (None, "sigmoid"):
+            problems.append(f"score_function={self.score_function!r} (only 'sigmoid')")
+        if self.num_experts % self.n_group or self.topk_group > self.n_group:
+            problems.append(f"n_group={self.n_group}/topk_group={self.topk_group} do not fit {self.num_experts} experts")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads is not a multiple of num_key_value_heads")
+        if self.rotary_dims % 2:
+            problems.append(f"head_dim·partial_rotary_factor = {self.rotary_dims} (must be even)")
+        if problems:
+            raise RetrofitError("unsupported LLaDA2.0 config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+class GroupLimitedSigmoid(Scoring):
+    """LLaDA2.0's own scoring (reference ``LLaDA2MoeGate``): fp32 gate, sigmoid scores, selection by the scores
+    plus ``expert_bias`` limited to the best ``topk_group`` of ``n_group`` expert groups (a group's score is the
+    sum of its two best biased scores), gates the *unbiased* scores of the k chosen, renormalised (+1e-20) and
+    times ``routed_scaling_factor``."""
+
+    name = "sigmoid-group-limited"
+    logits_dtype = torch.float32
+    uses_expert_bias = True
+    renormalizes = True
+
+    def __init__(self, n_group: int, topk_group: int, routed_scaling_factor: float):
+        self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+    def top_k(self, scores, k, bias=None, allowed=None):
+        selection = self.selection(scores, bias)
+        if allowed is not None:
+            selection = selection.masked_fill(~allowed, float("-inf"))
+        experts = self.limit_to_groups(selection).topk(k, dim=-1).indices
+        gates = scores.gather(-1, experts)
+        if k > 1:
+            gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
+        return gates * self.routed_scaling_factor, experts
+
+    def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
+        """``selection`` with every expert outside its token's best ``topk_group`` groups set to −inf."""
+        grouped = selection.unflatten(-1, (self.n_group, -1))
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        kept = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, kept, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+
+    def __repr__(self) -> str:
+        return (f"{self.name}(groups {self.topk_group}/{self.n_group}, scale {self.routed_scaling_factor})")
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Fused QKV, per-head QK norm, partial rotary, grouped-query attention; the additive mask decides what a
+    query sees (padding keys, and the block-causal structure when asked for)."""
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.rotary_dims = config.head_dim, config.rotary_dims
+        self.dropout = config.attention_dropout
+        width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, width, bias=False)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        turned, kept = t[..., :self.rotary_dims], t[..., self.rotary_dims:]
+        return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn_bias: torch.Tensor | None):
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = self.query_layernorm(q), self.key_layernorm(k)
+        cos, sin = rope
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        # KV heads repeated as the reference does (each serves a contiguous run of query heads).
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SharedExpertMoe(SparseMoeBlock):
+    """Routed experts (combined in fp32 over the k slots, as the reference) plus the always-on shared experts."""
+
+    def __init__(self, config: LLaDA2Config, settings: RouterSettings, scoring: Scoring):
+        super().__init__(config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                         config.moe_intermediate_size, settings, scoring, slot_sum_fp32=True)
+        self.shared_experts = SwiGLU(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        return super().forward(x, ctx) + self.shared_experts(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLaDA2Config, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x, rope, attn_bias, ctx: RoutingContext):
+        x = x + self.attention(self.input_layernorm(x), rope, attn_bias)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask ``[B, 1, L, L]``: padding keys hidden, and with ``blocks`` = n each query sees only the
+    keys of its own n-token block and the blocks before it (blocks counted from position 0); None when nothing is
+    hidden."""
+    length = valid.shape[1]
+    allowed = valid[:, None, None, :]
+    if blocks is not None:
+        block = torch.arange(length, device=valid.device) // blocks
+        allowed = allowed & (block[None, :] <= block[:, None])[None, None]  # [query, key]: key's block ≤ query's
+    elif bool(valid.all()):
+        return None
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class LLaDA2PreTrainedModel(PreTrainedModel):
+    config_class = LLaDA2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, Router) and module.bias is not None:
+                init.zeros_(module.expert_bias)
+        elif isinstance(module, StackedExperts):
+            for p in (module.gate_proj, module.up_proj, module.down_proj):
+                init.normal_(p, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+
+class LLaDA2Model(LLaDA2PreTrainedModel):
+    def __init__(self, config: LLaDA2Config):
+        super().__init__(config)
+        pad = config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad
+                                            if pad is not None and 0 <= pad < config.vocab_size else None)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.build_mlp(config, i))
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.rotary_dims, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def build_mlp(self, config: LLaDA2Config, layer: int) -> nn.Module:
+        if layer < config.first_k_dense_replace:
+            return SwiGLU(config.hidden_size, config.intermediate_size)
+        return SharedExpertMoe(config, config.router_settings, family_of(config).scoring(config))
+
+    def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0):
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask_ratio is None:  # observed: masked / maskable positions (algorithms.md §2)
+            region = valid if maskable is None else maskable.bool() & valid
+            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
+            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
+        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start))
+
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
+                attention_blocks: int | None = None):
+        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start)
+        x = self.word_embeddings(input_ids) if embeds is None else embeds
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary_emb(positions, x.dtype)
+        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype), ctx)
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
+                attention_blocks: int | None = None) -> torch.Tensor:
+        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable,
+                                     block_start=block_start, attention_blocks=attention_blocks)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, *layer_args, use_reentrant=False)
+            else:
+                x = layer(x, *layer_args)
+        return self.norm(x)
+
+
+class LLaDA2ModelLM(LLaDA2PreTrainedModel):
+    """The masked-diffusion LM: ``logits[B, L, V]`` (no shift). ``attention_blocks``: block-causal attention
+    with blocks of that many positions from position 0 (how LLaDA2.0 samples); None: bidirectional."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}
+
+    def __init__(self, config: LLaDA2Config):
+        super().__init__(config)
+        self.model = LLaDA2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.word_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
+                maskable=None, block_start: int = 0, attention_blocks: int | None = None,
+                **unused) -> MaskedLMOutput:
+        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
+                            block_start=block_start, attention_blocks=attention_blocks)
+        if logits_to_keep is not None:
+            hidden = hidden[:, logits_to_keep]
+        return MaskedLMOutput(logits=self.lm_head(hidden))
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
+        self._stats_block_length = block_length
+        for block in self.moe_blocks():
+            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
+
+    def routing_stats(self) -> RoutingStats:
+        merged = RoutingStats(self.config.num_experts, getattr(self, "_stats_block_length", 32))
+        for block in self.moe_blocks():
+            if block.stats is None:
+                raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
+            merged.merge(block.stats)
+        return merged
+
+    def streamed_parts(self) -> StreamedParts:
+        head = "model.word_embeddings.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(self.model.layers)]
+        return StreamedParts("model.word_embeddings.weight", head, ("model.norm.", self.model.norm), layers,
+                             self.model.prepare)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+
+# ---------------------------------------------------------------------------------------------- family
+
+
+def known_config_fields() -> set[str]:
+    import inspect
+
+    params = set(inspect.signature(LLaDA2Config.__init__).parameters) - {"self", "kwargs"}
+    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
+
+
+class LLaDA2Family(ModelFamily):
+    """inclusionAI's LLaDA2.0 MoE (and dMoE's fine-tune of it): grouped sigmoid routing with an expert bias,
+    a shared expert, a dense first layer, block-diffusion sampling."""
+
+    name = "llada2"
+    display_name = "LLaDA2.0"
+    model_type = MODEL_TYPE
+    architecture = "LLaDA2MoeModelLM"
+    config_class = LLaDA2Config
+    model_class = LLaDA2ModelLM
+    hub_models = {
+        "llada2-mini": "inclusionAI/LLaDA2.0-mini",
+        "llada2-mini-preview": "inclusionAI/LLaDA2.0-mini-preview",
+        "llada2-flash": "inclusionAI/LLaDA2.0-flash",
+        "dmoe-16b": "FSCCS/dMoE-16B",
+    }
+
+    def recognises(self, raw: dict) -> bool:
+        return raw.get("model_type") in HUB_MODEL_TYPES or any(
+            a in HUB_ARCHITECTURES for a in raw.get("architectures") or [])
+
+    def config_from_checkpoint(self, raw: dict) -> LLaDA2Config:
+        unknown = sorted(set(raw) - known_config_fields())
+        if unknown:
+            warn(f"config.json has field(s) retrofit's LLaDA2.0 does not use: {', '.join(unknown)}; kept as they are")
+        fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
+        try:
+            return LLaDA2Config(**fields)
+        except (TypeError, ValueError) as exc:
+            raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
+
+    def moe_layers(self, config: LLaDA2Config) -> list[int]:
+        return list(range(config.first_k_dense_replace, config.num_hidden_layers))
+
+    def scoring(self, config: LLaDA2Config) -> Scoring:
+        return GroupLimitedSigmoid(config.n_group, config.topk_group, config.routed_scaling_factor)
+
+    def tiny_dims(self, hidden_size=64, layers=3, heads=4, experts=16, top_k=4, expert_size=24) -> dict[str, Any]:
+        """LLaDA2.0-mini's structure in small: grouped-query attention (half as many KV heads), a dense first
+        layer, one shared expert, four expert groups of which two are kept (one group if experts don't split)."""
+        groups = 4 if experts % 4 == 0 and experts // 4 >= 2 else 1
+        return dict(vocab_size=320, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                    num_key_value_heads=max(1, heads // 2), head_dim=hidden_size // heads,
+                    intermediate_size=hidden_size * 3 // 2, moe_intermediate_size=expert_size, num_experts=experts,
+                    num_experts_per_tok=top_k, num_shared_experts=1, n_group=groups, topk_group=max(1, groups // 2),
+                    first_k_dense_replace=1, max_position_embeddings=1024)
+
+    def hub_config(self, config: LLaDA2Config) -> dict[str, Any]:
+        """The public config.json of LLaDA2.0-mini (as dMoE's copy has it) with ``config``'s values; like the
+        Hub's, it has no mask token id."""
+        fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                  "num_shared_experts", "n_group", "topk_group", "routed_scaling_factor", "score_function",
+                  "router_dtype", "moe_router_enable_expert_bias", "norm_topk_prob", "first_k_dense_replace",
+                  "use_qkv_bias", "use_bias", "partial_rotary_factor", "rotary_dim", "rope_theta",
+                  "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "hidden_act",
+                  "pad_token_id", "eos_token_id", "attention_dropout", "embedding_dropout", "output_dropout",
+                  "norm_head", "norm_softmax", "use_sliding_window", "use_rmsnorm", "max_window_layers",
+                  "output_router_logits", "initializer_range", "use_cache")
+        values = {k: getattr(config, k) for k in fields}
+        values["rotary_dim"] = config.rotary_dims
+        values["rope_scaling"] = None
+        return {
+            "architectures": ["LLaDA2MoeModelLM"],
+            "auto_map": {
+                "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+            },
+            "model_type": MODEL_TYPE,
+            "torch_dtype": "bfloat16",
+            **values,
+        }
+
+    def register_with_transformers(self) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+        AutoConfig.register(MODEL_TYPE, LLaDA2Config, exist_ok=True)
+        AutoModel.register(LLaDA2Config, LLaDA2ModelLM, exist_ok=True)
+        AutoModelForMaskedLM.register(LLaDA2Config, LLaDA2ModelLM, exist_ok=True)
+
+
+LLADA2 = LLaDA2Family()
