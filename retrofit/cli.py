@@ -331,6 +331,12 @@ def evaluate(
                                                 "block, generated left to right (default: gen-length)."),
     temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
     remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence or random."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="LLaDA2.0 sampler: accept every position "
+                                              "more confident than this at each step (default 0.95)."),
+    sampling: Optional[str] = typer.Option(None, "--sampling", metavar="<choice>",
+                                           help="LLaDA2.0 sampler at temperature 0: reference (draw from the "
+                                                "softmax, as the published generate() does; the default) or "
+                                                "greedy (argmax)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the "
                                                                           "task's; mmlu 5)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
@@ -368,7 +374,8 @@ def evaluate(
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("loading model"):
             lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
-                            denoise_block=denoise_block, temperature=temperature, remasking=remasking, seed=seed,
+                            denoise_block=denoise_block, temperature=temperature, remasking=remasking,
+                            threshold=threshold, sampling=sampling, seed=seed,
                             router=router, dtype=dtype, **router_flags)
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them

@@ -264,3 +264,9 @@ def test_lm_eval_model_args_are_checked_by_name_and_type(lm):
         RetrofitLM(str(lm.path), router="ec", capacity_factor="lots", progress=False)
     typed = RetrofitLM(str(lm.path), router="ec", capacity_factor="2", per_batch="true", progress=False)
     assert typed.router.capacity_factor == 2.0 and typed.router.per_batch is True
+
+
+def test_llada2_sampler_options_are_refused_for_llada(shared_data):
+    line = one_line_error(runner.invoke(app, ["eval", "--model", "tiny", "--tasks", "gsm8k", "--data-dir",
+                                              str(shared_data), "--threshold", "0.9"]))
+    assert "--threshold and --sampling are options of the LLaDA2.0 sampler" in line

@@ -114,3 +114,41 @@ def test_snapshot_round_trip_and_expert_bias(tmp_path):
     x = ids(5, length=10)
     with torch.no_grad():
         assert torch.equal(loaded(x, attention_blocks=4).logits, built(x, attention_blocks=4).logits)
+
+
+@pytest.mark.slow
+def test_offline_path_on_a_tiny_llada2(tmp_path, shared_data):
+    """create-tiny --family llada2 → convert --router block → router fine-tuning → eval gsm8k with the LLaDA2.0
+    sampler, all offline, through the same commands as LLaDA-MoE."""
+    import json
+
+    from retrofit.cli import app
+    from tests.helpers import runner, write_recipe
+
+    src = tmp_path / "l2"
+    assert runner.invoke(app, ["create-tiny", str(src), "--family", "llada2"]).exit_code == 0
+    block = tmp_path / "l2-block"
+    result = runner.invoke(app, ["convert", "--src", str(src), "--router", "block", "--guard-size", "4", "--out",
+                                 str(block)])
+    assert result.exit_code == 0 and "shards: 3 hard-linked" in result.output, result.output
+    recipe = write_recipe(tmp_path, block, model={"router": {"type": "block", "guard_size": 4}},
+                          optim={"max_steps": 2, "batch_size": 2}, checkpoint={"output_dir": str(tmp_path / "ft")})
+    result = runner.invoke(app, ["finetune", str(recipe)])
+    assert result.exit_code == 0, result.output
+    prefix = LLADA2.router_tensor_name(1)
+    from retrofit.io.checkpoint import CheckpointDir
+
+    before, after = CheckpointDir(block).read([prefix]), CheckpointDir(tmp_path / "ft").read([prefix])
+    assert not torch.equal(before[prefix], after[prefix]), "the router trained"
+    bias = prefix.removesuffix("weight") + "expert_bias"
+    assert torch.equal(CheckpointDir(block).read([bias])[bias], CheckpointDir(tmp_path / "ft").read([bias])[bias])
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "ft"), "--tasks", "gsm8k", "--limit", "1",
+                                 "--data-dir", str(shared_data), "--gen-length", "32", "--denoise-block", "32",
+                                 "--sampling", "greedy", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["settings"]["sampler"]["name"] == "llada2" and record["router"]["type"] == "block"
+    assert record["routing"]["unique_experts_per_block"] <= 8
+    line = runner.invoke(app, ["eval", "--model", str(block), "--tasks", "gsm8k", "--remasking", "random"]).output
+    assert "the LLaDA2.0 sampler remasks by confidence only" in line

@@ -15,10 +15,12 @@ from rich.progress import Progress
 
 from retrofit.errors import RetrofitError, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
-from retrofit.eval.sampler import SamplerSettings, apply_stop, generate
+from retrofit.eval.sampler import apply_stop
+from retrofit.eval.samplers import make_sampler
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer
+from retrofit.models import family_of
 from retrofit.sources import resolve_source
 from retrofit.progress import PlainProgress
 from retrofit.routers import RouterSettings
@@ -81,7 +83,8 @@ def check_blocks(router: RouterSettings, sampler_block: int) -> None:
 class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
                  steps: int | None = None, denoise_block: int | None = None, temperature: float = 0.0,
-                 remasking: str = "low_confidence", seed: int = 1234, router: str | None = None,
+                 remasking: str = "low_confidence", threshold: float | None = None, sampling: str | None = None,
+                 seed: int = 1234, router: str | None = None,
                  max_length: int = 4096, device: str | None = None, dtype: str = "auto", progress: bool = True,
                  **router_flag_values):
         """``denoise_block``: the sampler's block; ``router`` and the router flags (``capacity_factor``,
@@ -92,11 +95,10 @@ class RetrofitLM(LM):
         self.path = source.path
         ckpt = CheckpointDir(source.path)
         gen_length = int(gen_length)
-        self.sampler = SamplerSettings(gen_length=gen_length, steps=int(steps or gen_length),
-                                       denoise_block=int(denoise_block or gen_length), temperature=float(temperature),
-                                       remasking=remasking)
-        self.sampler.check()
-        base = checkpoint_config(ckpt).router_settings
+        config = checkpoint_config(ckpt)
+        self.sampler = make_sampler(family_of(config).sampler, gen_length, steps, denoise_block, temperature,
+                                    remasking, None if threshold is None else float(threshold), sampling)
+        base = config.router_settings
         given = router_fields({k: v for k, v in router_flag_values.items() if k not in _LM_EVAL_EXTRAS})
         self.router = settings_from_flags(router, given, base) or base
         check_blocks(self.router, self.sampler.denoise_block)
@@ -108,6 +110,7 @@ class RetrofitLM(LM):
         self.tokenizer = load_tokenizer(ckpt.path)
         self.tokenizer.model_max_length = 2**62  # contexts are cut to the model's length below, not by the tokenizer
         self.mask_id = self.model.config.mask_token_id
+        self.eos_id = self.tokenizer.eos_token_id
         # The model's own length, not a fixed 4096: longer contexts keep their last tokens.
         max_length = min(int(max_length), self.model.config.max_position_embeddings)
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
@@ -193,7 +196,7 @@ class RetrofitLM(LM):
                     chunk = indices[start:start + self.batch_size_]
                     batch = torch.tensor([prompts[i] for i in chunk], device=self.device_)
                     gen = torch.Generator().manual_seed(request_seed(self.seed, prompts[chunk[0]]))
-                    out = generate(self.model, batch, self.mask_id, self.sampler, gen)
+                    out = self.sampler.generate(self.model, batch, self.mask_id, self.eos_id, gen)
                     for row, i in enumerate(chunk):
                         text = self.tokenizer.decode(out[row, batch.shape[1]:].tolist(), skip_special_tokens=True)
                         until = requests[i].args[1].get("until") or []

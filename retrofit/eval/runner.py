@@ -120,7 +120,7 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
         "lm_eval_version": lm_eval.__version__,
         "settings": {"mc_num": lm.mc_num, "batch_size": lm.batch_size_, "seed": lm.seed, "limit": limit,
                      "num_fewshot": num_fewshot, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-                     "sampler": lm.sampler.__dict__},
+                     "sampler": {"name": lm.sampler.name, **lm.sampler.settings.__dict__}},
         "results": record_tasks,
         "routing": lm.routing_report(),
     }

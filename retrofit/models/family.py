@@ -15,7 +15,8 @@ benches) reaches a model only through :class:`ModelFamily` and the methods every
 - ``hub_config(config)``: the config.json its Hub snapshots carry (tiny snapshots are written with it), and
   ``converted_config(raw, ...)``: the config.json of a converted model (retrofit's own ``model_type``);
 - ``hub_models``: short names for ``--src``/``--model`` and their Hub ids;
-- ``tiny_dims(...)``: its config fields for a tiny model of a generic shape (``create-tiny``, tests).
+- ``tiny_dims(...)``: its config fields for a tiny model of a generic shape (``create-tiny``, tests);
+- ``sampler``: the name of the denoising sampler its models generate with (``retrofit.eval.samplers``).
 
 Adding a family is one module defining a subclass and one ``register_family`` line (``models/__init__.py``);
 ``tests/test_family_seam.py`` proves it with a toy family defined in the test suite.
@@ -59,6 +60,7 @@ class ModelFamily:
     config_class: ClassVar[type] = object
     model_class: ClassVar[type] = object
     hub_models: ClassVar[dict[str, str]] = {}  # --src short name -> Hub id
+    sampler: ClassVar[str] = "llada"  # the denoising sampler evaluation generates with (retrofit.eval.samplers)
 
     # ------------------------------------------------------------------ recognising and building configs
 

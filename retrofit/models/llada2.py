@@ -467,6 +467,7 @@ class LLaDA2Family(ModelFamily):
         "llada2-flash": "inclusionAI/LLaDA2.0-flash",
         "dmoe-16b": "FSCCS/dMoE-16B",
     }
+    sampler = "llada2"
 
     def recognises(self, raw: dict) -> bool:
         return raw.get("model_type") in HUB_MODEL_TYPES or any(
