@@ -152,3 +152,45 @@ def test_offline_path_on_a_tiny_llada2(tmp_path, shared_data):
     assert record["routing"]["unique_experts_per_block"] <= 8
     line = runner.invoke(app, ["eval", "--model", str(block), "--tasks", "gsm8k", "--remasking", "random"]).output
     assert "the LLaDA2.0 sampler remasks by confidence only" in line
+
+
+def test_expert_choice_gates_keep_the_token_choice_scale():
+    """EC on LLaDA2.0: a chosen pair's gate is what the token's own token choice gives that expert (score over
+    the sum of its top-k scores, × 2.5), so a token's gate mass is about TC's 2.5, not the raw sigmoids'."""
+    from retrofit.routers import router_settings, swap_routers
+    from retrofit.tiny import build_tiny_model
+
+    model = build_tiny_model(seed=6, family=LLADA2)
+    hidden = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(6))
+    ctx = RoutingContext.unpadded(1, 64)
+    tc = model.moe_blocks()[0].gate(hidden, ctx)
+    swap_routers(model, router_settings(type="ec"))
+    ec = model.moe_blocks()[0].gate(hidden, ctx)
+    scores = torch.sigmoid(tc.logits.float())
+    own = tc.gates / scores.gather(-1, tc.indices)  # TC's per-token factor
+    tokens, experts, gates = ec.pairs()
+    torch.testing.assert_close(gates, scores[tokens, experts] * own[tokens, 0])
+    mass = torch.zeros(64).index_add_(0, tokens, gates.detach())
+    assert 2.0 < float(mass.mean()) < 3.2
+
+
+def test_dmoe_16b_evaluates_with_the_block_router_it_was_trained_with(tmp_path, monkeypatch):
+    """`retrofit eval --model dmoe-16b`: dMoE's block router (32-token blocks, top-p 0.6, guard 12), read from
+    dMoE's config fields when the checkpoint has them, from the registry name when it has none."""
+    import json
+
+    import retrofit.sources
+    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.models.llada2 import DMOE_ROUTER
+    from retrofit.routers import router_settings
+    from retrofit.tiny import build_tiny_model
+
+    path = tiny_snapshot(tmp_path / "dmoe", build_tiny_model(seed=7, family=LLADA2))
+    monkeypatch.setattr(retrofit.sources, "hub_snapshot", lambda repo_id, flag: path)
+    lm = RetrofitLM("dmoe-16b", gen_length=32, progress=False)
+    assert lm.router == router_settings(DMOE_ROUTER)
+    assert all(b.gate.kind == "block" and b.gate.guard_size == 12 for b in lm.model.moe_blocks())
+    assert RetrofitLM(str(path), gen_length=32, progress=False).router.type == "tc", "by name only"
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "core_threshold": 0.5, "mode": "aggregate"}))
+    assert load_model(path).config.router_settings == router_settings(DMOE_ROUTER, core_threshold=0.5)

@@ -23,7 +23,7 @@ from retrofit.io.tokenizer_files import load_tokenizer
 from retrofit.models import family_of
 from retrofit.sources import resolve_source
 from retrofit.progress import PlainProgress
-from retrofit.routers import RouterSettings
+from retrofit.routers import RouterSettings, router_settings
 from retrofit.routers.flags import router_flags, settings_from_flags
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -99,6 +99,9 @@ class RetrofitLM(LM):
         self.sampler = make_sampler(family_of(config).sampler, gen_length, steps, denoise_block, temperature,
                                     remasking, None if threshold is None else float(threshold), sampling)
         base = config.router_settings
+        trained_with = family_of(config).hub_routers.get(source.origin)
+        if trained_with is not None and base.type == "tc" and "router" not in ckpt.config:  # dmoe-16b's own
+            base = router_settings(trained_with)
         given = router_fields({k: v for k, v in router_flag_values.items() if k not in _LM_EVAL_EXTRAS})
         self.router = settings_from_flags(router, given, base) or base
         check_blocks(self.router, self.sampler.denoise_block)

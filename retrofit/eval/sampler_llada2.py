@@ -175,11 +175,16 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     for current in range(prompt_length // block, blocks):
         end = (current + 1) * block
         window, tokens = x[:, :end], x[:, end - block:end]  # views: writes land in x
+        # The block being denoised: its mask ratio is what capacity schedules read, and routing statistics count
+        # the experts its tokens use (dMoE's expert count).
+        current_block = torch.zeros_like(window, dtype=torch.bool)
+        current_block[:, end - block:] = True
         for step in range(steps):
             active = (tokens == mask_id) & ~stopped.unsqueeze(1)
             if not bool(active.any()):
                 break
-            logits = model(input_ids=window, attention_blocks=block, logits_to_keep=slice(-block, None)).logits
+            logits = model(input_ids=window, attention_blocks=block, logits_to_keep=slice(-block, None),
+                           maskable=current_block).logits
             candidate, probability = sample_tokens(logits.float(), settings, generator)
             confidence = probability.masked_fill(~active, float("-inf"))
             chosen = choose_transfers(confidence, active, schedule[step], settings.threshold)

@@ -14,7 +14,8 @@ benches) reaches a model only through :class:`ModelFamily` and the methods every
 - ``token_choice(config)``: the settings of its own token-choice router (the distillation teacher);
 - ``hub_config(config)``: the config.json its Hub snapshots carry (tiny snapshots are written with it), and
   ``converted_config(raw, ...)``: the config.json of a converted model (retrofit's own ``model_type``);
-- ``hub_models``: short names for ``--src``/``--model`` and their Hub ids;
+- ``hub_models``: short names for ``--src``/``--model`` and their Hub ids, and ``hub_routers``: the router settings
+  a named checkpoint was trained with when its config.json does not say (dMoE-16B's block router);
 - ``tiny_dims(...)``: its config fields for a tiny model of a generic shape (``create-tiny``, tests);
 - ``sampler``: the name of the denoising sampler its models generate with (``retrofit.eval.samplers``).
 
@@ -61,6 +62,7 @@ class ModelFamily:
     model_class: ClassVar[type] = object
     hub_models: ClassVar[dict[str, str]] = {}  # --src short name -> Hub id
     sampler: ClassVar[str] = "llada"  # the denoising sampler evaluation generates with (retrofit.eval.samplers)
+    hub_routers: ClassVar[dict[str, dict]] = {}  # --model short name -> the router its checkpoint was trained with
 
     # ------------------------------------------------------------------ recognising and building configs
 

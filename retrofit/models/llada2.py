@@ -42,6 +42,9 @@ MODEL_TYPE = "llada2_moe"
 HUB_MODEL_TYPES = (MODEL_TYPE, "llada2_moe_veomni")  # the second is what dFactory/dMoE training writes
 HUB_ARCHITECTURES = ("LLaDA2MoeModelLM", "LLaDA2MoeModel")
 MASK_TOKEN_ID, EOS_TOKEN_ID = 156895, 156892  # not in config.json; the reference generate()'s defaults
+# dMoE-16B's block router as it was trained (dMoE training/models/llada2_moe/modeling_llada2_moe.py: 32-token
+# router blocks, guard 12; configuration: core_threshold 0.6); its evaluation code at HEAD uses guard 16.
+DMOE_ROUTER = {"type": "block", "block_length": 32, "core_threshold": 0.6, "guard_size": 12}
 
 # Fields of the public config.json the reference modeling code does not act on (it hard-codes what they say).
 IGNORED_BY_REFERENCE = ("score_function", "router_dtype", "moe_router_enable_expert_bias", "norm_topk_prob",
@@ -100,6 +103,9 @@ class LLaDA2Config(PretrainedConfig):
         output_dropout: float = 0.0,
         output_router_logits: bool = False,
         use_cache: bool = False,
+        core_threshold: float | None = None,
+        mode: str | None = None,
+        core_size: int | None = None,
         pad_token_id: int | None = EOS_TOKEN_ID,
         eos_token_id: int | None = EOS_TOKEN_ID,
         mask_token_id: int = MASK_TOKEN_ID,
@@ -150,6 +156,11 @@ class LLaDA2Config(PretrainedConfig):
         self.output_dropout = output_dropout
         self.output_router_logits = output_router_logits
         self.use_cache = use_cache
+        # dMoE's config fields (its block router's top-p and vote mode; core_size is read by no code): a checkpoint
+        # that carries them and no router section routes with dMoE's block router.
+        self.core_threshold, self.mode, self.core_size = core_threshold, mode, core_size
+        if router is None and core_threshold is not None:
+            router = {**DMOE_ROUTER, "core_threshold": core_threshold}
         self.mask_token_id = mask_token_id
         settings = router if isinstance(router, RouterSettings) else router_settings(router or {}, stored=True)
         self.router = settings.model_dump()
@@ -217,6 +228,14 @@ class GroupLimitedSigmoid(Scoring):
         if k > 1:
             gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
         return gates * self.routed_scaling_factor, experts
+
+    def gate_scale(self, scores, k, bias=None):
+        """routed_scaling_factor over the sum of the scores of the token's own (group-limited) top-k (with one
+        expert per token the reference does not renormalise: the factor alone)."""
+        if k == 1:
+            return torch.full_like(scores[..., :1], self.routed_scaling_factor)
+        experts = self.limit_to_groups(self.selection(scores, bias)).topk(k, dim=-1).indices
+        return self.routed_scaling_factor / (scores.gather(-1, experts).sum(-1, keepdim=True) + 1e-20)
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
         """``selection`` with every expert outside its token's best ``topk_group`` groups set to −inf."""
@@ -366,7 +385,9 @@ class LLaDA2Model(LLaDA2PreTrainedModel):
             region = valid if maskable is None else maskable.bool() & valid
             masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
             mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
-        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start))
+        # The sampler names the block it denoises as ``maskable``: statistics count its experts as dMoE does.
+        focus = None if maskable is None else maskable.bool() & valid
+        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start), focus=focus)
 
     def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
                 attention_blocks: int | None = None):
@@ -468,6 +489,7 @@ class LLaDA2Family(ModelFamily):
         "dmoe-16b": "FSCCS/dMoE-16B",
     }
     sampler = "llada2"
+    hub_routers = {"dmoe-16b": DMOE_ROUTER}
 
     def recognises(self, raw: dict) -> bool:
         return raw.get("model_type") in HUB_MODEL_TYPES or any(

@@ -111,7 +111,7 @@ class SparseMoeBlock(nn.Module):
         batch, length, dim = x.shape
         routing = self.gate(x, ctx)
         if self.stats is not None:
-            self.stats.update(routing, ctx.valid)
+            self.stats.update(routing, ctx.valid, ctx.focus)
         if self.keep_router_logits:
             self.router_logits = routing.logits
         return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)

@@ -73,6 +73,11 @@ class Scoring:
         _, experts = ranked.topk(k, dim=-1)
         return scores.gather(-1, experts), experts
 
+    def gate_scale(self, scores: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per token ``[..., 1]``: what turns a score into the gate the token's own token choice gives it (its
+        renormalisation and scale); None when gates are the scores themselves (softmax)."""
+        return None
+
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and vars(self) == vars(other)
 
@@ -102,6 +107,7 @@ class RoutingContext:
     valid: torch.Tensor
     mask_ratio: torch.Tensor
     block_start: int = 0
+    focus: torch.Tensor | None = None  # [B, L] bool: the positions being denoised (statistics only)
 
     @classmethod
     def unpadded(cls, batch: int, length: int, device=None) -> "RoutingContext":

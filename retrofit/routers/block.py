@@ -74,9 +74,12 @@ class BlockRouter(Router):
 
         An expert is kept when the cumulative vote up to and including it is ≤ p · total, plus the first one
         that crosses. Comparing unnormalised sums against p times the cumsum's own last entry is the same rule
-        as on the normalised vote, but exact at p = 1 (zero-vote experts at the tail then stay within p).
+        as on the normalised vote, but exact at p = 1 (zero-vote experts at the tail then stay within p). A
+        block whose total vote is negative (an expert bias below minus the voted scores) is ranked by the vote
+        divided by that total, as dMoE does, i.e. with its sign flipped.
         """
-        ranked, order = vote.sort(dim=-1, descending=True, stable=True)
+        oriented = torch.where(vote.sum(-1, keepdim=True) < 0, -vote, vote)
+        ranked, order = oriented.sort(dim=-1, descending=True, stable=True)
         cumulative = ranked.cumsum(-1)
         within = cumulative <= self.core_threshold * cumulative[..., -1:]
         size = (within.sum(-1) + 1).clamp(max=self.num_experts).clamp(min=self.guard_size)

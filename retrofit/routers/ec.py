@@ -14,6 +14,14 @@ top-k for the constant schedule). ``round`` is half to even (Python's and torch'
 is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
 hurt quality in Zhou et al.). In per-batch mode each expert chooses C = Σ_b C_b tokens among all valid tokens
 of the batch, so the total FLOPs are the same as per sequence but a sequence may get more or less than C_b.
+
+Other families' scoring (``Scoring``): experts rank tokens by the family's score (LLaDA2.0: the sigmoid of the
+fp32 logit), which plays the softmax probability's part. The expert bias is left out of the ranking on purpose:
+it is one constant per expert, so it cannot change how an expert orders tokens (it only shifts which experts a
+token prefers, which expert choice does not ask). The gate of a chosen pair is the gate the token's own token
+choice would give that expert (``Scoring.gate_scale``): for LLaDA2.0 its score divided by the sum of the scores
+of the token's own top-k, times ``routed_scaling_factor``, so the MoE output keeps the scale the experts were
+trained with (softmax scoring: the probability itself, as above).
 """
 
 from __future__ import annotations
@@ -103,6 +111,9 @@ class ExpertChoiceRouter(Router):
             tokens, gates = self._choose_per_batch(scores, int(capacity.sum()))
         else:
             tokens, gates = self._choose_per_sequence(scores, capacity)
+        scale = self.scoring.gate_scale(probs, self.top_k, self.bias)
+        if scale is not None:
+            gates = gates * scale.reshape(-1)[tokens]
         return Routing("expert", tokens, gates, self.num_experts, capacity=capacity)
 
     @staticmethod

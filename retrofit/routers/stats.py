@@ -29,15 +29,21 @@ class RoutingStats:
         self.num_tokens = 0  # valid tokens, summed over routings
         self.capacity_total = 0  # sum over routings of the per-expert capacity of the batch (EC)
         self.capacity: list[int] | None = None  # per-sequence C_b of the latest EC routing
+        self.focus_experts_total = 0  # sum over routings with a focus of the unique experts its positions use
+        self.focus_routings = 0
 
     @torch.no_grad()
-    def update(self, routing: Routing, valid: torch.Tensor) -> None:
-        """Add one routing of one layer; ``valid`` is the forward's ``[B, L]`` padding mask."""
+    def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None) -> None:
+        """Add one routing of one layer; ``valid`` is the forward's ``[B, L]`` padding mask, ``focus`` (optional,
+        ``[B, L]`` bool) the positions being denoised, e.g. the LLaDA2.0 sampler's current block."""
         tokens, experts, _ = routing.pairs()
         flat_valid = valid.reshape(-1)
         keep = flat_valid[tokens]
         tokens, experts = tokens[keep], experts[keep]
         self._count_blocks(tokens, experts, valid)
+        if focus is not None:  # dMoE's "expert count": distinct experts the current block's tokens use
+            self.focus_experts_total += int(torch.unique(experts[focus.reshape(-1)[tokens]]).numel())
+            self.focus_routings += 1
         # Count on the device, bring back only the [E] and [E + 1] results.
         load = torch.bincount(experts, minlength=self.num_experts)
         per_token = torch.bincount(tokens, minlength=flat_valid.numel())[flat_valid]
@@ -73,6 +79,8 @@ class RoutingStats:
         self.routings += other.routings
         self.num_tokens += other.num_tokens
         self.capacity_total += other.capacity_total
+        self.focus_experts_total += other.focus_experts_total
+        self.focus_routings += other.focus_routings
         if other.capacity is not None:
             self.capacity = list(other.capacity)
 
@@ -87,6 +95,12 @@ class RoutingStats:
         return self.block_experts_total / max(self.blocks, 1)
 
     @property
+    def unique_experts_current_block(self) -> float | None:
+        """dMoE's expert count: unique experts the denoised block's tokens activate, per MoE layer and denoising
+        forward, averaged (None when no forward named its current block)."""
+        return self.focus_experts_total / self.focus_routings if self.focus_routings else None
+
+    @property
     def tokens_with_zero_experts(self) -> int:
         return int(self.experts_per_token[0])
 
@@ -95,6 +109,7 @@ class RoutingStats:
         return {
             "unique_experts": self.unique_experts,
             "unique_experts_per_block": self.unique_experts_per_block,
+            "unique_experts_current_block": self.unique_experts_current_block,
             "block_length": self.block_length,
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "experts_per_token_histogram": self.experts_per_token.tolist(),
