@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from retrofit.routers import router_settings
+from retrofit.models.llada2 import LLADA2, LLaDA2Config, SharedExpertMoe
+from retrofit.routers import RoutingContext, router_settings
+from retrofit.tiny import TINY_EOS_ID, TINY_MASK_ID
 from retrofit.tools import bench, bench_report
 from tests.helpers import pairwise_experts
 
 TOKENS = 16
 BLOCK = router_settings(type="block", block_length=TOKENS, core_threshold=0.6, guard_size=4)
+# LLaDA2.0-mini's structure in small (16 experts in 4 groups, 2 kept, top-4, a shared expert).
+LLADA2_TINY = LLaDA2Config(**LLADA2.tiny_dims(), eos_token_id=TINY_EOS_ID, pad_token_id=TINY_EOS_ID,
+                           mask_token_id=TINY_MASK_ID)
 DIMS = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
             num_experts_per_tok=2, expert_intermediate_size=16)
 
@@ -34,23 +40,56 @@ def test_implementations_agree():
         torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=0)
 
 
+def test_llada2_layer_is_the_familys_moe_block():
+    """The bench's LLaDA2.0 layer computes what the model's SharedExpertMoe does under its own token choice (the
+    same weights copied in), and every swapped router's output is its pairs' gated expert outputs plus the
+    shared expert."""
+    layer = bench.MoeLayer.llada2(LLADA2_TINY)
+    block = SharedExpertMoe(LLADA2_TINY, router_settings(type="tc"), LLADA2.scoring(LLADA2_TINY))
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.gate)
+        block.gate.expert_bias.copy_(layer.expert_bias)
+        block.experts.load_state_dict(layer.experts.state_dict())
+        block.shared_experts.load_state_dict(layer.shared.state_dict())
+    x = layer.tokens(TOKENS)
+    impls = bench.swapped_routers(layer, BLOCK)
+    with torch.no_grad():
+        own = block(x.unsqueeze(0), RoutingContext.unpadded(1, TOKENS))[0]
+        shared = layer.shared(x)
+    torch.testing.assert_close(bench.forward(impls[bench.GROUPED].run, x), own, atol=0, rtol=0)
+    for impl in impls.values():
+        expected = pairwise_experts(layer.experts, x, impl.routing(x)) + shared
+        torch.testing.assert_close(bench.forward(impl.run, x), expected, atol=1e-5, rtol=0)
+
+
 def test_tables_and_report(tmp_path):
     layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
+    env = bench.environment(repeats=1)
+    seconds = env["seconds"] = {}
     results = {
-        "environment": bench.environment(repeats=1),
+        "environment": env,
         "moe_layer": bench.moe_layer_table(layer, (TOKENS,), repeats=1),
         "block": bench.block_table(layer, BLOCK, repeats=1),
+        "llada2": bench.timed(seconds, "llada2", partial(bench.llada2_tables, (TOKENS,), repeats=1,
+                                                         config=LLADA2_TINY, block=BLOCK)),
         "model": bench.model_table(DIMS, repeats=1, batch=2, length=16, probe=bench.peak_memory),
         "memory": bench.memory_table(DIMS, batch=2, length=16, probe=bench.peak_memory),
     }
+    seconds["total"] = 2 * seconds["llada2"]
     rows = results["moe_layer"]["rows"]
     assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED, bench.BATCHED_BY_LOGIT,
                                                    bench.CEILING]
     assert all(r["pairs"] == TOKENS * 2 for r in rows)  # EC at capacity factor 1.0: the same FLOPs as TC
-    figures = [v for r in rows for p in ("fwd", "fwd+bwd") for v in r[p].values()]
-    figures += [r[key] for r in results["block"]["rows"] for key in ("ms", "unique_ratio", "speedup")]
+    llada2_rows = results["llada2"]["layer"]["rows"]
+    assert [r["implementation"] for r in llada2_rows] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]
+    assert all(r["pairs"] == TOKENS * LLADA2_TINY.num_experts_per_tok for r in llada2_rows)
+    assert all(r["fwd"]["speedup"] == 1.0 for r in llada2_rows if r["implementation"] == bench.GROUPED)
+    assert results["llada2"]["layer"]["shape"]["shared"] == LLADA2_TINY.moe_intermediate_size
+    figures = [v for r in rows + llada2_rows for p in ("fwd", "fwd+bwd") for v in r[p].values()]
+    for table in (results["block"], results["llada2"]["block"]):
+        figures += [r[key] for r in table["rows"] for key in ("ms", "unique_ratio", "speedup")]
+        assert [r["router"] for r in table["rows"]] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]
     assert all(math.isfinite(v) and v > 0 for v in figures)
-    assert [r["router"] for r in results["block"]["rows"]] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]
 
     model = results["model"]
     assert set(model["steps"]) == {"inference", "routers", "routers+checkpointing", "all"}
@@ -59,14 +98,15 @@ def test_tables_and_report(tmp_path):
     assert model["loglikelihood_requests_per_s"] > 0 and model["generation_tokens_per_s"] > 0
 
     results["targets"] = bench.targets(results, tokens=TOKENS)
-    assert len(results["targets"]) == 5 and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert len(results["targets"]) == 7 and all(isinstance(t["met"], bool) for t in results["targets"])
     text = bench_report.write_report(results, tmp_path / "results", bench.CEILING)
     assert (tmp_path / "results" / "bench.md").read_text() == text
     assert json.loads((tmp_path / "results" / "bench.json").read_text()) == results
     assert results["memory"]["ratio"] > 0
     for heading in ("## 1. MoE layer", "## 2. One denoising block", "## 3. Tiny model", "## 4. Peak memory",
-                    "## Targets"):
+                    "## 5. LLaDA2.0-mini MoE layer", "## Targets"):
         assert heading in text
+    assert "This section took" in text and "table 5 " in text
 
 
 class BatchedMatmulFlops(TorchDispatchMode):

@@ -20,7 +20,16 @@ def md_table(headers: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(num(c) if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
 
 
-def layer_markdown(table: dict) -> list[str]:
+def shape_text(shape: dict) -> str:
+    """``d=…, f=…, E=…, k=…`` and, where the layer has them, its shared expert and scoring."""
+    text = f"d={shape['d']}, f={shape['f']}, E={shape['experts']}, k={shape['top_k']}"
+    if "shared" in shape:
+        text += f", shared expert f={shape['shared']}"
+    return text + (f", {shape['scoring']} scoring" if "scoring" in shape else "")
+
+
+def layer_tables(table: dict) -> list[str]:
+    """A layer table (table 1, table 5's first) and its dense-matmul reference."""
     passes = ("fwd", "fwd+bwd")
     headers = ["tokens", "implementation"] + [f"{p} {h}" for p in passes
                                               for h in ("ms", "speed-up", "GFLOP/s", "% dense")]
@@ -28,23 +37,45 @@ def layer_markdown(table: dict) -> list[str]:
             (r[p]["ms"], f"{num(r[p]['speedup'])}x", r[p]["gflops"], f"{num(r[p]['pct_dense'])}%")]
             for r in table["rows"]]
     dense = [[d["tokens"], d["shape"], d["ms"], d["gflops"]] for d in table["dense"]]
-    shape = table["shape"]
-    return [f"## 1. MoE layer (d={shape['d']}, f={shape['f']}, E={shape['experts']}, k={shape['top_k']}, "
-            "one sequence, experts frozen)", "",
-            "Times include the router. Useful expert FLOPs = 2·3·d·f per routed (token, expert) pair; fwd+bwd "
-            "counts 2x the forward FLOPs, because with frozen experts backward runs only the input-gradient "
-            "matmuls (x and gate get gradients). Speed-up is against the TC per-expert loop; % dense is the "
-            "achieved rate over the plain-matmul rate measured below at the same FLOPs.", "",
-            *md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
+    return [*md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
             *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
 
 
-def block_markdown(table: dict) -> list[str]:
+def block_lines(table: dict) -> list[str]:
     body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x"]
             for r in table["rows"]]
-    return [f"## 2. One denoising block ({table['settings']}, same layer, random tokens)", "",
-            *md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
+    return [*md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
                        "TC / this (time)"], body), ""]
+
+
+def layer_markdown(table: dict) -> list[str]:
+    return [f"## 1. MoE layer ({shape_text(table['shape'])}, one sequence, experts frozen)", "",
+            "Times include the router. Useful expert FLOPs = 2·3·d·f per routed (token, expert) pair; fwd+bwd "
+            "counts 2x the forward FLOPs, because with frozen experts backward runs only the input-gradient "
+            f"matmuls (x and gate get gradients). Speed-up is against the {table['baseline']}; % dense is the "
+            "achieved rate over the plain-matmul rate measured below at the same FLOPs.", "",
+            *layer_tables(table)]
+
+
+def block_markdown(table: dict) -> list[str]:
+    return [f"## 2. One denoising block ({table['settings']}, same layer, random tokens)", "", *block_lines(table)]
+
+
+def llada2_markdown(section: dict, seconds: dict) -> list[str]:
+    layer, block = section["layer"], section["block"]
+    cost = (f" This section took {seconds['llada2']:.0f} s of the bench's {seconds['total']:.0f} s."
+            if "llada2" in seconds else "")
+    return [f"## 5. LLaDA2.0-mini MoE layer ({shape_text(layer['shape'])}, one sequence, experts frozen)", "",
+            "One MoE layer of LLaDA2.0-mini's size built as the family's SharedExpertMoe computes it (fp32 gate, "
+            "sigmoid scores plus a random expert bias for selection, group-limited top-k, gates renormalised and "
+            "scaled, the k outputs summed in fp32, plus the always-on shared expert), random weights "
+            "with a gate std that keeps the sigmoid scores spread. The routers are swapped on the same layer: "
+            f"{layer['baseline']} is the family's own token choice (the speed-up baseline), EC has capacity "
+            f"factor 1.0 (the same FLOPs), block routing has dMoE's settings ({block['settings']}). FLOPs and "
+            "the dense reference count the shared expert as one more expert per token. Then one denoising "
+            "block under each router, as table 2: dMoE's claim is that block routing touches far fewer unique "
+            f"experts, hence reads far fewer expert weights.{cost}", "",
+            *layer_tables(layer), "One denoising block (same layer, random tokens):", "", *block_lines(block)]
 
 
 def model_markdown(m: dict) -> list[str]:
@@ -85,15 +116,27 @@ def targets_markdown(checks: list[dict], ceiling: str) -> list[str]:
             *md_table(["target", "measured", "goal", "result", ceiling], body), ""]
 
 
+SECTIONS = {"llada_moe": "tables 1-2", "llada2": "table 5", "model": "table 3", "memory": "table 4", "total": "total"}
+
+
+def total_time(env: dict) -> str:
+    """The wall time of each section, where the run kept it."""
+    seconds = env.get("seconds")
+    if not seconds:
+        return ""
+    return " Wall time: " + ", ".join(f"{SECTIONS.get(name, name)} {s:.0f} s" for name, s in seconds.items()) + "."
+
+
 def render(results: dict, ceiling: str) -> str:
     """The whole ``bench.md``; ``ceiling`` names table 1's matmuls-alone row, which the targets compare against."""
     env = results["environment"]
     head = ["# retrofit benchmark", "",
             f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
             f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
-            f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.", ""]
+            f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.{total_time(env)}", ""]
     lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
              + model_markdown(results["model"]) + memory_markdown(results["memory"])
+             + llada2_markdown(results["llada2"], env.get("seconds", {}))
              + targets_markdown(results["targets"], ceiling))
     return "\n".join(lines)
 
