@@ -27,8 +27,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, warn
 from retrofit.routers import SOFTMAX, RouterSettings, Scoring, TokenChoiceSettings
+
+
+# Keys of a config.json that describe the file rather than the model.
+META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+               "_name_or_path"}
 
 
 class NativeModel(Protocol):
@@ -70,8 +75,31 @@ class ModelFamily:
         return raw.get("model_type") == self.model_type
 
     def config_from_checkpoint(self, raw: dict):
-        fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
-        return self.config_class(**fields)
+        """The config of a checkpoint's raw config.json: settings the family names as unsupported are refused
+        (:meth:`refuse`), any other key its config class does not know is kept and named once."""
+        unknown = sorted(set(raw) - self.known_config_fields())
+        self.refuse(raw, unknown)
+        if unknown:
+            warn(f"config.json has field(s) retrofit's {self.display_name} does not use: {', '.join(unknown)}; "
+                 "kept as they are")
+        fields = {k: v for k, v in raw.items() if k not in META_FIELDS}
+        try:
+            return self.config_class(**fields)
+        except (TypeError, ValueError) as exc:
+            raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
+
+    def refuse(self, raw: dict, unknown: list[str]) -> None:
+        """Raise for fields of ``raw`` that change the computation in ways this family does not implement."""
+
+    def known_config_fields(self) -> set[str]:
+        """Every keyword the config class (and its bases) takes, transformers' own fields, and metadata keys."""
+        import inspect
+
+        from transformers import PretrainedConfig
+
+        params = {name for cls in self.config_class.__mro__ if "__init__" in vars(cls)
+                  for name in inspect.signature(cls.__init__).parameters} - {"self", "kwargs"}
+        return params | set(PretrainedConfig().to_dict()) | META_FIELDS
 
     # ------------------------------------------------------------------ routing
 

@@ -28,15 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
-from transformers.modeling_outputs import MaskedLMOutput
 
-from retrofit.errors import RetrofitError, warn
+from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
-from retrofit.models.llada_moe import StreamedParts
-from retrofit.models.moe import SparseMoeBlock, StackedExperts
-from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, Scoring, router_settings
+from retrofit.models.moe import SparseMoeBlock
+from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, attention_bias, init_weights
+from retrofit.routers import RouterSettings, RoutingContext, Scoring, router_settings
 
 MODEL_TYPE = "llada2_moe"
 HUB_MODEL_TYPES = (MODEL_TYPE, "llada2_moe_veomni")  # the second is what dFactory/dMoE training writes
@@ -50,8 +48,6 @@ DMOE_ROUTER = {"type": "block", "block_length": 32, "core_threshold": 0.6, "guar
 IGNORED_BY_REFERENCE = ("score_function", "router_dtype", "moe_router_enable_expert_bias", "norm_topk_prob",
                         "rotary_dim", "max_window_layers", "norm_head", "norm_softmax", "use_rmsnorm",
                         "embedding_dropout", "output_dropout", "output_router_logits", "use_cache")
-_META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
-                "_name_or_path"}
 
 
 class LLaDA2Config(PretrainedConfig):
@@ -323,21 +319,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
-def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """The additive mask ``[B, 1, L, L]``: padding keys hidden, and with ``blocks`` = n each query sees only the
-    keys of its own n-token block and the blocks before it (blocks counted from position 0); None when nothing is
-    hidden."""
-    length = valid.shape[1]
-    allowed = valid[:, None, None, :]
-    if blocks is not None:
-        block = torch.arange(length, device=valid.device) // blocks
-        allowed = allowed & (block[None, :] <= block[:, None])[None, None]  # [query, key]: key's block ≤ query's
-    elif bool(valid.all()):
-        return None
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 # ------------------------------------------------------------------------------------------------ model
 
 
@@ -347,21 +328,11 @@ class LLaDA2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, Router) and module.bias is not None:
-                init.zeros_(module.expert_bias)
-        elif isinstance(module, StackedExperts):
-            for p in (module.gate_proj, module.up_proj, module.down_proj):
-                init.normal_(p, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
+        init_weights(module, self.config.initializer_range)
 
 
-class LLaDA2Model(LLaDA2PreTrainedModel):
+class LLaDA2Model(Backbone, LLaDA2PreTrainedModel):
     def __init__(self, config: LLaDA2Config):
         super().__init__(config)
         pad = config.pad_token_id
@@ -379,37 +350,17 @@ class LLaDA2Model(LLaDA2PreTrainedModel):
             return SwiGLU(config.hidden_size, config.intermediate_size)
         return SharedExpertMoe(config, config.router_settings, family_of(config).scoring(config))
 
-    def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0):
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask_ratio is None:  # observed: masked / maskable positions (algorithms.md §2)
-            region = valid if maskable is None else maskable.bool() & valid
-            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
-            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
-        # The sampler names the block it denoises as ``maskable``: statistics count its experts as dMoE does.
-        focus = None if maskable is None else maskable.bool() & valid
-        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start), focus=focus)
-
     def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
                 attention_blocks: int | None = None):
-        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start)
+        # The sampler names the block it denoises as ``maskable``: statistics count its experts as dMoE does.
+        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start, focus=True)
         x = self.word_embeddings(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary_emb(positions, x.dtype)
         return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype), ctx)
 
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None) -> torch.Tensor:
-        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable,
-                                     block_start=block_start, attention_blocks=attention_blocks)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, *layer_args, use_reentrant=False)
-            else:
-                x = layer(x, *layer_args)
-        return self.norm(x)
 
-
-class LLaDA2ModelLM(LLaDA2PreTrainedModel):
+class LLaDA2ModelLM(MaskedDiffusionLM, LLaDA2PreTrainedModel):
     """The masked-diffusion LM: ``logits[B, L, V]`` (no shift). ``attention_blocks``: block-causal attention
     with blocks of that many positions from position 0 (how LLaDA2.0 samples); None: bidirectional."""
 
@@ -424,52 +375,12 @@ class LLaDA2ModelLM(LLaDA2PreTrainedModel):
     def get_input_embeddings(self):
         return self.model.word_embeddings
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
-                maskable=None, block_start: int = 0, attention_blocks: int | None = None,
-                **unused) -> MaskedLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
-                            block_start=block_start, attention_blocks=attention_blocks)
-        if logits_to_keep is not None:
-            hidden = hidden[:, logits_to_keep]
-        return MaskedLMOutput(logits=self.lm_head(hidden))
-
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
-
-    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
-        self._stats_block_length = block_length
-        for block in self.moe_blocks():
-            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
-
-    def routing_stats(self) -> RoutingStats:
-        merged = RoutingStats(self.config.num_experts, getattr(self, "_stats_block_length", 32))
-        for block in self.moe_blocks():
-            if block.stats is None:
-                raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
-            merged.merge(block.stats)
-        return merged
-
     def streamed_parts(self) -> StreamedParts:
         head = "model.word_embeddings.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(self.model.layers)]
-        return StreamedParts("model.word_embeddings.weight", head, ("model.norm.", self.model.norm), layers,
-                             self.model.prepare)
-
-    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
-        self.model.gradient_checkpointing = enabled
+        return self.layer_stream("model.word_embeddings.weight", head)
 
 
 # ---------------------------------------------------------------------------------------------- family
-
-
-def known_config_fields() -> set[str]:
-    import inspect
-
-    params = set(inspect.signature(LLaDA2Config.__init__).parameters) - {"self", "kwargs"}
-    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
 
 
 class LLaDA2Family(ModelFamily):
@@ -494,16 +405,6 @@ class LLaDA2Family(ModelFamily):
     def recognises(self, raw: dict) -> bool:
         return raw.get("model_type") in HUB_MODEL_TYPES or any(
             a in HUB_ARCHITECTURES for a in raw.get("architectures") or [])
-
-    def config_from_checkpoint(self, raw: dict) -> LLaDA2Config:
-        unknown = sorted(set(raw) - known_config_fields())
-        if unknown:
-            warn(f"config.json has field(s) retrofit's LLaDA2.0 does not use: {', '.join(unknown)}; kept as they are")
-        fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
-        try:
-            return LLaDA2Config(**fields)
-        except (TypeError, ValueError) as exc:
-            raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
 
     def moe_layers(self, config: LLaDA2Config) -> list[int]:
         return list(range(config.first_k_dense_replace, config.num_hidden_layers))

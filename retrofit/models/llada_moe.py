@@ -12,22 +12,20 @@ from the Hub's per-expert names for ``from_pretrained``/``save_pretrained``. :da
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
-from transformers.modeling_outputs import MaskedLMOutput
 
-from retrofit.errors import RetrofitError, warn
+from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
-from retrofit.models.moe import SparseMoeBlock, StackedExperts
-from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, router_settings
+from retrofit.models.moe import SparseMoeBlock
+from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, attention_bias, init_weights
+from retrofit.routers import RouterSettings, RoutingContext, router_settings
 
 MODEL_TYPE = "llada_moe"
 HUB_ARCHITECTURES = ("LLaDAMoEModelLM", "LLaDAMoEModel")
@@ -52,8 +50,6 @@ _CHANGES_COMPUTATION = {
     "n_group", "topk_group", "num_expert_group", "topk_method", "scoring_func", "score_function",
     "score_func", "use_expert_bias", "expert_bias", "sliding_window", "use_sliding_window",
 }
-_META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
-                "_name_or_path"}
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -239,19 +235,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
-@dataclass
-class StreamedParts:
-    """How to run a model one decoder layer at a time from its checkpoint (``retrofit.verify``): the Hub names of
-    the embedding and output head, the final norm and the decoder layers with their name prefixes, and
-    ``prepare(input_ids, attention_mask, embeds=...)`` → (hidden states, the layers' other arguments)."""
-
-    embedding: str
-    head: str
-    norm: tuple[str, nn.Module]
-    layers: list[tuple[str, nn.Module]]
-    prepare: Callable
-
-
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -261,22 +244,11 @@ class LLaDAMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # transformers' init functions skip tensors already loaded from a checkpoint.
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding, Router)):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, StackedExperts):
-            for p in (module.gate_proj, module.up_proj, module.down_proj):
-                init.normal_(p, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
+        init_weights(module, self.config.initializer_range)
 
 
-class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
+class LLaDAMoEModel(Backbone, LLaDAMoEPreTrainedModel):
     """Embeddings + decoder layers + final norm: hidden states out."""
 
     def __init__(self, config: LLaDAMoEConfig):
@@ -299,41 +271,18 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
                               config.expert_intermediate_size, config.router_settings,
                               family_of(config).scoring(config))
 
-    def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0) -> RoutingContext:
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask_ratio is None:
-            # Observed mask ratio: masked positions / maskable positions of each sequence (algorithms.md §2).
-            # A prompt is never masked, so counting it would pull r towards 0 with every prompt token.
-            region = valid if maskable is None else maskable.bool() & valid
-            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
-            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
-        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start))
-
-    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0):
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
+                attention_blocks: int | None = None):
         """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables,
-        padding bias, routing context."""
+        the attention bias (padding; block-causal when asked), routing context."""
         ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start)
         x = self.embed_tokens(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         rope = self.rotary_emb(positions, x.dtype)
-        key_bias = None
-        if not bool(ctx.valid.all()):
-            key_bias = torch.zeros(ctx.valid.shape, dtype=x.dtype, device=x.device)
-            key_bias = key_bias.masked_fill(~ctx.valid, torch.finfo(x.dtype).min)[:, None, None, :]
-        return x, (rope, key_bias, ctx)
-
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0) -> torch.Tensor:
-        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable, block_start=block_start)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                # Recompute each layer in the backward pass instead of keeping its activations.
-                x = torch.utils.checkpoint.checkpoint(layer, x, *layer_args, use_reentrant=False)
-            else:
-                x = layer(x, *layer_args)
-        return self.norm(x)
+        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype), ctx)
 
 
-class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
+class LLaDAMoEModelLM(MaskedDiffusionLM, LLaDAMoEPreTrainedModel):
     """The full masked-diffusion LM: ``logits[B, L, V]`` for every position (no shift: it is not causal)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -348,61 +297,12 @@ class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
-                maskable=None, block_start: int = 0, **unused) -> MaskedLMOutput:
-        """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
-        largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
-        positions (the sampler's current block, a continuation) ask for just those. ``maskable`` (``[B, L]``
-        bool) and ``block_start``: see :class:`retrofit.routers.RoutingContext`."""
-        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
-                            block_start=block_start)
-        if logits_to_keep is not None:
-            hidden = hidden[:, logits_to_keep]
-        return MaskedLMOutput(logits=self.lm_head(hidden))
-
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        """The routed layers' MoE blocks, in layer order (dense layers have none)."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
-
     def streamed_parts(self) -> StreamedParts:
         head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(self.model.layers)]
-        return StreamedParts("model.embed_tokens.weight", head, ("model.norm.", self.model.norm), layers,
-                             self.model.prepare)
-
-    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each layer in the backward pass instead of keeping its activations."""
-        self.model.gradient_checkpointing = enabled
-
-    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
-        """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones.
-        ``block_length`` sets the blocks over which unique experts per block are counted."""
-        self._stats_block_length = block_length
-        for block in self.moe_blocks():
-            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
-
-    def routing_stats(self) -> RoutingStats:
-        """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the
-        mean per layer per forward)."""
-        merged = RoutingStats(self.config.num_experts, getattr(self, "_stats_block_length", 32))
-        for block in self.moe_blocks():
-            if block.stats is None:
-                raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
-            merged.merge(block.stats)
-        return merged
+        return self.layer_stream("model.embed_tokens.weight", head)
 
 
 # ---------------------------------------------------------------------------------------------- family
-
-
-def known_config_fields() -> set[str]:
-    import inspect
-
-    params = set(inspect.signature(LLaDAMoEConfig.__init__).parameters) - {"self", "kwargs"}
-    return params | set(PretrainedConfig().to_dict()) | _META_FIELDS
 
 
 def _expert_stacking():
@@ -442,26 +342,20 @@ class LLaDAMoEFamily(ModelFamily):
         return any(a in HUB_ARCHITECTURES for a in raw.get("architectures") or []) and "num_experts" in raw
 
     def config_from_checkpoint(self, raw: dict) -> LLaDAMoEConfig:
-        """The config from a checkpoint's raw config.json, refusing fields this implementation doesn't know."""
         if not self.recognises(raw):
             arch = raw.get("architectures") or raw.get("model_type")
             raise RetrofitError(f"not a LLaDA-MoE checkpoint (architectures/model_type: {arch})")
+        return super().config_from_checkpoint(raw)
+
+    def refuse(self, raw: dict, unknown: list[str]) -> None:
         # A real config.json may carry keys no public port names (export leftovers). Settings retrofit knows but
-        # does not implement are refused by name (_refuse_unsupported, and the other MoE families' names for
-        # such settings below); any other unknown key is kept and named.
-        unknown = sorted(set(raw) - known_config_fields())
+        # does not implement are refused by name (the config's _refuse_unsupported, and other MoE families'
+        # names for such settings here); any other unknown key is kept and named.
         changing = [k for k in unknown if k in _CHANGES_COMPUTATION and raw[k] not in (None, 0, False, [], {})]
         if changing:
             raise RetrofitError(f"unsupported field(s) in config.json: "
                                 f"{', '.join(f'{k}={raw[k]!r}' for k in changing)}; they change the computation "
                                 "and retrofit's LLaDA-MoE does not implement them")
-        if unknown:
-            warn(f"config.json has field(s) retrofit's LLaDA-MoE does not use: {', '.join(unknown)}; kept as they are")
-        fields = {k: v for k, v in raw.items() if k not in _META_FIELDS}
-        try:
-            return self.config_class(**fields)
-        except (TypeError, ValueError) as exc:
-            raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
 
     def tiny_dims(self, hidden_size=64, layers=2, heads=4, experts=8, top_k=2, expert_size=32) -> dict[str, Any]:
         return dict(vocab_size=320, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,

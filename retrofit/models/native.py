@@ -1,0 +1,143 @@
+"""What every family's native model shares: the routing context, the layer loop, the masked-diffusion LM head
+and the :class:`~retrofit.models.family.NativeModel` methods (MoE blocks, routing statistics, activation
+checkpointing), the attention bias, the weight init and the streamed-forward description. A family's module
+keeps only what is its own: config, attention, layers, names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import MaskedLMOutput
+
+from retrofit.models.layers import RMSNorm
+from retrofit.models.moe import SparseMoeBlock, StackedExperts
+from retrofit.routers import Router, RoutingContext, RoutingStats
+
+
+@dataclass
+class StreamedParts:
+    """How to run a model one decoder layer at a time from its checkpoint (``retrofit.verify``): the Hub names of
+    the embedding and output head, the final norm and the decoder layers with their name prefixes, and
+    ``prepare(input_ids, attention_mask, embeds=...)`` → (hidden states, the layers' other arguments)."""
+
+    embedding: str
+    head: str
+    norm: tuple[str, nn.Module]
+    layers: list[tuple[str, nn.Module]]
+    prepare: Callable
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float) -> None:
+    """The random init of a fresh model (transformers' init functions skip tensors loaded from a checkpoint)."""
+    if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+        init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, Router) and module.bias is not None:
+            init.zeros_(module.expert_bias)
+    elif isinstance(module, StackedExperts):
+        for p in (module.gate_proj, module.up_proj, module.down_proj):
+            init.normal_(p, mean=0.0, std=std)
+    elif isinstance(module, RMSNorm):
+        init.ones_(module.weight)
+
+
+def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive attention mask: padding keys hidden (``[B, 1, 1, L]``), and with ``blocks`` = n each query
+    sees only the keys of its own n-token block and the blocks before it, blocks counted from position 0
+    (``[B, 1, L, L]``); None when nothing is hidden."""
+    length = valid.shape[1]
+    allowed = valid[:, None, None, :]
+    if blocks is not None:
+        block = torch.arange(length, device=valid.device) // blocks
+        allowed = allowed & (block[None, :] <= block[:, None])[None, None]  # [query, key]: key's block ≤ query's
+    elif bool(valid.all()):
+        return None
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class Backbone:
+    """Mixin of a family's decoder stack (``layers``, ``norm``, ``prepare``, ``gradient_checkpointing``)."""
+
+    def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0,
+                        focus: bool = False) -> RoutingContext:
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        region = valid if maskable is None else maskable.bool() & valid
+        if mask_ratio is None:
+            # Observed mask ratio: masked positions / maskable positions of each sequence (algorithms.md §2).
+            # A prompt is never masked, so counting it would pull r towards 0 with every prompt token.
+            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
+            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
+        return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start),
+                              focus=region if focus and maskable is not None else None)
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
+                attention_blocks: int | None = None) -> torch.Tensor:
+        x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable,
+                                     block_start=block_start, attention_blocks=attention_blocks)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # Recompute each layer in the backward pass instead of keeping its activations.
+                x = torch.utils.checkpoint.checkpoint(layer, x, *layer_args, use_reentrant=False)
+            else:
+                x = layer(x, *layer_args)
+        return self.norm(x)
+
+
+class MaskedDiffusionLM:
+    """Mixin of a family's LM (``model``: its backbone, ``lm_head``): ``logits[B, L, V]`` for every position (no
+    shift: it is not causal), and the :class:`~retrofit.models.family.NativeModel` methods."""
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
+                maskable=None, block_start: int = 0, attention_blocks: int | None = None,
+                **unused) -> MaskedLMOutput:
+        """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
+        largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
+        positions (the sampler's current block, a continuation) ask for just those. ``maskable`` (``[B, L]``
+        bool) and ``block_start``: see :class:`retrofit.routers.RoutingContext`. ``attention_blocks``:
+        block-causal attention with blocks of that many positions from position 0 (LLaDA2.0's sampling); None:
+        bidirectional."""
+        hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
+                            block_start=block_start, attention_blocks=attention_blocks)
+        if logits_to_keep is not None:
+            hidden = hidden[:, logits_to_keep]
+        return MaskedLMOutput(logits=self.lm_head(hidden))
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The routed layers' MoE blocks, in layer order (dense layers have none)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock)]
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer in the backward pass instead of keeping its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
+        """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones.
+        ``block_length`` sets the blocks over which unique experts per block are counted."""
+        self._stats_block_length = block_length
+        for block in self.moe_blocks():
+            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
+
+    def routing_stats(self) -> RoutingStats:
+        """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the
+        mean per layer per forward)."""
+        merged = RoutingStats(self.config.num_experts, getattr(self, "_stats_block_length", 32))
+        for block in self.moe_blocks():
+            if block.stats is None:
+                raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
+            merged.merge(block.stats)
+        return merged
+
+    def layer_stream(self, embedding: str, head: str) -> StreamedParts:
+        """:class:`StreamedParts` of a model whose layers are ``model.layers.{i}`` and final norm ``model.norm``."""
+        layers = [(f"model.layers.{i}.", layer) for i, layer in enumerate(self.model.layers)]
+        return StreamedParts(embedding, head, ("model.norm.", self.model.norm), layers, self.model.prepare)
