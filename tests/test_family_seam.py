@@ -10,13 +10,12 @@ from typing import Literal
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.models import FAMILIES, ModelFamily, register_family
+from retrofit.models.layers import SwiGLU
 from retrofit.models.llada_moe import LLADA_MOE, LLaDAMoEConfig, LLaDAMoEModel, LLaDAMoEModelLM
 from retrofit.models.moe import SparseMoeBlock
 from retrofit.routers import ROUTERS, Router, RouterSettings, Routing, RoutingContext, register_router
@@ -24,17 +23,6 @@ from retrofit.tiny import build_tiny_model
 from tests.helpers import gsm8k_train, random_ids, runner, shared_data_dir, tiny_snapshot
 
 # ------------------------------------------------------------------------------------------ toy family
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, inner: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x, ctx=None):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SharedExpertMoe(SparseMoeBlock):

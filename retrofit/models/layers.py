@@ -1,8 +1,9 @@
-"""Layers shared by the model families: RMSNorm in fp32 and rotate-half rotary embeddings."""
+"""Layers shared by the model families: RMSNorm in fp32, rotate-half rotary embeddings, a SwiGLU MLP."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,3 +44,14 @@ class RotaryEmbedding(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # ctx: a MoE block's routing context, unused
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -31,7 +31,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
-from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
+from retrofit.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate_half
 from retrofit.models.moe import SparseMoeBlock
 from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, attention_bias, init_weights
 from retrofit.routers import RouterSettings, RoutingContext, Scoring, router_settings
@@ -246,17 +246,6 @@ class GroupLimitedSigmoid(Scoring):
 
 
 # ----------------------------------------------------------------------------------------------- layers
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Attention(nn.Module):
