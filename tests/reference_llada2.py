@@ -4,7 +4,7 @@ experts, at the tiny sizes tests use (hidden 32-64, 8-16 experts, 2-3 layers, le
 
 It follows the public reference modeling code ("DM-eval" = fscdc/dMoE @ a5b7679
 ``evaluations/models/modeling_llada2_moe.py``; "HFc" = the Hub file as copied in ZHZisZZ/dllm @ d8cc119
-``dllm/pipelines/llada2/models/modeling_llada2_moe.py``); "spec §" names the section of the project's notes on it:
+``dllm/pipelines/llada2/models/modeling_llada2_moe.py``); "spec §" names the section of docs/llada2-reference-notes.md:
 
 - tensor names and the fused QKV row layout (Q rows, then K, then V): spec §2, DM-eval:653-668, 695-702;
 - pre-norm layer ``x + attn(norm(x))``, ``h + mlp(norm(h))``: spec §3.1, DM-eval:877-922;

@@ -1,11 +1,15 @@
-"""The LLaDA2.0 block-diffusion sampler (llada2-spec §5): the prompt and ``gen_length`` masks are laid out in blocks
+"""The LLaDA2.0 block-diffusion sampler: the prompt and ``gen_length`` masks are laid out in blocks
 counted from position 0, and each block from the one holding the prompt's end is denoised in at most ``steps``
 steps. Every step runs the whole window up to the block's end, because the model attends block-causally (§3.4).
 A step accepts every masked position whose confidence is above ``threshold``. When fewer than the schedule's share
 are that confident, it accepts the share's most confident positions instead.
 
 Batches: the reference decodes one prompt. Here every row picks its own positions. A row stops when its own stop
-condition holds: the eos early stop, or an eos in a finished block. The batch stops when every row has stopped."""
+condition holds: the eos early stop, or an eos in a finished block. The batch stops when every row has stopped.
+
+Written from the public ``generate`` of LLaDA2.0's Hub modeling file (as copied in ZHZisZZ/dllm @ d8cc119,
+``dllm/pipelines/llada2/models/modeling_llada2_moe.py``, and in fscdc/dMoE's ``evaluations/models/``); "§" below
+names the section of docs/llada2-reference-notes.md (5.1 arguments, 5.2 algorithm, 5.3 sampling)."""
 
 from __future__ import annotations
 

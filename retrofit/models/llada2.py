@@ -1,7 +1,7 @@
 """LLaDA2.0 (inclusionAI/LLaDA2.0-mini, -flash; FSCCS/dMoE-16B): a native implementation with a swappable router.
 
-Established from the public reference code (read, not copied; the spec with line references is kept beside the
-project's notes): dMoE's ``evaluations/models/modeling_llada2_moe.py`` (fscdc/dMoE @ a5b7679), the Hub
+Established from the public reference code (read, not copied; docs/llada2-reference-notes.md has the facts with
+file and line references): dMoE's ``evaluations/models/modeling_llada2_moe.py`` (fscdc/dMoE @ a5b7679), the Hub
 modeling file as copied in ZHZisZZ/dllm @ d8cc119 (``dllm/pipelines/llada2/models/modeling_llada2_moe.py``),
 and inclusionAI/dInfer's ``python/dinfer/model/modeling_llada2_moe.py`` @ fce4e32. What differs from LLaDA-MoE:
 
@@ -186,7 +186,8 @@ class LLaDA2Config(PretrainedConfig):
         if self.score_function not in (None, "sigmoid"):
             problems.append(f"score_function={self.score_function!r} (only 'sigmoid')")
         if self.num_experts % self.n_group or self.topk_group > self.n_group:
-            problems.append(f"n_group={self.n_group}/topk_group={self.topk_group} do not fit {self.num_experts} experts")
+            problems.append(f"n_group={self.n_group}/topk_group={self.topk_group} do not fit "
+                            f"{self.num_experts} experts")
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append("num_attention_heads is not a multiple of num_key_value_heads")
         if self.rotary_dims % 2:
