@@ -153,7 +153,9 @@ def create_tiny(
              "(7,356,880,896 parameters, vocab 157,184, 16 layers, 64 experts top-8) with random bf16 "
              "weights in the Hub's three 5 GB shards, about 14.7 GB on disk and a few minutes to write "
              "(one tensor in memory at a time), and a byte-level tokenizer padded to the real vocabulary "
-             "(<|endoftext|> 156892, <|mask|> 156895). Only --seed and --force go with it."),
+             "(<|endoftext|> 156892, <|mask|> 156895). 'llada2-mini': LLaDA2.0-mini (16,255,638,528 "
+             "parameters and 19 expert biases, 32.5 GB in seven 5 GB shards). Only --seed and --force go "
+             "with it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     family: str = typer.Option("llada-moe", "--family", metavar="NAME",
                                help="Model family of the tiny model: " + ", ".join(FAMILIES)

@@ -194,3 +194,23 @@ def test_dmoe_16b_evaluates_with_the_block_router_it_was_trained_with(tmp_path, 
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "core_threshold": 0.5, "mode": "aggregate"}))
     assert load_model(path).config.router_settings == router_settings(DMOE_ROUTER, core_threshold=0.5)
+
+
+def test_llada2_mini_preset_plans_the_real_shapes_and_a_shrunk_one_loads(tmp_path):
+    """`create-tiny --preset llada2-mini`: every tensor of the real checkpoint (16,255,638,528 parameters plus 19
+    expert biases) in seven 5 GB shards; the same writer at a tiny size gives a snapshot that loads and runs."""
+    import math
+
+    from retrofit.tiny import create_preset, full_size_plan
+
+    plan = full_size_plan("llada2-mini")
+    assert sum(math.prod(t.shape) for t in plan) == 16_255_638_528 + 19 * 256
+    assert len({t.shard for t in plan}) == 7
+    assert {"model.layers.1.mlp.gate.expert_bias", "model.layers.19.mlp.shared_experts.down_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight"} <= {t.name for t in plan}
+    path = create_preset(tmp_path / "p", "llada2-mini", dims=LLADA2.tiny_dims(), eos_token_id=300, mask_token_id=303,
+                         max_shard_bytes=64 * 1024)
+    model = load_model(path)
+    assert type(model) is LLaDA2ModelLM and model.config.mask_token_id == 303
+    with torch.no_grad():
+        assert torch.isfinite(model(ids(8, length=8) % 256, attention_blocks=4).logits).all()

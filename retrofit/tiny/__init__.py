@@ -24,7 +24,7 @@ from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN
 from retrofit.tiny.tokenizers import train_bpe_tokenizer, write_byte_tokenizer, write_padded_byte_tokenizer
 from retrofit.io.writer import (TensorSpec, atomic_directory, plan_shards, write_json, write_sharded,
                                 write_streaming_sharded)
-from retrofit.models import LLADA_MOE, ModelFamily, family_of
+from retrofit.models import FAMILIES, LLADA_MOE, ModelFamily, family_of
 from retrofit.models.moe import hub_state_dict, hub_tensor_shapes
 from retrofit.routers import router_settings
 
@@ -112,6 +112,7 @@ class Preset:
     max_shard_bytes: int = HUB_MAX_SHARD_BYTES
     dtype: torch.dtype = torch.bfloat16
     initializer_range: float = 0.02
+    family: str = "llada-moe"
 
 
 def _llada_moe_7b() -> Preset:
@@ -121,7 +122,16 @@ def _llada_moe_7b() -> Preset:
                   defaults.mask_token_id, initializer_range=defaults.initializer_range)
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"llada-moe-7b": _llada_moe_7b}
+def _llada2_mini() -> Preset:
+    """LLaDA2.0-mini (16.26B parameters): the config class's defaults (dMoE's copy of the Hub config); 5 GB shards
+    (the Hub's shard layout of mini is not established)."""
+    defaults = FAMILIES["llada2"].config_class()
+    dims = {k: getattr(defaults, k) for k in FAMILIES["llada2"].tiny_dims()}
+    return Preset("llada2-mini", dims, defaults.eos_token_id, defaults.mask_token_id,
+                  initializer_range=defaults.initializer_range, family="llada2")
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"llada-moe-7b": _llada_moe_7b, "llada2-mini": _llada2_mini}
 
 
 def get_preset(name: str, **overrides) -> Preset:
@@ -157,7 +167,7 @@ class PlannedTensor(NamedTuple):
 def full_size_plan(preset: str = "llada-moe-7b", **overrides) -> list[PlannedTensor]:
     """Every tensor the preset's snapshot holds and the shard it goes to; nothing is allocated."""
     p = get_preset(preset, **overrides)
-    shards = plan_shards(hub_tensor_specs(p.dims, p.dtype), p.max_shard_bytes)
+    shards = plan_shards(hub_tensor_specs(p.dims, p.dtype, family=FAMILIES[p.family]), p.max_shard_bytes)
     return [PlannedTensor(s.name, s.dtype, s.shape, shard) for shard, group in shards for s in group]
 
 
@@ -190,9 +200,10 @@ def create_preset(out: str | Path, preset: str = "llada-moe-7b", seed: int = 0, 
     at a time (memory stays at one chunk of one tensor). ``on_bytes(n)`` reports tensor bytes as written.
     ``_overrides`` (tests only) shrink the preset, e.g. ``dims=TINY_DIMS, eos_token_id=300, ...``."""
     p = get_preset(preset, **_overrides)
-    specs = hub_tensor_specs(p.dims, p.dtype)
+    family = FAMILIES[p.family]
+    specs = hub_tensor_specs(p.dims, p.dtype, family=family)
     with atomic_directory(out, force=force) as tmp:
-        config = hub_config_dict(LLADA_MOE, **p.dims, eos_token_id=p.eos_token_id, pad_token_id=p.eos_token_id)
+        config = hub_config_dict(family, **p.dims, eos_token_id=p.eos_token_id, pad_token_id=p.eos_token_id)
         config["initializer_range"] = p.initializer_range
         config["torch_dtype"] = str(p.dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
