@@ -41,7 +41,8 @@ from torch import nn
 from retrofit.diffusion import add_noise, diffusion_loss
 from retrofit.eval.likelihood import mc_loglikelihood
 from retrofit.eval.sampler import SamplerSettings, generate
-from retrofit.models.llada2 import LLADA2, LLaDA2Config, SwiGLU
+from retrofit.models.layers import SwiGLU
+from retrofit.models.llada2 import LLADA2, LLaDA2Config
 from retrofit.models.moe import StackedExperts
 from retrofit.routers import SOFTMAX, Router, RouterSettings, RoutingContext, Scoring, build_router, router_settings
 from retrofit.tiny import TINY_EOS_ID, build_tiny_model
