@@ -35,3 +35,20 @@ def diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, noise: NoisedBat
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, L]
     weighted = (ce * noise.masked) / noise.p_mask.unsqueeze(1)
     return (weighted.sum(1) / noise.normaliser.clamp(min=1)).mean()
+
+
+def block_diffusion_layout(noisy: torch.Tensor, clean: torch.Tensor, block: int):
+    """LLaDA2.0's block-diffusion training layout (its SFT, as dFactory/dMoE train it): the noisy sequence and the
+    clean one side by side, ``[B, 2L]``, both at positions 0..L−1, where a noisy token sees the noisy tokens of
+    its own ``block`` and the clean tokens of earlier blocks, and a clean token sees the clean tokens of its own
+    and earlier blocks (never a noisy one). Returns (input_ids, position_ids ``[2L]``, allowed ``[2L, 2L]``
+    query × key); the logits of the first L positions are the noisy sequence's."""
+    length = noisy.shape[1]
+    index = torch.arange(length, device=noisy.device) // block
+    query, key = index[:, None], index[None, :]
+    allowed = torch.zeros(2 * length, 2 * length, dtype=torch.bool, device=noisy.device)
+    allowed[:length, :length] = query == key
+    allowed[:length, length:] = key < query
+    allowed[length:, length:] = key <= query
+    positions = torch.arange(length, device=noisy.device).repeat(2)
+    return torch.cat([noisy, clean.to(noisy.device)], dim=1), positions, allowed

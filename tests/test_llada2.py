@@ -214,3 +214,32 @@ def test_llada2_mini_preset_plans_the_real_shapes_and_a_shrunk_one_loads(tmp_pat
     assert type(model) is LLaDA2ModelLM and model.config.mask_token_id == 303
     with torch.no_grad():
         assert torch.isfinite(model(ids(8, length=8) % 256, attention_blocks=4).logits).all()
+
+
+def test_block_diffusion_training_layout_sees_what_llada2_is_trained_to_see():
+    """Noisy and clean copies side by side (dFactory/dMoE's SFT): a noisy token sees its own noisy block and the
+    clean earlier blocks, nothing else; clean tokens never see noisy ones."""
+    from retrofit.diffusion import block_diffusion_layout
+
+    model = native(tiny_llada2_tensors(seed=9, dtype=torch.float64), torch.float64)
+    clean = ids(9, batch=1, length=12)
+    noisy = clean.clone()
+    noisy[:, ::3] = 299
+
+    def noisy_logits(noisy_ids, clean_ids):
+        both, positions, allowed = block_diffusion_layout(noisy_ids, clean_ids, 4)
+        with torch.no_grad():
+            return model(both, position_ids=positions, allowed_pairs=allowed, logits_to_keep=slice(None, 12)).logits
+
+    base = noisy_logits(noisy, clean)
+    later_noisy, later_clean, earlier_clean = noisy.clone(), clean.clone(), clean.clone()
+    later_noisy[:, 8:] = 5
+    later_clean[:, 4:] = 5
+    earlier_clean[:, :4] = 5
+    assert torch.equal(noisy_logits(later_noisy, clean)[:, :8], base[:, :8]), "other noisy blocks are hidden"
+    assert torch.equal(noisy_logits(noisy, later_clean)[:, :4], base[:, :4]), "clean block 1+ is hidden from block 0"
+    changed = noisy_logits(noisy, earlier_clean)
+    assert torch.equal(changed[:, :4], base[:, :4]) and not torch.equal(changed[:, 4:], base[:, 4:]), \
+        "block 1+ reads the clean block 0"
+    _, positions, _ = block_diffusion_layout(noisy, clean, 4)
+    assert positions.tolist() == list(range(12)) * 2

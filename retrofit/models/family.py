@@ -17,7 +17,8 @@ benches) reaches a model only through :class:`ModelFamily` and the methods every
 - ``hub_models``: short names for ``--src``/``--model`` and their Hub ids, and ``hub_routers``: the router settings
   a named checkpoint was trained with when its config.json does not say (dMoE-16B's block router);
 - ``tiny_dims(...)``: its config fields for a tiny model of a generic shape (``create-tiny``, tests);
-- ``sampler``: the name of the denoising sampler its models generate with (``retrofit.eval.samplers``).
+- ``sampler``: the name of the denoising sampler its models generate with (``retrofit.eval.samplers``), and
+  ``training_block``: the block of the block-diffusion layout it is trained with (None: plain masked diffusion).
 
 Adding a family is one module defining a subclass and one ``register_family`` line (``models/__init__.py``);
 ``tests/test_family_seam.py`` proves it with a toy family defined in the test suite.
@@ -68,6 +69,7 @@ class ModelFamily:
     hub_models: ClassVar[dict[str, str]] = {}  # --src short name -> Hub id
     sampler: ClassVar[str] = "llada"  # the denoising sampler evaluation generates with (retrofit.eval.samplers)
     hub_routers: ClassVar[dict[str, dict]] = {}  # --model short name -> the router its checkpoint was trained with
+    training_block: ClassVar[int | None] = None  # block-diffusion training layout (retrofit.diffusion), or None
 
     # ------------------------------------------------------------------ recognising and building configs
 

@@ -33,7 +33,7 @@ from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate_half
 from retrofit.models.moe import SparseMoeBlock
-from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, attention_bias, init_weights
+from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, init_weights
 from retrofit.routers import RouterSettings, RoutingContext, Scoring, router_settings
 
 MODEL_TYPE = "llada2_moe"
@@ -323,6 +323,9 @@ class LLaDA2PreTrainedModel(PreTrainedModel):
 
 
 class LLaDA2Model(Backbone, LLaDA2PreTrainedModel):
+    embedding_name = "word_embeddings"
+    focus_on_maskable = True  # the sampler names the block it denoises: statistics count its experts (dMoE's)
+
     def __init__(self, config: LLaDA2Config):
         super().__init__(config)
         pad = config.pad_token_id
@@ -339,15 +342,6 @@ class LLaDA2Model(Backbone, LLaDA2PreTrainedModel):
         if layer < config.first_k_dense_replace:
             return SwiGLU(config.hidden_size, config.intermediate_size)
         return SharedExpertMoe(config, config.router_settings, family_of(config).scoring(config))
-
-    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None):
-        # The sampler names the block it denoises as ``maskable``: statistics count its experts as dMoE does.
-        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start, focus=True)
-        x = self.word_embeddings(input_ids) if embeds is None else embeds
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        rope = self.rotary_emb(positions, x.dtype)
-        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype), ctx)
 
 
 class LLaDA2ModelLM(MaskedDiffusionLM, LLaDA2PreTrainedModel):
@@ -390,6 +384,7 @@ class LLaDA2Family(ModelFamily):
         "dmoe-16b": "FSCCS/dMoE-16B",
     }
     sampler = "llada2"
+    training_block = 32  # its SFT: noisy and clean copies side by side, 32-token blocks (dFactory, dMoE)
     hub_routers = {"dmoe-16b": DMOE_ROUTER}
 
     def recognises(self, raw: dict) -> bool:

@@ -24,7 +24,7 @@ from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
 from retrofit.models.moe import SparseMoeBlock
-from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, attention_bias, init_weights
+from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, init_weights
 from retrofit.routers import RouterSettings, RoutingContext, router_settings
 
 MODEL_TYPE = "llada_moe"
@@ -270,16 +270,6 @@ class LLaDAMoEModel(Backbone, LLaDAMoEPreTrainedModel):
         return SparseMoeBlock(config.hidden_size, config.num_experts, config.num_experts_per_tok,
                               config.expert_intermediate_size, config.router_settings,
                               family_of(config).scoring(config))
-
-    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None):
-        """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables,
-        the attention bias (padding; block-causal when asked), routing context."""
-        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start)
-        x = self.embed_tokens(input_ids) if embeds is None else embeds
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        rope = self.rotary_emb(positions, x.dtype)
-        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype), ctx)
 
 
 class LLaDAMoEModelLM(MaskedDiffusionLM, LLaDAMoEPreTrainedModel):

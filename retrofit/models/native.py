@@ -47,23 +47,32 @@ def init_weights(module: nn.Module, std: float) -> None:
         init.ones_(module.weight)
 
 
-def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """The additive attention mask: padding keys hidden (``[B, 1, 1, L]``), and with ``blocks`` = n each query
-    sees only the keys of its own n-token block and the blocks before it, blocks counted from position 0
-    (``[B, 1, L, L]``); None when nothing is hidden."""
+def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype,
+                   allowed_pairs: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The additive attention mask: padding keys hidden (``[B, 1, 1, L]``); with ``blocks`` = n each query sees
+    only the keys of its own n-token block and the blocks before it, blocks counted from position 0; with
+    ``allowed_pairs`` (``[L, L]`` bool, query × key) exactly those pairs (``[B, 1, L, L]``); None when nothing is
+    hidden."""
     length = valid.shape[1]
     allowed = valid[:, None, None, :]
     if blocks is not None:
         block = torch.arange(length, device=valid.device) // blocks
         allowed = allowed & (block[None, :] <= block[:, None])[None, None]  # [query, key]: key's block ≤ query's
-    elif bool(valid.all()):
+    if allowed_pairs is not None:
+        allowed = allowed & allowed_pairs.to(valid.device)[None, None]
+    if blocks is None and allowed_pairs is None and bool(valid.all()):
         return None
     bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class Backbone:
-    """Mixin of a family's decoder stack (``layers``, ``norm``, ``prepare``, ``gradient_checkpointing``)."""
+    """Mixin of a family's decoder stack (``layers``, ``norm``, ``rotary_emb``, ``gradient_checkpointing``, and the
+    embedding named by ``embedding_name``). ``focus_on_maskable``: the ``maskable`` region a caller names is the
+    block being denoised, whose experts routing statistics count (LLaDA2.0's sampler)."""
+
+    embedding_name = "embed_tokens"
+    focus_on_maskable = False
 
     def routing_context(self, input_ids, attention_mask, mask_ratio, maskable=None, block_start=0,
                         focus: bool = False) -> RoutingContext:
@@ -77,10 +86,23 @@ class Backbone:
         return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start),
                               focus=region if focus and maskable is not None else None)
 
+    def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
+                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None):
+        """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables (at
+        ``position_ids``, default 0..L−1), the attention bias (padding; block-causal or ``allowed_pairs`` when
+        asked), the routing context."""
+        ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start,
+                                   focus=self.focus_on_maskable)
+        x = getattr(self, self.embedding_name)(input_ids) if embeds is None else embeds
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
+        rope = self.rotary_emb(positions, x.dtype)
+        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype, allowed_pairs), ctx)
+
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None) -> torch.Tensor:
+                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None) -> torch.Tensor:
         x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable,
-                                     block_start=block_start, attention_blocks=attention_blocks)
+                                     block_start=block_start, attention_blocks=attention_blocks,
+                                     position_ids=position_ids, allowed_pairs=allowed_pairs)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # Recompute each layer in the backward pass instead of keeping its activations.
@@ -98,16 +120,18 @@ class MaskedDiffusionLM:
         return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
-                maskable=None, block_start: int = 0, attention_blocks: int | None = None,
-                **unused) -> MaskedLMOutput:
+                maskable=None, block_start: int = 0, attention_blocks: int | None = None, position_ids=None,
+                allowed_pairs=None, **unused) -> MaskedLMOutput:
         """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
         largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
         positions (the sampler's current block, a continuation) ask for just those. ``maskable`` (``[B, L]``
         bool) and ``block_start``: see :class:`retrofit.routers.RoutingContext`. ``attention_blocks``:
         block-causal attention with blocks of that many positions from position 0 (LLaDA2.0's sampling); None:
-        bidirectional."""
+        bidirectional. ``position_ids`` and ``allowed_pairs``: rotary positions and exactly which (query, key)
+        pairs attend, for layouts such as LLaDA2.0's block-diffusion training (``retrofit.diffusion``)."""
         hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
-                            block_start=block_start, attention_blocks=attention_blocks)
+                            block_start=block_start, attention_blocks=attention_blocks, position_ids=position_ids,
+                            allowed_pairs=allowed_pairs)
         if logits_to_keep is not None:
             hidden = hidden[:, logits_to_keep]
         return MaskedLMOutput(logits=self.lm_head(hidden))

@@ -21,7 +21,7 @@ import torch
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
-from retrofit.diffusion import add_noise, diffusion_loss
+from retrofit.diffusion import add_noise, block_diffusion_layout, diffusion_loss
 from retrofit.io.model_card import model_card
 from retrofit.io.model_dir import write_model_directory
 from retrofit.io.paths import resolve_path
@@ -155,7 +155,7 @@ class Finetune:
         noise = add_noise(ids, prompt_len, self.config.mask_token_id, obj.eps, self.noise_gen)
         noisy, t = noise.noisy.to(self.device), noise.t.to(self.device)
         with self.autocast:
-            logits = self.model(input_ids=noisy, mask_ratio=t).logits
+            logits = self.denoise(noisy, t, ids)
         terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), _to(noise, self.device))}
         router_logits = [b.router_logits for b in self.base.moe_blocks()]
         if obj.z_loss > 0:
@@ -165,9 +165,19 @@ class Finetune:
                                                    self.family.scoring(self.config))
         if obj.distill.weight > 0:
             with torch.no_grad(), self.teacher_routing(), self.autocast:
-                teacher = self.model(input_ids=noisy, mask_ratio=t).logits
+                teacher = self.denoise(noisy, t, ids)
             terms["distill"] = distillation_kl(logits, teacher, noise.masked.to(self.device), obj.distill.temperature)
         return terms
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The model's logits on the noisy sequence, laid out as the family is trained: plain masked diffusion,
+        or block diffusion (the clean sequence beside it; LLaDA2.0)."""
+        block = self.family.training_block
+        if block is None:
+            return self.model(input_ids=noisy, mask_ratio=t).logits
+        ids, positions, allowed = block_diffusion_layout(noisy, clean, block)
+        return self.model(input_ids=ids, mask_ratio=t, position_ids=positions, allowed_pairs=allowed,
+                          logits_to_keep=slice(None, noisy.shape[1])).logits
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         obj = self.recipe.objective
