@@ -182,7 +182,8 @@ def create_tiny(
         from retrofit.io.writer import check_destination
         from retrofit.tiny import create_preset, preset_total_bytes
 
-        shape_flags = {"family": "--family", "shard_kb": "--shard-kb", "tokenizer_data": "--tokenizer-data", "text_fields": "--text-fields",
+        shape_flags = {"family": "--family", "shard_kb": "--shard-kb", "tokenizer_data": "--tokenizer-data",
+                       "text_fields": "--text-fields",
                        "vocab_size": "--vocab-size", "hidden_size": "--hidden-size", "layers": "--layers",
                        "heads": "--heads", "experts": "--experts", "top_k": "--top-k", "expert_size": "--expert-size"}
         # typer vendors click, so compare the ParameterSource by name (COMMANDLINE or ENVIRONMENT = given).
@@ -388,6 +389,78 @@ def evaluate(
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
                       f"per forward, {routing['tokens_with_zero_experts']} token-layer passes with no expert")
     out_console.print(f"[green]wrote[/] {escape(str(output))}")
+
+
+@app.command("inspect")
+@user_errors
+@router_options
+def inspect_routing(
+    models: Optional[list[str]] = typer.Option(None, "--model", metavar="MODEL",
+                                               help="Model directory, Hub id or registry name; "
+                                               "repeat to compare models (default: tiny)."),
+    routers: Optional[list[str]] = typer.Option(None, "--router", metavar="NAME",
+                                                help="Route with this router instead of the checkpoint's own; "
+                                                     "repeat to compare routers on each model (tc, ec, block)."),
+    data: Path = typer.Option(Path("../shared/data/gsm8k/test.jsonl"), "--data",
+                              help="Text to route: a jsonl/json/txt/parquet/csv file."),
+    fields: str = typer.Option("question,answer", "--fields", help="Text fields of --data, joined by newlines."),
+    limit: int = typer.Option(64, "--limit", help="Records of --data to use."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the masks (the same positions for every model)."),
+    out: Path = typer.Option(Path("out/inspect"), "--out", help="Folder for routing.json, the figures and "
+                                                                "report.md."),
+    router_flags: dict = None,
+):
+    """Routing analytics: expert load, experts per token, tokens no expert took, capacity, unique experts and
+    gate mass per layer and mask ratio, for models (or routers) side by side: routing.json, PNG figures and
+    report.md."""
+    from rich.progress import Progress
+
+    from retrofit.inspect.gather import MASK_RATIOS, Subject, gather
+    from retrofit.io.writer import check_writable
+    from retrofit.routers.flags import router_flags as all_flags
+    from retrofit.routers.flags import settings_from_flags
+
+    if limit < 1:
+        raise RetrofitError(f"--limit {limit}: must be at least 1")
+    if not data.is_file():
+        raise RetrofitError(f"--data {data}: no such file (e.g. ../shared/data/gsm8k/test.jsonl)")
+    check_writable(out, "the report into")
+    if router_flags and not routers:
+        raise RetrofitError("router flags need --router: name the router(s) they set")
+    flags = {f.dest: f for f in all_flags()}
+    for dest in router_flags:
+        if not set(flags[dest].routers) & set(routers or []):
+            raise RetrofitError(f"{flags[dest].flag} is a setting of the {'/'.join(flags[dest].routers)} router, "
+                                "which no --router names")
+    settings = [settings_from_flags(name, {k: v for k, v in router_flags.items() if name in flags[k].routers})
+                for name in routers or []] or [None]
+    subjects = [Subject(model, router) for model in models or ["tiny"] for router in settings]
+    names = [f.strip() for f in fields.split(",") if f.strip()]
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("routing", total=None)
+        record = gather(subjects, data, names, limit, seq_len, seed, progress=lambda: bar.advance(task))
+    path = write_inspection(record, out)
+    for model in record["models"]:
+        first = model["buckets"][len(MASK_RATIOS) // 2]["layers"]
+        unique = sum(layer["unique_experts_per_block"] for layer in first) / len(first)
+        out_console.print(f"{escape(model['label'])}: {unique:.2f} unique experts per 32-token block at mask "
+                          "ratio 0.5")
+    out_console.print(f"[green]wrote[/] {escape(str(path))}")
+
+
+def write_inspection(record: dict, out: Path) -> Path:
+    """routing.json, the figures and report.md into ``out``; returns the report's path."""
+    import json
+
+    from retrofit.inspect.figures import draw_all
+    from retrofit.inspect.report import write_report
+    from retrofit.io.writer import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "routing.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return write_report(record, draw_all(record, out), out)
 
 
 def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path) -> None:

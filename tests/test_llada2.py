@@ -98,7 +98,6 @@ def test_block_causal_attention_hides_later_blocks():
 
 def test_snapshot_round_trip_and_expert_bias(tmp_path):
     """A Hub-layout tiny LLaDA2.0 (create-tiny --family llada2) loads bit-exactly, its expert bias included."""
-    model = LLADA2.model_class  # noqa: F841  (the family's class is what load_model builds)
     from retrofit.tiny import build_tiny_model
 
     built = build_tiny_model(seed=5, family=LLADA2)

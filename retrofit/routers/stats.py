@@ -29,6 +29,7 @@ class RoutingStats:
         self.num_tokens = 0  # valid tokens, summed over routings
         self.capacity_total = 0  # sum over routings of the per-expert capacity of the batch (EC)
         self.capacity: list[int] | None = None  # per-sequence C_b of the latest EC routing
+        self.gate_mass_total = 0.0  # sum of the gates of the (valid token, expert) pairs that ran
         self.focus_experts_total = 0  # sum over routings with a focus of the unique experts its positions use
         self.focus_routings = 0
 
@@ -36,10 +37,11 @@ class RoutingStats:
     def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None) -> None:
         """Add one routing of one layer; ``valid`` is the forward's ``[B, L]`` padding mask, ``focus`` (optional,
         ``[B, L]`` bool) the positions being denoised, e.g. the LLaDA2.0 sampler's current block."""
-        tokens, experts, _ = routing.pairs()
+        tokens, experts, gates = routing.pairs()
         flat_valid = valid.reshape(-1)
         keep = flat_valid[tokens]
         tokens, experts = tokens[keep], experts[keep]
+        self.gate_mass_total += float(gates[keep].float().sum())
         self._count_blocks(tokens, experts, valid)
         if focus is not None:  # dMoE's "expert count": distinct experts the current block's tokens use
             self.focus_experts_total += int(torch.unique(experts[focus.reshape(-1)[tokens]]).numel())
@@ -79,6 +81,7 @@ class RoutingStats:
         self.routings += other.routings
         self.num_tokens += other.num_tokens
         self.capacity_total += other.capacity_total
+        self.gate_mass_total += other.gate_mass_total
         self.focus_experts_total += other.focus_experts_total
         self.focus_routings += other.focus_routings
         if other.capacity is not None:
@@ -110,6 +113,7 @@ class RoutingStats:
             "unique_experts": self.unique_experts,
             "unique_experts_per_block": self.unique_experts_per_block,
             "unique_experts_current_block": self.unique_experts_current_block,
+            "gate_mass_per_token": self.gate_mass_total / max(self.num_tokens, 1),
             "block_length": self.block_length,
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "experts_per_token_histogram": self.experts_per_token.tolist(),
