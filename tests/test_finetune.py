@@ -41,6 +41,7 @@ def test_every_shipped_recipe_validates():
 
 def test_routers_only_run_changes_only_router_tensors(strong_tiny, tmp_path):
     _, result = finetune(write_recipe(tmp_path, strong_tiny))
+    assert (result.output_dir / "curves.png").read_bytes()[:4] == b"\x89PNG", "curves beside metrics.jsonl"
     src, out = CheckpointDir(strong_tiny), CheckpointDir(result.output_dir)
     assert set(src.weight_map) == set(out.weight_map)
     changed = set()

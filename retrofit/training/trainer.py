@@ -251,7 +251,16 @@ class Finetune:
             if done % every == 0 or done == optim.max_steps:
                 self.save(done)
         self.export()
+        self.draw_curves()
         return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
+
+    def draw_curves(self) -> None:
+        """``curves.png`` beside metrics.jsonl (loss terms, learning rate, tokens/s against steps)."""
+        from retrofit.inspect.figures import training_curves
+
+        lines = (self.output_dir / METRICS_FILE).read_text().splitlines()
+        if lines:
+            training_curves([json.loads(line) for line in lines], self.output_dir)
 
     def export(self) -> None:
         """Turn the output directory into a full model directory (plus a peft adapter with LoRA)."""
