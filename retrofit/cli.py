@@ -438,8 +438,14 @@ def inspect_routing(
     subjects = [Subject(model, router) for model in models or ["tiny"] for router in settings]
     names = [f.strip() for f in fields.split(",") if f.strip()]
     with Progress(console=err_console, transient=True) as bar:
-        task = bar.add_task("routing", total=None)
-        record = gather(subjects, data, names, limit, seq_len, seed, progress=lambda: bar.advance(task))
+        task = bar.add_task("routing forwards", total=0)
+
+        def progress(advance: int = 0, more: int = 0) -> None:
+            if more:  # each model announces its forwards once its text is tokenised
+                bar.update(task, total=bar.tasks[0].total + more)
+            bar.advance(task, advance)
+
+        record = gather(subjects, data, names, limit, seq_len, seed, progress=progress)
     path = write_inspection(record, out)
     for model in record["models"]:
         first = model["buckets"][len(MASK_RATIOS) // 2]["layers"]

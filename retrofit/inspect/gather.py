@@ -60,7 +60,8 @@ def layer_record(stats, settings: RouterSettings, top_k: int, ratio: float) -> d
 @torch.no_grad()
 def gather_model(subject: Subject, data: Path, fields: list[str], limit: int, seq_len: int, seed: int,
                  ratios=MASK_RATIOS, batch_size: int = 8, block_length: int = 32, progress=None) -> dict:
-    """One entry of ``routing.json["models"]``."""
+    """One entry of ``routing.json["models"]``. ``progress(more=n)`` announces n forwards to come,
+    ``progress(advance=1)`` reports one done."""
     from retrofit.eval.heldout import text_sequences
     from retrofit.models import family_of
 
@@ -68,6 +69,8 @@ def gather_model(subject: Subject, data: Path, fields: list[str], limit: int, se
     model = load_model(source.path, router=subject.router)
     config, settings = model.config, model.config.router_settings
     sequences = text_sequences(load_tokenizer(source.path), data, fields, seq_len=seq_len, max_examples=limit)
+    if progress:  # this model's forwards join the total
+        progress(more=len(ratios) * -(-len(sequences) // batch_size))
     buckets = []
     for i, ratio in enumerate(ratios):
         model.enable_routing_stats(block_length=block_length)
@@ -76,7 +79,7 @@ def gather_model(subject: Subject, data: Path, fields: list[str], limit: int, se
             batch = noisy[start:start + batch_size]
             model(input_ids=batch, mask_ratio=torch.full((len(batch),), float(ratio)))
             if progress:
-                progress()
+                progress(advance=1)
         layers = [layer_record(block.stats, settings, config.num_experts_per_tok, ratio) for block in
                   model.moe_blocks()]
         buckets.append({"mask_ratio": ratio, "layers": layers})
