@@ -39,7 +39,7 @@ def noised(sequences: torch.Tensor, ratio: float, mask_id: int, seed: int) -> to
     return sequences.masked_fill(masked, mask_id)
 
 
-def expected_k(settings: RouterSettings, top_k: int, ratio: float) -> float:
+def asked_k(settings: RouterSettings, top_k: int, ratio: float) -> float:
     """Experts per token the router asks for at ``ratio``: EC's capacity schedule k(r) × capacity factor; the
     checkpoint's top-k for routers whose tokens each take k."""
     if settings.type != "ec":
@@ -53,7 +53,7 @@ def layer_record(stats, settings: RouterSettings, top_k: int, ratio: float) -> d
     keep = ("tokens_per_expert", "experts_per_token_histogram", "tokens_with_zero_experts", "unique_experts",
             "unique_experts_per_block", "gate_mass_per_token", "capacity_per_routing", "tokens")
     out = {k: record[k] for k in keep}
-    out.update(expected_k=expected_k(settings, top_k, ratio), realised_k=record["mean_experts_per_token"])
+    out.update(expected_k=asked_k(settings, top_k, ratio), realised_k=record["mean_experts_per_token"])
     return out
 
 

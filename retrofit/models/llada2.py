@@ -217,10 +217,7 @@ class GroupLimitedSigmoid(Scoring):
         return torch.sigmoid(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
     def top_k(self, scores, k, bias=None, allowed=None):
-        selection = self.selection(scores, bias)
-        if allowed is not None:
-            selection = selection.masked_fill(~allowed, float("-inf"))
-        experts = self.limit_to_groups(selection).topk(k, dim=-1).indices
+        experts = self.choose(scores, k, bias, allowed)
         gates = scores.gather(-1, experts)
         if k > 1:
             gates = gates / (gates.sum(-1, keepdim=True) + 1e-20)
@@ -231,8 +228,15 @@ class GroupLimitedSigmoid(Scoring):
         expert per token the reference does not renormalise: the factor alone)."""
         if k == 1:
             return torch.full_like(scores[..., :1], self.routed_scaling_factor)
-        experts = self.limit_to_groups(self.selection(scores, bias)).topk(k, dim=-1).indices
-        return self.routed_scaling_factor / (scores.gather(-1, experts).sum(-1, keepdim=True) + 1e-20)
+        total = scores.gather(-1, self.choose(scores, k, bias)).sum(-1, keepdim=True)
+        return self.routed_scaling_factor / (total + 1e-20)
+
+    def choose(self, scores, k, bias=None, allowed=None) -> torch.Tensor:
+        """The token's own k experts: the best biased scores among ``allowed`` experts, group-limited."""
+        selection = self.selection(scores, bias)
+        if allowed is not None:
+            selection = selection.masked_fill(~allowed, float("-inf"))
+        return self.limit_to_groups(selection).topk(k, dim=-1).indices
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
         """``selection`` with every expert outside its token's best ``topk_group`` groups set to −inf."""

@@ -78,12 +78,6 @@ class Scoring:
         renormalisation and scale); None when gates are the scores themselves (softmax)."""
         return None
 
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and vars(self) == vars(other)
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(vars(self).items()))))
-
     def __repr__(self) -> str:
         return self.name
 
