@@ -352,6 +352,9 @@ def evaluate(
                                                                  "(default: out/eval/<model>-<tasks>.json)."),
     per_subject: bool = typer.Option(False, "--per-subject", help="Show every MMLU subject in the table (the "
                                                                   "JSON file always has them)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write routing figures of the run "
+                                 "(expert load, experts per token, ... by mask ratio, as `retrofit inspect` draws "
+                                 "them) into a folder beside the JSON: <output>-routing/."),
     write_tasks: Optional[Path] = typer.Option(None, "--write-tasks", help="Only write the offline task files "
                                                "for --tasks and --data-dir into this folder, for `lm_eval "
                                                "--model retrofit --include_path DIR`; no model is loaded."),
@@ -385,6 +388,9 @@ def evaluate(
     if limit is not None and "mmlu" in names:
         out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
     write_record(record, output)
+    if figures:
+        report = _eval_figures(lm, record, names, limit, data_dir, output)
+        out_console.print(f"[green]wrote[/] {escape(str(report))}")
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
                       f"per forward, {routing['tokens_with_zero_experts']} token-layer passes with no expert")
@@ -402,10 +408,20 @@ def inspect_routing(
                                                 help="Route with this router instead of the checkpoint's own; "
                                                      "repeat to compare routers on each model (tc, ec, block)."),
     data: Path = typer.Option(Path("../shared/data/gsm8k/test.jsonl"), "--data",
-                              help="Text to route: a jsonl/json/txt/parquet/csv file."),
+                              help="Text to route at a sweep of mask ratios: a jsonl/json/txt/parquet/csv file."),
     fields: str = typer.Option("question,answer", "--fields", help="Text fields of --data, joined by newlines."),
-    limit: int = typer.Option(64, "--limit", help="Records of --data to use."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Instead of --data: record routing while these "
+                                        "lm-eval tasks run (sampling for gsm8k, likelihood for mmlu/arc), as "
+                                        "`retrofit eval` runs them; e.g. gsm8k with --data-dir."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="With --tasks: local copies of the datasets "
+                                                                     "(offline)."),
+    limit: int = typer.Option(64, "--limit", help="Records of --data to use; with --tasks, documents per task."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (--data)."),
+    gen_length: int = typer.Option(256, "--gen-length", help="With --tasks: tokens to generate."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="With --tasks: denoising steps (default: "
+                                                              "gen-length)."),
+    denoise_block: int = typer.Option(32, "--denoise-block", help="With --tasks: the sampler's denoising block, "
+                                                                  "also the block unique experts are counted in."),
     seed: int = typer.Option(0, "--seed", help="Seed of the masks (the same positions for every model)."),
     out: Path = typer.Option(Path("out/inspect"), "--out", help="Folder for routing.json, the figures and "
                                                                 "report.md."),
@@ -413,30 +429,56 @@ def inspect_routing(
 ):
     """Routing analytics: expert load, experts per token, tokens no expert took, capacity, unique experts and
     gate mass per layer and mask ratio, for models (or routers) side by side: routing.json, PNG figures and
-    report.md."""
-    from rich.progress import Progress
-
-    from retrofit.inspect.gather import MASK_RATIOS, Subject, gather
+    report.md. Routes --data at a sweep of mask ratios, or records while --tasks run."""
+    from retrofit.inspect.gather import Subject
     from retrofit.io.writer import check_writable
-    from retrofit.routers.flags import router_flags as all_flags
-    from retrofit.routers.flags import settings_from_flags
 
     if limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1")
-    if not data.is_file():
+    task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if tasks is not None and not task_names:
+        raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k --data-dir ../shared/data")
+    if not task_names and not data.is_file():
         raise RetrofitError(f"--data {data}: no such file (e.g. ../shared/data/gsm8k/test.jsonl)")
     check_writable(out, "the report into")
-    if router_flags and not routers:
+    subjects = [Subject(model, router) for model in models or ["tiny"]
+                for router in _inspected_routers(routers or [], router_flags)]
+    if task_names:
+        sampler = {"gen_length": gen_length, "steps": steps, "denoise_block": denoise_block, "seed": seed}
+        record = _inspect_tasks(subjects, task_names, limit, data_dir, sampler)
+    else:
+        record = _inspect_sweep(subjects, data, [f.strip() for f in fields.split(",") if f.strip()], limit,
+                                seq_len, seed)
+    path = write_inspection(record, out)
+    block = record["settings"]["block_length"]
+    for model in record["models"]:
+        layers = [layer for bucket in model["buckets"] for layer in bucket["layers"]]
+        unique = sum(layer["unique_experts_per_block"] for layer in layers) / max(len(layers), 1)
+        out_console.print(f"{escape(model['label'])}: {unique:.2f} unique experts per {block}-token block")
+    out_console.print(f"[green]wrote[/] {escape(str(path))}")
+
+
+def _inspected_routers(routers: list[str], given: dict) -> list:
+    """Router settings of each ``--router`` (each takes the flags that are its own), or [None]: the checkpoint's."""
+    from retrofit.routers.flags import router_flags as all_flags
+    from retrofit.routers.flags import settings_from_flags
+
+    if given and not routers:
         raise RetrofitError("router flags need --router: name the router(s) they set")
     flags = {f.dest: f for f in all_flags()}
-    for dest in router_flags:
-        if not set(flags[dest].routers) & set(routers or []):
+    for dest in given:
+        if not set(flags[dest].routers) & set(routers):
             raise RetrofitError(f"{flags[dest].flag} is a setting of the {'/'.join(flags[dest].routers)} router, "
                                 "which no --router names")
-    settings = [settings_from_flags(name, {k: v for k, v in router_flags.items() if name in flags[k].routers})
-                for name in routers or []] or [None]
-    subjects = [Subject(model, router) for model in models or ["tiny"] for router in settings]
-    names = [f.strip() for f in fields.split(",") if f.strip()]
+    return [settings_from_flags(name, {k: v for k, v in given.items() if name in flags[k].routers})
+            for name in routers] or [None]
+
+
+def _inspect_sweep(subjects: list, data: Path, fields: list[str], limit: int, seq_len: int, seed: int) -> dict:
+    from rich.progress import Progress
+
+    from retrofit.inspect.gather import gather
+
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("routing forwards", total=0)
 
@@ -445,14 +487,28 @@ def inspect_routing(
                 bar.update(task, total=bar.tasks[0].total + more)
             bar.advance(task, advance)
 
-        record = gather(subjects, data, names, limit, seq_len, seed, progress=progress)
-    path = write_inspection(record, out)
-    for model in record["models"]:
-        first = model["buckets"][len(MASK_RATIOS) // 2]["layers"]
-        unique = sum(layer["unique_experts_per_block"] for layer in first) / len(first)
-        out_console.print(f"{escape(model['label'])}: {unique:.2f} unique experts per 32-token block at mask "
-                          "ratio 0.5")
-    out_console.print(f"[green]wrote[/] {escape(str(path))}")
+        return gather(subjects, data, fields, limit, seq_len, seed, progress=progress)
+
+
+def _inspect_tasks(subjects: list, tasks: list[str], limit: int, data_dir: Optional[Path], sampler: dict) -> dict:
+    from retrofit.inspect.gather import gather_sampled
+
+    def announce(model: str) -> None:  # the adapter draws its own progress bar per task
+        err_console.print(f"running {escape(', '.join(tasks))} on {escape(model)}", highlight=False)
+
+    return gather_sampled(subjects, tasks, limit, data_dir, sampler, announce=announce)
+
+
+def _eval_figures(lm, record: dict, names: list[str], limit: Optional[int], data_dir: Optional[Path],
+                  output: Path) -> Path:
+    """The routing the evaluation recorded, drawn as `retrofit inspect --tasks` draws it: <output>-routing/."""
+    from retrofit.inspect.gather import sampled_entry, sampled_record
+
+    entry = sampled_entry(lm)
+    entry["scores"] = record["results"]
+    routing = sampled_record([entry], names, limit, data_dir, record["settings"]["sampler"],
+                             lm.sampler.denoise_block)
+    return write_inspection(routing, output.with_name(output.stem + "-routing"))
 
 
 def write_inspection(record: dict, out: Path) -> Path:

@@ -162,6 +162,11 @@ def test_eval_gsm8k_end_to_end(lm, tmp_path, shared_data):
     assert record["lm_eval_version"].startswith("0.4")
     assert record["routing"]["unique_experts"] > 0
     assert "exact_match" in result.output
+    figures = tmp_path / "gsm8k-routing"  # the routing the run recorded, drawn beside the JSON
+    routing = json.loads((figures / "routing.json").read_text())
+    assert routing["settings"]["source"] == "tasks" and routing["models"][0]["scores"] == record["results"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures.glob("*.png")) and len(list(figures.glob("*.png"))) >= 5
+    assert "gsm8k" in (figures / "report.md").read_text()
 
 
 def test_eval_arc_and_mmlu_on_local_files(lm, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+
+import pytest
 
 import torch
 
@@ -85,3 +88,67 @@ def test_inspect_refuses_bad_input_in_one_line(tmp_path, shared_data):
     line = one_line_error(runner.invoke(app, ["inspect", "--model", "./nowhere", "--data", data,
                                               "--out", str(tmp_path / "o")]))
     assert "no such directory" in line
+
+
+def slow_bucket_loads(captured, ratios, experts):
+    """Per bucket: tokens per expert of layer 0, each sequence of each captured forward sent to the nearest ratio."""
+    loads = {r: [0] * experts for r in ratios}
+    for ctx, routing in captured:
+        length = ctx.valid.shape[1]
+        for token, expert in zip(*(t.tolist() for t in routing.pairs()[:2])):
+            row = token // length
+            if ctx.valid[row, token % length]:
+                nearest = min(ratios, key=lambda r: abs(r - float(ctx.mask_ratio[row])))
+                loads[nearest][expert] += 1
+    return loads
+
+
+def test_routing_during_sampling_matches_a_slow_count(shared_data):
+    """What the sampler's forwards record, bucket by bucket, against the routings a hook captured."""
+    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.runner import run_eval
+    from retrofit.inspect.gather import sampled_entry
+    from retrofit.routers.stats import MASK_RATIOS
+
+    lm = RetrofitLM("tiny", router=router_settings(type="ec"), gen_length=16, steps=8, denoise_block=8,
+                    progress=False)
+    captured = []
+    lm.model.moe_blocks()[0].gate.register_forward_hook(lambda m, args, routing: captured.append((args[1], routing)))
+    record = run_eval(lm, ["gsm8k"], limit=2, data_dir=shared_data)
+    entry = sampled_entry(lm)
+    slow = slow_bucket_loads(captured, MASK_RATIOS, 8)
+    assert [b["mask_ratio"] for b in entry["buckets"]] == [r for r in MASK_RATIOS if sum(slow[r])]
+    assert len(entry["buckets"]) >= 3, "the sampler's forwards span the mask ratios"
+    for bucket in entry["buckets"]:
+        assert bucket["layers"][0]["tokens_per_expert"] == slow[bucket["mask_ratio"]]
+    total = [sum(b["layers"][0]["tokens_per_expert"][e] for b in entry["buckets"]) for e in range(8)]
+    assert total == lm.model.moe_blocks()[0].stats.merged().tokens_per_expert.tolist()
+    assert record["routing"]["routings"] == len(captured) * len(lm.model.moe_blocks())
+
+
+@pytest.mark.slow
+def test_inspect_records_during_tasks(tmp_path, shared_data):
+    out = tmp_path / "sampled"
+    result = runner.invoke(app, ["inspect", "--model", "tiny", "--router", "tc", "--router", "block", "--guard-size",
+                                 "2", "--tasks", "gsm8k", "--data-dir", str(shared_data), "--limit", "2",
+                                 "--gen-length", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "routing.json").read_text())
+    assert record["settings"]["source"] == "tasks" and record["settings"]["block_length"] == 32
+    tc, block = record["models"]
+    assert "gsm8k" in tc["scores"] and "gsm8k" in block["scores"]
+
+    def per_block(model):
+        layers = [layer for b in model["buckets"] for layer in b["layers"]]
+        return sum(layer["unique_experts_per_block"] for layer in layers) / len(layers)
+
+    assert per_block(block) < per_block(tc) / 2, "block routing keeps few experts per denoising block"
+    assert len(list(out.glob("*.png"))) >= 5
+    assert "Recorded while lm-eval ran gsm8k" in (out / "report.md").read_text()
+
+
+def test_inspect_tasks_refuses_bad_input_in_one_line(tmp_path, shared_data):
+    assert "--tasks is empty" in one_line_error(runner.invoke(app, ["inspect", "--tasks", ","]))
+    line = one_line_error(runner.invoke(app, ["inspect", "--tasks", "nosuchtask", "--data-dir", str(shared_data),
+                                              "--out", str(tmp_path / "o")]))
+    assert "unknown task 'nosuchtask'" in line

@@ -15,6 +15,7 @@ from retrofit.routers import (
     ExpertChoiceRouter,
     RoutingContext,
     RoutingStats,
+    StatsByMaskRatio,
     TokenChoiceRouter,
     build_router,
     router_settings,
@@ -547,6 +548,45 @@ def test_unique_experts_per_block_matches_a_loop():
             per_block.setdefault((t // 20, (t % 20) // 6), set()).add(e)
     assert stats.blocks == len(per_block)
     assert stats.unique_experts_per_block == pytest.approx(sum(map(len, per_block.values())) / len(per_block))
+
+
+@pytest.mark.parametrize("block_start", [0, 3, 6, 11])
+def test_unique_experts_per_block_cut_at_block_start(block_start):
+    """Statistics cut blocks where the sampler and the block router do: at block_start + multiples of the block."""
+    probs, ctx = random_case(14, 2, 20, 8)
+    routing = build_router(router_settings(type="tc"), 4, 8, 2).select(probs, ctx)
+    stats = RoutingStats(8, block_length=6)
+    stats.update(routing, ctx.valid, block_start=block_start)
+    per_block = {}
+    flat_valid = ctx.valid.reshape(-1).tolist()
+    for (t, e) in pairs_of(routing):
+        if flat_valid[t]:
+            per_block.setdefault((t // 20, math.floor((t % 20 - block_start) / 6)), set()).add(e)
+    assert stats.blocks == len(per_block)
+    assert stats.unique_experts_per_block == pytest.approx(sum(map(len, per_block.values())) / len(per_block))
+
+
+@pytest.mark.parametrize("kind", ["tc", "ec"])
+def test_stats_by_mask_ratio_put_each_sequence_in_its_nearest_bucket(kind):
+    probs, ctx = random_case(15, 3, 20, 8)
+    ctx = RoutingContext(ctx.valid, torch.tensor([0.05, 0.52, 0.33]))  # buckets 0.1, 0.5, 0.3
+    routing = build_router(settings_of(kind), 4, 8, 2).select(probs, ctx)
+    stats = StatsByMaskRatio(8, 6, (0.1, 0.3, 0.5, 0.7, 0.9))
+    stats.update(routing, ctx.valid, mask_ratio=ctx.mask_ratio)
+    assert [r for r, _ in stats.filled()] == [0.1, 0.3, 0.5]
+    for ratio, row in ((0.1, 0), (0.3, 2), (0.5, 1)):
+        only = torch.zeros_like(ctx.valid)
+        only[row] = ctx.valid[row]
+        load, histogram, tokens = loop_counts(routing, only, 8)
+        bucket = dict(stats.filled())[ratio]
+        assert bucket.tokens_per_expert.tolist() == load and bucket.experts_per_token.tolist() == histogram
+        assert bucket.num_tokens == tokens and bucket.routings == 1
+        if kind == "ec":
+            assert bucket.capacity == [int(routing.capacity[row])]
+    whole = RoutingStats(8, 6)
+    whole.update(routing, ctx.valid)
+    assert stats.merged().as_dict() == whole.as_dict(), "the total is the unsplit statistics"
+    assert stats.merged().routings == 1, "one forward counts once however many buckets it feeds"
 
 
 @pytest.mark.parametrize("prompt_length", [5, 13, 16, 22])

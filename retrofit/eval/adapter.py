@@ -25,6 +25,7 @@ from retrofit.sources import resolve_source
 from retrofit.progress import PlainProgress
 from retrofit.routers import RouterSettings, router_settings
 from retrofit.routers.flags import router_flags, settings_from_flags
+from retrofit.routers.stats import MASK_RATIOS
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are ~3x slower); a 7B model needs bf16 to fit
@@ -84,7 +85,7 @@ class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
                  steps: int | None = None, denoise_block: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", threshold: float | None = None, sampling: str | None = None,
-                 seed: int = 1234, router: str | None = None,
+                 seed: int = 1234, router: str | RouterSettings | None = None,
                  max_length: int = 4096, device: str | None = None, dtype: str = "auto", progress: bool = True,
                  **router_flag_values):
         """``denoise_block``: the sampler's block; ``router`` and the router flags (``capacity_factor``,
@@ -103,13 +104,17 @@ class RetrofitLM(LM):
         if trained_with is not None and base.type == "tc" and "router" not in ckpt.config:  # dmoe-16b's own
             base = router_settings(trained_with)
         given = router_fields({k: v for k, v in router_flag_values.items() if k not in _LM_EVAL_EXTRAS})
-        self.router = settings_from_flags(router, given, base) or base
+        if isinstance(router, RouterSettings):  # already built (retrofit inspect's subjects)
+            self.router = settings_from_flags(None, given, router) or router
+        else:
+            self.router = settings_from_flags(router, given, base) or base
         check_blocks(self.router, self.sampler.denoise_block)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
         self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_), device=self.device_)
-        self.model.enable_routing_stats(block_length=self.sampler.denoise_block)
+        # Split by mask ratio too, for the routing figures `retrofit eval` draws beside its scores.
+        self.model.enable_routing_stats(block_length=self.sampler.denoise_block, mask_ratios=MASK_RATIOS)
         self.tokenizer = load_tokenizer(ckpt.path)
         self.tokenizer.model_max_length = 2**62  # contexts are cut to the model's length below, not by the tokenizer
         self.mask_id = self.model.config.mask_token_id

@@ -14,7 +14,7 @@ CAPTIONS = {
     "expert_load": "Share of each layer's tokens each expert processed (all mask ratios); load CV per layer at left.",
     "experts_per_token": "How many experts a token gets, per mask ratio (all layers).",
     "zero_expert_tokens": "Share of tokens that no expert took, per layer and mask ratio.",
-    "capacity": "Experts per token the schedule asks for (dashed) against what ran (solid).",
+    "capacity": "Experts per token the schedule asks for at each bucket's mask ratio (dashed) against what ran (solid).",
     "unique_experts": "Distinct experts touched per forward and per block: the weights a step must read.",
     "gate_mass": "Sum of a token's gates, per mask ratio.",
 }
@@ -53,9 +53,31 @@ def _row(model: dict) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
+def _scores(models: list[dict]) -> list[str]:
+    """The task scores of a run that recorded routing during tasks (none for a noising sweep)."""
+    rows = [(m["label"], task, metric, value) for m in models for task, metrics in (m.get("scores") or {}).items()
+            for metric, value in metrics.items()
+            if isinstance(value, float) and "stderr" not in metric and not task.startswith("mmlu_")]
+    if not rows:
+        return []
+    lines = ["| model | task | metric | value |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(_cell(c) for c in (label, task, metric, f"{value:.4f}")) + " |"
+              for label, task, metric, value in rows]
+    return lines + [""]
+
+
 def _settings(data: dict) -> str:
     s = data.get("settings", {})
     ratios = ", ".join(f"{r:g}" for r in s.get("mask_ratios", []))
+    if s.get("source") == "tasks":
+        sampler = s.get("sampler") or {}
+        knobs = ", ".join(f"{k} {v}" for k, v in sampler.items() if k != "name" and v is not None)
+        limit = f"the first {s['limit']} documents of each" if s.get("limit") else "every document of each"
+        return (f"Recorded while lm-eval ran {', '.join(s.get('tasks', []))} ({limit}; data "
+                f"`{s.get('data_dir') or 'the Hub'}`), {sampler.get('name', '?')} sampler ({knobs}). Every forward "
+                f"(of the sampler, or of Monte-Carlo likelihood) goes to the bucket of the mask ratio it saw, "
+                f"centred on {ratios}; prompt tokens are routed and counted too. Blocks of "
+                f"{s.get('block_length', 32)} tokens, cut where the sampler cuts them.")
     return (f"Data `{s.get('data', '?')}`, its first {s.get('limit', '?')} records in sequences of "
             f"{s.get('seq_len', '?')} tokens, "
             f"mask ratios {ratios}, blocks of {s.get('block_length', 32)} tokens, seed {s.get('seed', '?')}.")
@@ -73,6 +95,7 @@ def write_report(data: dict, figures: list[Path], out_dir: Path) -> Path:
     lines += [_row(model) for model in data["models"]]
     lines += ["", "Means over layers and mask ratios; load CV is std/mean of tokens per expert, averaged over layers.",
               ""]
+    lines += _scores(data["models"])
     for figure in map(Path, figures):
         link = Path(os.path.relpath(figure, out_dir)).as_posix()
         lines += [f"## {figure.stem.replace('_', ' ').capitalize()}", "", f"![{figure.stem}]({link})", "",

@@ -103,7 +103,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.gate: Router = build_router(settings, hidden_size, num_experts, top_k, scoring)
         self.experts = StackedExperts(num_experts, hidden_size, intermediate_size, slot_sum_fp32)
-        self.stats: RoutingStats | None = None  # recording is off unless enable_routing_stats() is called
+        # Recording is off unless enable_routing_stats() is called (a RoutingStats, or a StatsByMaskRatio).
+        self.stats: RoutingStats | None = None
         self.keep_router_logits = False  # set for auxiliary losses (z-loss) that need the gate's logits
         self.router_logits: torch.Tensor | None = None
 
@@ -111,7 +112,7 @@ class SparseMoeBlock(nn.Module):
         batch, length, dim = x.shape
         routing = self.gate(x, ctx)
         if self.stats is not None:
-            self.stats.update(routing, ctx.valid, ctx.focus)
+            self.stats.update(routing, ctx.valid, ctx.focus, ctx.mask_ratio, ctx.block_start)
         if self.keep_router_logits:
             self.router_logits = routing.logits
         return self.experts(x.reshape(-1, dim), routing).view(batch, length, dim)

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 
 from retrofit.models.layers import RMSNorm
 from retrofit.models.moe import SparseMoeBlock, StackedExperts
-from retrofit.routers import Router, RoutingContext, RoutingStats
+from retrofit.routers import Router, RoutingContext, RoutingStats, StatsByMaskRatio
 
 
 @dataclass
@@ -144,12 +144,18 @@ class MaskedDiffusionLM:
         """Recompute each layer in the backward pass instead of keeping its activations."""
         self.model.gradient_checkpointing = enabled
 
-    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32) -> None:
+    def enable_routing_stats(self, enabled: bool = True, block_length: int = 32, mask_ratios=None) -> None:
         """Start (or stop) recording routing statistics in every MoE layer; starting clears old ones.
-        ``block_length`` sets the blocks over which unique experts per block are counted."""
+        ``block_length`` sets the blocks over which unique experts per block are counted; ``mask_ratios``, when
+        given, also splits them by each sequence's mask ratio (:class:`StatsByMaskRatio`)."""
         self._stats_block_length = block_length
         for block in self.moe_blocks():
-            block.stats = RoutingStats(self.config.num_experts, block_length) if enabled else None
+            if not enabled:
+                block.stats = None
+            elif mask_ratios is None:
+                block.stats = RoutingStats(self.config.num_experts, block_length)
+            else:
+                block.stats = StatsByMaskRatio(self.config.num_experts, block_length, mask_ratios)
 
     def routing_stats(self) -> RoutingStats:
         """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the
@@ -158,7 +164,7 @@ class MaskedDiffusionLM:
         for block in self.moe_blocks():
             if block.stats is None:
                 raise RuntimeError("routing statistics are off; call enable_routing_stats() first")
-            merged.merge(block.stats)
+            merged.merge(block.stats.merged())
         return merged
 
     def layer_stream(self, embedding: str, head: str) -> StreamedParts:

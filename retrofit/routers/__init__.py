@@ -13,7 +13,7 @@ from retrofit.routers.registry import (
     swap_routers,
 )
 from retrofit.routers.schedules import ScheduleSettings, expected_k, experts_per_token
-from retrofit.routers.stats import RoutingStats
+from retrofit.routers.stats import RoutingStats, StatsByMaskRatio
 from retrofit.routers.tc import TokenChoiceRouter, TokenChoiceSettings
 
 register_router(TokenChoiceRouter)
@@ -33,6 +33,7 @@ __all__ = [
     "Routing",
     "RoutingContext",
     "RoutingStats",
+    "StatsByMaskRatio",
     "ScheduleSettings",
     "Scoring",
     "TokenChoiceRouter",

@@ -12,6 +12,9 @@ import torch
 
 from retrofit.routers.base import Routing
 
+# Mask-ratio buckets that ``retrofit inspect`` and ``retrofit eval`` split routing statistics into (centres).
+MASK_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
 
 class RoutingStats:
     """Counts accumulated over forwards (and, merged, over layers). All counts are sums except
@@ -34,15 +37,18 @@ class RoutingStats:
         self.focus_routings = 0
 
     @torch.no_grad()
-    def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None) -> None:
+    def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None,
+               mask_ratio: torch.Tensor | None = None, block_start: int = 0) -> None:
         """Add one routing of one layer; ``valid`` is the forward's ``[B, L]`` padding mask, ``focus`` (optional,
-        ``[B, L]`` bool) the positions being denoised, e.g. the LLaDA2.0 sampler's current block."""
+        ``[B, L]`` bool) the positions being denoised, e.g. the LLaDA2.0 sampler's current block. Blocks are cut
+        at ``block_start`` + multiples of ``block_length``, where the sampler and the block router cut them.
+        ``mask_ratio`` is for :class:`StatsByMaskRatio`, which shares this signature; totals ignore it."""
         tokens, experts, gates = routing.pairs()
         flat_valid = valid.reshape(-1)
         keep = flat_valid[tokens]
         tokens, experts = tokens[keep], experts[keep]
         self.gate_mass_total += float(gates[keep].float().sum())
-        self._count_blocks(tokens, experts, valid)
+        self._count_blocks(tokens, experts, valid, block_start)
         if focus is not None:  # dMoE's "expert count": distinct experts the current block's tokens use
             self.focus_experts_total += int(torch.unique(experts[focus.reshape(-1)[tokens]]).numel())
             self.focus_routings += 1
@@ -55,16 +61,18 @@ class RoutingStats:
         self.unique_experts_total += int((load > 0).sum())
         self.routings += 1
         self.num_tokens += int(flat_valid.sum())
-        if routing.capacity is not None:
-            self.capacity = [int(c) for c in routing.capacity.tolist()]
+        if routing.capacity is not None:  # the sequences counted here (a bucket may hold only some of them)
+            self.capacity = [int(c) for c, row in zip(routing.capacity.tolist(), valid.any(-1).tolist()) if row]
             self.capacity_total += sum(self.capacity)
 
-    def _count_blocks(self, tokens: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor) -> None:
+    def _count_blocks(self, tokens: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor,
+                      block_start: int = 0) -> None:
         length = valid.shape[-1]
-        per_seq = -(-length // self.block_length)
+        shift = -block_start % self.block_length  # position p is in block (p + shift) // block_length
+        per_seq = -(-(length + shift) // self.block_length)
 
         def block_of(flat: torch.Tensor) -> torch.Tensor:
-            return (flat // length) * per_seq + (flat % length) // self.block_length
+            return (flat // length) * per_seq + (flat % length + shift) // self.block_length
 
         self.block_experts_total += int(torch.unique(block_of(tokens) * self.num_experts + experts).numel())
         self.blocks += int(torch.unique(block_of(valid.reshape(-1).nonzero().squeeze(-1))).numel())
@@ -124,3 +132,50 @@ class RoutingStats:
             "routings": self.routings,
             "tokens": self.num_tokens,
         }
+
+    def merged(self) -> "RoutingStats":
+        """The statistics over everything recorded (:class:`StatsByMaskRatio` answers with its total)."""
+        return self
+
+
+class StatsByMaskRatio:
+    """One layer's statistics split by the mask ratio of each sequence (the routing context's ``mask_ratio``,
+    the one the router itself sees), into buckets around ``ratios``, plus the unsplit total.
+
+    This is how ``retrofit inspect`` and ``retrofit eval`` see routing change over the denoising trajectory: a
+    sequence goes to the bucket of the nearest ratio, so a noising sweep at exactly ``ratios`` fills one bucket
+    per ratio, and a sampler's forwards spread over the buckets as its masks are filled in. The total is kept
+    as its own :class:`RoutingStats` (not merged from the buckets) so that a forward whose sequences fall into
+    two buckets still counts as one routing in "unique experts per forward".
+    """
+
+    def __init__(self, num_experts: int, block_length: int, ratios) -> None:
+        self.ratios = sorted(float(r) for r in ratios)
+        if not self.ratios:
+            raise ValueError("StatsByMaskRatio needs at least one mask ratio")
+        self.total = RoutingStats(num_experts, block_length)
+        self.buckets = [RoutingStats(num_experts, block_length) for _ in self.ratios]
+        # A ratio belongs to the bucket whose centre is nearest: the edges are the midpoints between centres.
+        self._edges = torch.tensor([(a + b) / 2 for a, b in zip(self.ratios, self.ratios[1:])])
+
+    def bucket_of(self, mask_ratio: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(mask_ratio.float().cpu(), self._edges)
+
+    @torch.no_grad()
+    def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None,
+               mask_ratio: torch.Tensor | None = None, block_start: int = 0) -> None:
+        self.total.update(routing, valid, focus, block_start=block_start)
+        if mask_ratio is None:
+            raise ValueError("StatsByMaskRatio.update needs the forward's mask_ratio")
+        which = self.bucket_of(mask_ratio)
+        for index in torch.unique(which).tolist():
+            rows = (which == index).to(valid.device)[:, None]
+            self.buckets[index].update(routing, valid & rows, None if focus is None else focus & rows,
+                                       block_start=block_start)
+
+    def merged(self) -> RoutingStats:
+        return self.total
+
+    def filled(self) -> list[tuple[float, RoutingStats]]:
+        """(ratio, statistics) of the buckets that saw at least one token, in ratio order."""
+        return [(r, b) for r, b in zip(self.ratios, self.buckets) if b.num_tokens]
