@@ -17,10 +17,12 @@ class NoisedBatch:
     normaliser: torch.Tensor  # [B] tokens each sequence's loss is divided by
 
 
-def add_noise(input_ids, prompt_len, mask_id: int, eps: float, generator: torch.Generator) -> NoisedBatch:
-    """t ~ U(0,1) per sequence; each maskable token is masked with probability p = (1 − ε)·t + ε."""
+def add_noise(input_ids, prompt_len, mask_id: int, eps: float, generator: torch.Generator,
+              t: float | None = None) -> NoisedBatch:
+    """t ~ U(0,1) per sequence (or the given ``t`` for all); each maskable token is masked with probability
+    p = (1 − ε)·t + ε."""
     batch, length = input_ids.shape
-    t = torch.rand(batch, generator=generator)
+    t = torch.rand(batch, generator=generator) if t is None else torch.full((batch,), float(t))
     p = (1 - eps) * t + eps
     maskable = torch.arange(length).unsqueeze(0) >= prompt_len.unsqueeze(1)
     masked = (torch.rand(batch, length, generator=generator) < p.unsqueeze(1)) & maskable

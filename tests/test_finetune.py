@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,37 @@ def test_resume_ends_with_identical_weights(strong_tiny, tmp_path, one_thread):
         assert torch.equal(a.read([name])[name], b.read([name])[name]), name
     steps = [json.loads(line)["step"] for line in (interrupted / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10, 12], "resumed metrics continue without duplicates"
+
+
+def test_heldout_log_does_not_perturb_training_and_resumes(strong_tiny, tmp_path, one_thread):
+    heldout = {"data": {"path": str(gsm8k_train()), "text_field": "answer", "seq_len": 64, "max_examples": 16},
+               "every": 4, "mask_ratios": [0.2, 0.8]}
+    plain, probed, interrupted = (tmp_path / n for n in ("plain", "probed", "interrupted"))
+    for folder in (plain, probed, interrupted):
+        folder.mkdir()
+    _, without = finetune(write_recipe(plain, strong_tiny))
+    _, straight = finetune(write_recipe(probed, strong_tiny, heldout=heldout))
+    a, b = CheckpointDir(without.output_dir), CheckpointDir(straight.output_dir)
+    for name in a.weight_map:
+        assert torch.equal(a.read([name])[name], b.read([name])[name]), "held-out evaluation changed training"
+    records = [json.loads(line) for line in (probed / "run" / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4, 8, 12]
+    assert [r["tokens"] for r in records] == [0, 4 * 4 * 64, 8 * 4 * 64, 12 * 4 * 64]
+    assert all(set(r["by_ratio"]) == {"0.2", "0.8"} and math.isfinite(r["loss"]) for r in records)
+    assert 0 == records[0]["train_s"] < records[1]["train_s"] < records[-1]["train_s"]
+
+    path = write_recipe(interrupted, strong_tiny, heldout=heldout)
+
+    def stop_after_8(done, total, values):
+        if done == 9:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(path, progress=stop_after_8)
+    finetune(path, resume=True)
+    resumed = [json.loads(line) for line in (interrupted / "run" / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [0, 4, 8, 12], "resumed evaluations continue without duplicates"
+    assert resumed[-1]["loss"] == records[-1]["loss"] and resumed[-1]["by_ratio"] == records[-1]["by_ratio"]
 
 
 def test_distillation_and_z_loss_run(strong_tiny, tmp_path):

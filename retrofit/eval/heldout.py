@@ -25,15 +25,16 @@ def text_sequences(tokenizer, path: str | Path, fields: list[str], seq_len: int 
 
 @torch.no_grad()
 def masked_token_loss(model, sequences: torch.Tensor, mask_id: int, samples: int = 4, batch_size: int = 16,
-                      seed: int = 0) -> float:
-    """Mean masked-diffusion loss over ``samples`` fixed noise draws of every sequence (seeded)."""
+                      seed: int = 0, ratio: float | None = None) -> float:
+    """Mean masked-diffusion loss over ``samples`` fixed noise draws of every sequence (seeded): t ~ U(0, 1) per
+    sequence, or every token masked with probability ``ratio`` (the loss at one mask ratio)."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for _ in range(samples):
         for start in range(0, len(sequences), batch_size):
             ids = sequences[start:start + batch_size]
-            noise = add_noise(ids, torch.zeros(len(ids), dtype=torch.long), mask_id, 1e-3, gen)
+            noise = add_noise(ids, torch.zeros(len(ids), dtype=torch.long), mask_id, 1e-3, gen, t=ratio)
             logits = model(input_ids=noise.noisy.to(device), mask_ratio=noise.t.to(device)).logits.cpu()
             total += float(diffusion_loss(logits, ids, noise)) * len(ids)
             count += len(ids)
@@ -49,3 +50,14 @@ def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab_size: int) ->
 
 def perplexity(nats: float) -> float:
     return math.exp(nats)
+
+
+@torch.no_grad()
+def heldout_losses(model, sequences: torch.Tensor, mask_id: int, ratios=(), samples: int = 2, seed: int = 0
+                   ) -> dict:
+    """The held-out loss (t ~ U) and the loss at each of ``ratios``, with the same seeded masks for every model
+    and every call: what ``heldout.jsonl`` and the studies record."""
+    out = {"loss": masked_token_loss(model, sequences, mask_id, samples, seed=seed)}
+    out["by_ratio"] = {f"{r:g}": masked_token_loss(model, sequences, mask_id, samples, seed=seed + 1 + i, ratio=r)
+                       for i, r in enumerate(ratios)}
+    return out

@@ -82,6 +82,18 @@ class LoggingSection(Section):
     every: int = Field(default=10, ge=1)
 
 
+class HeldoutSection(Section):
+    """Held-out masked-token loss during training, into ``heldout.jsonl`` (before the first step, every
+    ``every`` steps and at the end): the same seeded masks each time, so the curve shows the model, not noise."""
+
+    data: DataSection = Field(description="held-out text; its objective is pretrain (every token maskable)")
+    every: int = Field(default=50, ge=1)
+    samples: int = Field(default=2, ge=1, description="noise draws per sequence (t ~ U(0, 1))")
+    mask_ratios: list[float] = Field(default_factory=list, description="also the loss at each of these mask "
+                                                                       "ratios (every token masked with it)")
+    seed: int = 0
+
+
 class Recipe(Section):
     model: ModelSection
     data: DataSection
@@ -90,6 +102,7 @@ class Recipe(Section):
     optim: OptimSection = Field(default_factory=OptimSection)
     checkpoint: CheckpointSection
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    heldout: HeldoutSection | None = None
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -33,6 +33,7 @@ from retrofit.models.moe import hub_state_dict
 from retrofit.routers import swap_routers
 from retrofit.routers.registry import swap_routers_back
 from retrofit.sources import Source, resolve_source
+from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
 from retrofit.training.recipe import Recipe
@@ -69,6 +70,7 @@ class Finetune:
     def __init__(self, recipe: Recipe, recipe_dir: Path, recipe_text: str = "", progress=None,
                  resume: bool = False):
         self.recipe, self.recipe_text, self.progress, self.resume = recipe, recipe_text, progress, resume
+        self.recipe_dir = recipe_dir
         self.output_dir = Path(recipe.checkpoint.output_dir).expanduser().resolve()
         check_writable(self.output_dir, "checkpoint.output_dir")
         # Decide about existing checkpoints before the expensive part, so a mistake fails at once.
@@ -228,9 +230,12 @@ class Finetune:
             start = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
                                     self.noise_gen)["step"]
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = _MetricsLog(self.output_dir / METRICS_FILE, keep_until=start)
+        metrics = JsonlLog(self.output_dir / METRICS_FILE, keep_until=start)
+        heldout = self.heldout_probe(start)
         self.base.enable_routing_stats()
         tokens_per_step = optim.batch_size * optim.grad_accum * self.recipe.data.seq_len
+        if heldout and start == 0:
+            heldout.measure(self.model, self.base, 0, 0)
         losses, window, clock = [], [], time.perf_counter()
         for step in range(start, optim.max_steps):
             values = self.train_step(step)
@@ -246,6 +251,10 @@ class Finetune:
                                "routing": self.base.routing_stats().as_dict()})
                 self.base.enable_routing_stats()
                 window, clock = [], time.perf_counter()
+            if heldout and heldout.due(done, optim.max_steps):
+                began = time.perf_counter()
+                values["heldout"] = heldout.measure(self.model, self.base, done, done * tokens_per_step)["loss"]
+                clock += time.perf_counter() - began  # tokens/s count training time only
             if self.progress:
                 self.progress(done, optim.max_steps, values)
             if done % every == 0 or done == optim.max_steps:
@@ -253,6 +262,13 @@ class Finetune:
         self.export()
         self.draw_curves()
         return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
+
+    def heldout_probe(self, start: int) -> HeldoutProbe | None:
+        section = self.recipe.heldout
+        if section is None:
+            return None
+        return HeldoutProbe(section, self.recipe_dir, load_tokenizer(self.ckpt.path), self.config.mask_token_id,
+                            self.output_dir, keep_until=start)
 
     def draw_curves(self) -> None:
         """``curves.png`` beside metrics.jsonl (loss terms, learning rate, tokens/s against steps)."""
@@ -296,16 +312,3 @@ def _to(noise, device):
     return type(noise)(*(getattr(noise, f).to(device) for f in noise.__dataclass_fields__))
 
 
-class _MetricsLog:
-    """metrics.jsonl, one JSON object per logging step; on resume, lines past the resumed step are dropped."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        kept = []
-        if keep_until and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
