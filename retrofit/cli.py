@@ -525,6 +525,45 @@ def write_inspection(record: dict, out: Path) -> Path:
     return write_report(record, draw_all(record, out), out)
 
 
+@app.command("study")
+@user_errors
+def study(
+    name: str = typer.Argument(..., metavar="NAME", help="convergence, schedules, block-tradeoff or from-scratch."),
+    toy: bool = typer.Option(False, "--toy", help="A few steps and one seed, written under --work only: checks that "
+                                                  "the study runs (seconds), never replaces its README."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per variant (default 3; 1 with --toy)."),
+    studies_dir: Path = typer.Option(Path("studies"), "--studies-dir", help="Where the studies' recipes and READMEs "
+                                                                           "are (run from the repository root)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Run folders and results (default out/studies/NAME, "
+                                                             "out/studies-toy/NAME with --toy)."),
+):
+    """Run one of the papers' claims as a study: every variant and seed (skipping those already complete, resuming
+    an interrupted one), then the study's README.md with its table and figures."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from retrofit.studies import STUDIES
+    from retrofit.studies.base import run_study, scale
+
+    if name not in STUDIES:
+        raise RetrofitError(f"unknown study {name!r}; use {', '.join(STUDIES)}")
+    if seeds is not None and seeds < 1:
+        raise RetrofitError(f"--seeds {seeds}: must be at least 1")
+    chosen = STUDIES[name]
+    size = scale(toy, seeds)
+    work = work or Path("out") / ("studies-toy" if toy else "studies") / name
+    out = work / "report" if toy else studies_dir / name
+    columns = [TextColumn("run {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done, total, run, detail):
+            bar.update(task, completed=done, total=total, description=f"{run.id if run else ''} {detail}")
+
+        readme = run_study(chosen, studies_dir / name, work, out, size, progress)
+    out_console.print(f"[green]wrote[/] {escape(str(readme))}")
+
+
 def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path) -> None:
     from retrofit.eval.tasks import expand, write_local_tasks
 

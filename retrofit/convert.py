@@ -18,7 +18,7 @@ import torch
 from retrofit import __version__
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import checkpoint_config
+from retrofit.io.load import checkpoint_config, has_adapter
 from retrofit.io.model_card import model_card as card
 from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, write_model_directory
 from retrofit.io.writer import atomic_directory, check_destination
@@ -66,6 +66,9 @@ def default_out(source: Source, target: RouterSettings) -> Path:
 def plan_conversion(source: Source, target: RouterSettings, out: Path | None = None) -> ConversionPlan:
     """Validate the source and list the routers that would be replaced; writes nothing."""
     ckpt = CheckpointDir(source.path)
+    if has_adapter(ckpt.path):  # convert copies the shards; a LoRA adapter beside them would be left behind
+        raise RetrofitError(f"{ckpt.path} holds a LoRA adapter (adapter/): convert its base model, or evaluate it "
+                            "with --router instead (eval merges the adapter)")
     config = checkpoint_config(ckpt)
     _check_target(config, target)
     family = family_of(config)

@@ -175,9 +175,16 @@ def test_lora_run_writes_a_peft_adapter(strong_tiny, tmp_path):
     _, result = finetune(path, "optim.max_steps=3")
     adapter = result.output_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file()
-    model = PeftModel.from_pretrained(load_model(result.output_dir), str(adapter))
+    model = PeftModel.from_pretrained(load_model(result.output_dir, merge_adapter=False), str(adapter))
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora and all("self_attn" in n for n in lora)
+    # What eval, inspect and the studies load is the trained model: the adapter merged into the weights.
+    ids = torch.randint(0, model.config.vocab_size - 2, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        merged = load_model(result.output_dir)(input_ids=ids).logits
+        bare = load_model(result.output_dir, merge_adapter=False)(input_ids=ids).logits
+    assert torch.allclose(merged, trained, atol=1e-4) and not torch.allclose(bare, trained, atol=1e-4)
     src, out = CheckpointDir(strong_tiny), CheckpointDir(result.output_dir)
     for name in src.weight_map:  # LoRA is not merged: the base tensors are the source's but for routers
         if not name.endswith("mlp.gate.weight"):
@@ -348,3 +355,11 @@ def test_activation_checkpointing_gives_the_same_step(strong_tiny, tmp_path, one
         losses[-1].append(weights["model.layers.0.mlp.gate.weight"])
     assert losses[0][:2] == losses[1][:2]
     torch.testing.assert_close(losses[0][2], losses[1][2], atol=1e-6, rtol=1e-5)
+
+
+def test_convert_refuses_a_source_with_a_lora_adapter(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny, trainable={"mode": "routers+lora", "lora": {"r": 2}})
+    _, result = finetune(path, "optim.max_steps=1")
+    line = one_line_error(runner.invoke(app, ["convert", "--src", str(result.output_dir), "--router", "tc",
+                                              "--out", str(tmp_path / "c")]))
+    assert "LoRA adapter" in line and not (tmp_path / "c").exists()

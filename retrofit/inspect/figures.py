@@ -22,12 +22,12 @@ STYLES = ["-", "--", "-.", ":"]
 SHADES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
 
 
-def _style(i: int) -> dict:
+def series_style(i: int) -> dict:
     """Color and linestyle of the i-th model, the same in every figure so a reader learns them once."""
     return {"color": COLORS[i % len(COLORS)], "linestyle": STYLES[i % len(STYLES)]}
 
 
-def _save(fig, out_dir: Path, name: str) -> Path:
+def save_figure(fig, out_dir: Path, name: str) -> Path:
     """Tight layout and a README-sized PNG; the figure is closed so drawing many files does not pile up memory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def expert_load(data: dict, out_dir: Path) -> Path:
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), label="share of the layer's tokens", fraction=0.04, pad=0.02)
     fig.suptitle("Expert load, summed over mask ratios")
-    return _save(fig, out_dir, "expert_load")
+    return save_figure(fig, out_dir, "expert_load")
 
 
 def experts_per_token(data: dict, out_dir: Path) -> Path:
@@ -117,14 +117,14 @@ def experts_per_token(data: dict, out_dir: Path) -> Path:
                 hist[: len(counts)] += counts
             hist = hist / hist.sum() if hist.sum() else hist
             x = np.arange(top + 1) + (i - (len(models) - 1) / 2) * width
-            ax.bar(x, hist, width, color=_style(i)["color"], label=model["label"])
+            ax.bar(x, hist, width, color=series_style(i)["color"], label=model["label"])
         ax.set_title(f"mask ratio {ratio:g}")
         ax.set_xlabel("experts per token")
         ax.set_xticks(range(top + 1))
     axes[0][0].set_ylabel("share of tokens")
     axes[0][-1].legend(fontsize="small")
     fig.suptitle("Experts per token (all layers)")
-    return _save(fig, out_dir, "experts_per_token")
+    return save_figure(fig, out_dir, "experts_per_token")
 
 
 def zero_expert_tokens(data: dict, out_dir: Path) -> Path:
@@ -140,7 +140,7 @@ def zero_expert_tokens(data: dict, out_dir: Path) -> Path:
                 continue
             share = [layer["tokens_with_zero_experts"] / layer["tokens"] if layer["tokens"] else 0.0
                      for layer in bucket["layers"]]
-            ax.plot(range(len(share)), share, marker="o", color=shade, linestyle=_style(i)["linestyle"],
+            ax.plot(range(len(share)), share, marker="o", color=shade, linestyle=series_style(i)["linestyle"],
                     label=f"{model['label']}, r={ratio:g}")
     layers = max(m["num_layers"] for m in data["models"])
     ax.set_xticks(range(layers))
@@ -148,7 +148,7 @@ def zero_expert_tokens(data: dict, out_dir: Path) -> Path:
     ax.set_ylabel("share of tokens with no expert")
     ax.set_title("Tokens routed to no expert")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _save(fig, out_dir, "zero_expert_tokens")
+    return save_figure(fig, out_dir, "zero_expert_tokens")
 
 
 def capacity(data: dict, out_dir: Path) -> Path:
@@ -157,7 +157,7 @@ def capacity(data: dict, out_dir: Path) -> Path:
     ratios = _ratios(data)
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     for i, model in enumerate(data["models"]):
-        color = _style(i)["color"]
+        color = series_style(i)["color"]
         expected = [_layer_mean(_bucket(model, r), "expected_k") for r in ratios]
         realised = [_layer_mean(_bucket(model, r), "realised_k") for r in ratios]
         ax.plot(ratios, expected, "--", marker="s", color=color, label=f"{model['label']} asked")
@@ -166,7 +166,7 @@ def capacity(data: dict, out_dir: Path) -> Path:
     ax.set_ylabel("experts per token (mean over layers)")
     ax.set_title("Capacity: experts per token asked vs realised")
     ax.legend(fontsize="small")
-    return _save(fig, out_dir, "capacity")
+    return save_figure(fig, out_dir, "capacity")
 
 
 def unique_experts(data: dict, out_dir: Path) -> Path:
@@ -181,7 +181,7 @@ def unique_experts(data: dict, out_dir: Path) -> Path:
         values = [np.nanmean([_layer_mean(b, key) for b in model["buckets"]])
                   for key in ("unique_experts", "unique_experts_per_block")]
         x = np.arange(len(groups)) + (i - (len(models) - 1) / 2) * width
-        bars = ax.bar(x, values, width, color=_style(i)["color"], label=f"{model['label']} (E={model['num_experts']})")
+        bars = ax.bar(x, values, width, color=series_style(i)["color"], label=f"{model['label']} (E={model['num_experts']})")
         ax.bar_label(bars, fmt="%.1f", fontsize="small")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
@@ -189,7 +189,7 @@ def unique_experts(data: dict, out_dir: Path) -> Path:
     ax.set_ylabel("unique experts (mean over layers, ratios)")
     ax.set_title("Unique experts touched")
     ax.legend(fontsize="small")
-    return _save(fig, out_dir, "unique_experts")
+    return save_figure(fig, out_dir, "unique_experts")
 
 
 def gate_mass(data: dict, out_dir: Path) -> Path:
@@ -201,14 +201,14 @@ def gate_mass(data: dict, out_dir: Path) -> Path:
     for i, model in enumerate(models):
         values = [_layer_mean(_bucket(model, r), "gate_mass_per_token") for r in ratios]
         x = np.arange(len(ratios)) + (i - (len(models) - 1) / 2) * width
-        ax.bar(x, values, width, color=_style(i)["color"], label=model["label"])
+        ax.bar(x, values, width, color=series_style(i)["color"], label=model["label"])
     ax.set_xticks(range(len(ratios)))
     ax.set_xticklabels([f"{r:g}" for r in ratios])
     ax.set_xlabel("mask ratio")
     ax.set_ylabel("gate mass per token (mean over layers)")
     ax.set_title("Gate mass per token")
     ax.legend(fontsize="small")
-    return _save(fig, out_dir, "gate_mass")
+    return save_figure(fig, out_dir, "gate_mass")
 
 
 FIGURES: list[Callable[[dict, Path], Path]] = [
@@ -234,9 +234,9 @@ def training_curves(records: list[dict], out_dir: Path) -> Path:
     panels = [(k, title) for k, title in titles.items() if k in records[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        ax.plot(steps, [r.get(key) for r in records], **_style(0), marker="." if len(steps) < 30 else None)
+        ax.plot(steps, [r.get(key) for r in records], **series_style(0), marker="." if len(steps) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle("fine-tuning: means over each logging window")
-    return _save(fig, out_dir, "curves")
+    return save_figure(fig, out_dir, "curves")

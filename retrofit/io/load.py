@@ -44,15 +44,21 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
     return config
 
 
+ADAPTER_DIR = "adapter"
+
+
 def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None = None,
                dtype: torch.dtype = torch.float32, router_dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", check_memory: bool = True) -> torch.nn.Module:
+               device: str | torch.device = "cpu", check_memory: bool = True,
+               merge_adapter: bool = True) -> torch.nn.Module:
     """Build the model from config.json and load every tensor strictly (a missing or extra tensor is an error).
 
     ``dtype``: the weights' dtype (fp32 by default: bf16 matmuls are ~3x slower on CPUs). ``router_dtype``:
     the routers' own dtype when it should differ, e.g. fp32 master copies of routers that train while the
     frozen weights stay bf16 (the router casts its weight to the activations' dtype in the forward pass).
-    The model class is the checkpoint's family's (``retrofit.models``).
+    The model class is the checkpoint's family's (``retrofit.models``). A LoRA adapter that ``retrofit
+    finetune`` wrote beside the weights (``adapter/``) is merged into them (``merge_adapter``): the model is what
+    was trained, wherever it is evaluated.
     """
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     config = checkpoint_config(ckpt, router)
@@ -67,7 +73,27 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
         _check_fits(model, dtype)
     model.to_empty(device=device)
     _fill(model, ckpt)
+    if merge_adapter and has_adapter(ckpt.path):
+        model = _merge_adapter(model, ckpt.path / ADAPTER_DIR)
     return model.eval()
+
+
+def has_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+def _merge_adapter(model: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    import warnings
+
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute (for peft's authors)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise RetrofitError(f"{adapter}: cannot apply this LoRA adapter to the model ({str(exc).splitlines()[0]}); "
+                            "remove the folder to load the weights without it") from None
 
 
 def _fill(model: torch.nn.Module, ckpt: CheckpointDir) -> None:

@@ -6,6 +6,8 @@ attention; gradients still flow *through* them to the routers.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from retrofit.routers import Router
@@ -30,7 +32,10 @@ def make_trainable(model: nn.Module, section: TrainableSection) -> nn.Module:
         lora = section.lora
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.target_modules, bias="none")
-        model = get_peft_model(model, config)  # adapters are created trainable, the base stays frozen
+        with warnings.catch_warnings():
+            # peft 0.x asks transformers 5 for a renamed attribute; the warning is for peft's authors, not users.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, config)  # adapters are created trainable, the base stays frozen
     for block in base_model(model).moe_blocks():
         block.gate.requires_grad_(True)
     return model

@@ -1,0 +1,137 @@
+"""What every study shares: its runs, their execution (resumable), and the seeds' statistics.
+
+A study is a question (``studies/<name>/README.md`` answers it), a base recipe (``studies/<name>/recipe.yaml``)
+and a list of :class:`Run`: a variant (one row of the table) at one seed, as overrides of the recipe. Each run
+writes ``<work>/<run id>/result.json`` once it is complete; running the study again skips completed runs and
+resumes an interrupted fine-tuning from its last checkpoint, so a long study survives an interruption. The report
+is rebuilt from all results at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from retrofit.errors import RetrofitError
+from retrofit.io.writer import atomic_file
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a study runs: ``full`` for the committed README, ``toy`` for the test that keeps it working."""
+
+    name: str
+    seeds: int
+    overrides: tuple[str, ...] = ()  # recipe overrides every fine-tuning run of the study gets
+
+    @property
+    def toy(self) -> bool:
+        return self.name == "toy"
+
+
+TOY_OVERRIDES = ("optim.max_steps=2", "optim.warmup_steps=0", "data.max_examples=32", "heldout.data.max_examples=4",
+                 "heldout.every=1", "heldout.samples=1", "checkpoint.every=1", "logging.every=1")
+
+
+def scale(toy: bool, seeds: int | None = None) -> Scale:
+    if toy:
+        return Scale("toy", seeds or 1, TOY_OVERRIDES)
+    return Scale("full", seeds or 3)
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: str  # one row of the study's table; the seeds of a variant are averaged
+    seed: int
+    overrides: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict, hash=False)  # anything else the study's execute() reads
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant}-seed{self.seed}"
+
+
+class Study:
+    """One study: subclasses name it, list its runs, execute one, and write the README from all results."""
+
+    name: str = ""
+    title: str = ""
+    command: str = ""  # the exact command, as the README states it
+
+    def runs(self, scale: Scale) -> list[Run]:
+        raise NotImplementedError
+
+    def execute(self, run: Run, study_dir: Path, work: Path, scale: Scale, progress: Callable) -> dict:
+        raise NotImplementedError
+
+    def report(self, results: dict[str, dict], runs: list[Run], out: Path, scale: Scale) -> Path:
+        raise NotImplementedError
+
+
+def run_study(study: Study, study_dir: Path, work: Path, out: Path, scale: Scale,
+              progress: Callable | None = None) -> Path:
+    """Every run not yet complete, then the report into ``out``. ``progress(done, total, run, detail)``."""
+    recipe = study_dir / "recipe.yaml"
+    if not recipe.is_file():
+        raise RetrofitError(f"study {study.name}: {recipe} not found (run from the repository root, or pass "
+                            "--studies-dir)")
+    runs = study.runs(scale)
+    results = {}
+    for i, run in enumerate(runs):
+        path = work / run.id / RESULT_FILE
+        if path.is_file():  # completed before: a study resumes where it stopped
+            results[run.id] = json.loads(path.read_text())
+            continue
+
+        def step(detail: str, i=i, run=run) -> None:
+            if progress:
+                progress(i, len(runs), run, detail)
+
+        step("starting")
+        result = study.execute(run, study_dir, work / run.id, scale, step)
+        result.update(variant=run.variant, seed=run.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+        results[run.id] = result
+    if progress:
+        progress(len(runs), len(runs), None, "report")
+    return study.report(results, runs, out, scale)
+
+
+def by_variant(results: dict[str, dict], runs: list[Run]) -> dict[str, list[dict]]:
+    """Results grouped by variant, in the order the study lists its runs."""
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        out.setdefault(run.variant, []).append(results[run.id])
+    return out
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    """``mean ± std (n)`` of the seeds, or the one value."""
+    mean, std = mean_spread(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def verdict(a: float, spread_a: float, b: float, spread_b: float, seeds: int) -> str:
+    """Whether a lower mean ``a`` than ``b`` is a difference: only when the means are further apart than the
+    larger seed spread; one seed never decides."""
+    if seeds < 2:
+        return "one seed, no spread to judge the difference by"
+    noise = max(spread_a, spread_b)
+    if abs(a - b) <= noise:
+        return f"no difference beyond the seeds' spread ({noise:.3f})"
+    return f"{'lower' if a < b else 'higher'} by {abs(a - b):.3f}, more than the seeds' spread ({noise:.3f})"

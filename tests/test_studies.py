@@ -1,0 +1,83 @@
+"""Each study's command at toy size (a few steps, one seed), its resumption, and the pieces its report stands on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrofit.cli import app
+from retrofit.studies import STUDIES
+from retrofit.studies.base import mean_spread, scale, verdict
+from retrofit.studies.from_scratch import tokens_to_reach
+from tests.helpers import REPO, one_line_error, runner
+
+
+def run_toy(name: str, work, monkeypatch):
+    monkeypatch.chdir(REPO)  # the studies' recipes name ../shared/data from the repository root, as users run them
+    return runner.invoke(app, ["study", name, "--toy", "--work", str(work), "--studies-dir", str(REPO / "studies")])
+
+
+def test_every_study_has_a_recipe_that_validates():
+    assert set(STUDIES) == {"convergence", "schedules", "block-tradeoff", "from-scratch"}
+    for name in STUDIES:
+        recipe = REPO / "studies" / name / "recipe.yaml"
+        result = runner.invoke(app, ["validate", str(recipe)])
+        assert result.exit_code == 0, (name, result.output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDIES))
+def test_each_study_runs_at_toy_size(name, tmp_path, monkeypatch):
+    work = tmp_path / name
+    result = run_toy(name, work, monkeypatch)
+    assert result.exit_code == 0, result.output
+    readme = (work / "report" / "README.md").read_text()
+    runs = STUDIES[name].runs(scale(toy=True))
+    for run in runs:
+        record = json.loads((work / run.id / "result.json").read_text())
+        assert record["variant"] == run.variant and record["seed"] == run.seed
+    lines = readme.splitlines()
+    tables = sum(1 for line in lines if line.startswith("|---"))
+    data_rows = sum(1 for line in lines if line.startswith("|") and not line.startswith("|---")) - tables
+    assert data_rows >= len({run.variant for run in runs}), "a table row for every variant"
+    pngs = list((work / "report").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert "## Findings" in readme and "retrofit study " + name in readme
+
+
+@pytest.mark.slow
+def test_a_study_resumes_without_redoing_completed_runs(tmp_path, monkeypatch):
+    work = tmp_path / "schedules"
+    assert run_toy("schedules", work, monkeypatch).exit_code == 0
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in work.glob("*/result.json")}
+    redo = work / STUDIES["schedules"].runs(scale(toy=True))[-1].id / "result.json"
+    redo.unlink()
+    result = run_toy("schedules", work, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert redo.is_file()
+    for path, (mtime, content) in kept.items():
+        if path != redo:
+            assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content
+
+
+def test_study_refuses_bad_input_in_one_line(tmp_path):
+    assert "unknown study 'nope'" in one_line_error(runner.invoke(app, ["study", "nope"]))
+    assert "--seeds 0" in one_line_error(runner.invoke(app, ["study", "convergence", "--seeds", "0"]))
+    line = one_line_error(runner.invoke(app, ["study", "convergence", "--toy", "--studies-dir", str(tmp_path),
+                                              "--work", str(tmp_path / "w")]))
+    assert "recipe.yaml not found" in line
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [{"tokens": 0, "loss": 6.0}, {"tokens": 100, "loss": 5.0}, {"tokens": 200, "loss": 4.0}]
+    assert tokens_to_reach(curve, 4.5) == pytest.approx(150.0)
+    assert tokens_to_reach(curve, 6.5) == 0.0
+    assert tokens_to_reach(curve, 3.9) is None
+
+
+def test_a_difference_needs_seeds_and_must_exceed_their_spread():
+    assert mean_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert "one seed" in verdict(1.0, 0.0, 2.0, 0.0, 1)
+    assert "no difference" in verdict(1.0, 0.2, 1.1, 0.1, 3)
+    assert verdict(1.0, 0.01, 1.1, 0.02, 3).startswith("lower by 0.100")
