@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_CPU = torch==2.13.0
 
-.PHONY: setup test bench bench-7b clean tiny demo
+.PHONY: setup test bench bench-7b clean tiny demo studies study-convergence study-schedules study-block-tradeoff \
+	study-from-scratch
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,14 @@ tiny: setup
 	rm -rf out/tiny-pretrain
 	$(VENV)/bin/retrofit finetune recipes/tiny-pretrain.yaml
 	$(PY) -m retrofit.tools.embedded out/tiny-pretrain
+
+# The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/).
+# Times on 2 CPU cores: convergence ~10 min, schedules ~15 min, block-tradeoff ~10 min, from-scratch ~30 min.
+STUDIES = study-convergence study-schedules study-block-tradeoff study-from-scratch
+$(STUDIES): study-%: setup
+	$(VENV)/bin/retrofit study $* $(STUDY_ARGS)
+
+studies: $(STUDIES)
 
 # The whole tool on the embedded tiny model: convert, fine-tune, evaluate, one comparison table.
 # Options go through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--limit 32"` (see `python -m retrofit.tools.demo --help`).
