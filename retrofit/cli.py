@@ -30,6 +30,35 @@ app = typer.Typer(
 )
 out_console = Console()
 err_console = Console(stderr=True)
+error_console = Console(stderr=True)  # never quieted: an error on any rank of a launched run must show
+
+
+def rank_zero_only(command):
+    """Under a launcher, a command that only reads and writes files (convert, create-tiny, validate) runs once,
+    on rank 0; the other ranks have nothing to compute and return at once."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from retrofit.distributed import is_main
+
+        return command(*args, **kwargs) if is_main() else None
+
+    return wrapper
+
+
+def one_process(command):
+    """A command that runs in one process (inspect, study): refused under a launcher, in one line."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from retrofit.distributed import launched
+
+        if launched():
+            raise RetrofitError(f"`retrofit {command.__name__.replace('_', '-')}` runs in one process; start it "
+                                "without a launcher (finetune and eval are the commands that use several)")
+        return command(*args, **kwargs)
+
+    return wrapper
 
 
 def user_errors(command):
@@ -41,17 +70,24 @@ def user_errors(command):
             return command(*args, **kwargs)
         except RetrofitError as exc:
             # escape(): a message may hold "[word]" (a path, a list), which rich would take for markup.
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]{_rank_prefix()}error:[/] {escape(str(exc))}", highlight=False,
+                                soft_wrap=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            err_console.print(f"[bold red]error:[/] invalid {escape(where)}: {escape(first['msg'])}",
-                              highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]{_rank_prefix()}error:[/] invalid {escape(where)}: "
+                                f"{escape(first['msg'])}", highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+            error_console.print(f"[bold red]{_rank_prefix()}interrupted:[/] nothing was written", highlight=False)
         raise typer.Exit(1)
 
     return wrapper
+
+
+def _rank_prefix() -> str:
+    from retrofit.distributed import is_main, rank
+
+    return "" if is_main() else f"rank {rank()}: "
 
 
 def router_options(command):
@@ -90,6 +126,7 @@ def _router_names() -> str:
 
 @app.command()
 @user_errors
+@rank_zero_only
 @router_options
 def convert(
     src: str = typer.Option(..., "--src", help="Registry name (llada-moe, llada-moe-instruct, tiny), Hub id "
@@ -144,6 +181,7 @@ def _plan_table(plan) -> Table:
 
 @app.command("create-tiny")
 @user_errors
+@rank_zero_only
 def create_tiny(
     ctx: typer.Context,
     out_dir: Path = typer.Argument(..., help="Directory to write, laid out like a Hub snapshot."),
@@ -295,6 +333,7 @@ def _interrupted_finetune(output_dir: Path, recipe: Path) -> str:
 
 @app.command()
 @user_errors
+@rank_zero_only
 def validate(
     recipe: Path = typer.Argument(..., help="YAML recipe to check."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides to apply first."),
@@ -384,6 +423,8 @@ def evaluate(
                             threshold=threshold, sampling=sampling, seed=seed,
                             router=router, dtype=dtype, **router_flags)
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
+    if record is None:  # another rank of a launched run: rank 0 holds the gathered results and writes them
+        return
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
     if limit is not None and "mmlu" in names:
         out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
@@ -399,6 +440,7 @@ def evaluate(
 
 @app.command("inspect")
 @user_errors
+@one_process
 @router_options
 def inspect_routing(
     models: Optional[list[str]] = typer.Option(None, "--model", metavar="MODEL",
@@ -527,6 +569,7 @@ def write_inspection(record: dict, out: Path) -> Path:
 
 @app.command("study")
 @user_errors
+@one_process
 def study(
     name: str = typer.Argument(..., metavar="NAME", help="convergence, schedules, block-tradeoff or from-scratch."),
     toy: bool = typer.Option(False, "--toy", help="A few steps and one seed, written under --work only: checks that "
@@ -598,6 +641,10 @@ def _results_table(record: dict, per_subject: bool = False) -> Table:
 def main() -> None:
     import logging
 
+    from retrofit.distributed import is_main
+
+    if not is_main():  # a launched run's other ranks compute in silence; errors still show (error_console)
+        out_console.quiet = err_console.quiet = True
     log = logging.getLogger("retrofit")
     if not log.handlers:  # warnings as one plain line each, never a logging prefix or a traceback
         handler = logging.StreamHandler(sys.stderr)

@@ -13,6 +13,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from rich.progress import Progress
 
+from retrofit import distributed
 from retrofit.errors import RetrofitError, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
 from retrofit.eval.sampler import apply_stop
@@ -92,6 +93,12 @@ class RetrofitLM(LM):
         ``block_length``, ``guard_size``, ... as ``retrofit eval`` names them) override the checkpoint's
         router settings."""
         super().__init__()
+        if distributed.launched():  # lm-eval's data-parallel path: requests split by rank, results gathered
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPUs, NCCL on GPUs
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = device or str(self.accelerator.device)
         source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
@@ -123,7 +130,7 @@ class RetrofitLM(LM):
         max_length = min(int(max_length), self.model.config.max_position_embeddings)
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
         self.batch_size_ = int(batch_size) if str(batch_size).isdigit() else 8
-        self.show_progress = _bool(progress)
+        self.show_progress = _bool(progress) and self.rank == 0
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -216,3 +223,34 @@ class RetrofitLM(LM):
 
     def routing_report(self) -> dict:
         return self.model.routing_stats().as_dict()
+
+    # ------------------------------------------------------------------------------ several processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.device_
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor) if self.world_size > 1 else tensor
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size <= 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def gather_routing(self) -> None:
+        """Every rank's routing statistics merged into rank 0's (a collective: all ranks call it), so the record
+        and the figures count every request, as one process would."""
+        if self.world_size <= 1:
+            return
+        gathered = self.gather_object([block.stats for block in self.model.moe_blocks()])
+        if self.rank == 0:
+            for others in gathered[1:]:
+                for block, theirs in zip(self.model.moe_blocks(), others):
+                    block.stats.merge(theirs)

@@ -88,37 +88,79 @@ def prepared_tasks(tasks: list[str], data_dir: Path | None = None) -> Iterator[P
 
 
 def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
-             data_dir: Path | None = None, prepared: PreparedTasks | None = None) -> dict:
-    """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record."""
+             data_dir: Path | None = None, prepared: PreparedTasks | None = None) -> dict | None:
+    """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record, on rank 0 only
+    when several processes share the requests (None elsewhere)."""
     if prepared is None:
         with prepared_tasks(tasks, data_dir) as prepared:
             return run_eval(lm, tasks, limit, num_fewshot, data_dir, prepared)
-    import lm_eval
-
     import datasets
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval.evaluator").addFilter(_asked_for_fewshot)
     datasets.disable_progress_bars()
     record_tasks = {}
-    for user_name in prepared.names:
-        task = prepared.local.get(user_name, user_name)
-        shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
-        try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
-                                          task_manager=prepared.manager, log_samples=False, bootstrap_iters=1000)
-        except RetrofitError:
-            raise
-        except Exception as exc:
-            raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    with _fewshot_as_one_process(lm.rank, lm.world_size):
+        for user_name in prepared.names:
+            _run_task(lm, user_name, prepared, num_fewshot, limit, record_tasks)
+    lm.gather_routing()
+    if lm.rank != 0:
+        return None
+    return _record(lm, record_tasks, limit, num_fewshot, data_dir)
+
+
+def _run_task(lm, user_name: str, prepared: PreparedTasks, num_fewshot, limit, record_tasks: dict) -> None:
+    """One task through lm-eval; its scores join ``record_tasks`` (on rank 0, where lm-eval gathers them)."""
+    import lm_eval
+
+    task = prepared.local.get(user_name, user_name)
+    shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
+                                      task_manager=prepared.manager, log_samples=False, bootstrap_iters=1000)
+    except RetrofitError:
+        raise
+    except Exception as exc:
+        raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    if out is not None:  # lm-eval returns the gathered results on rank 0 only
         record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+
+
+@contextmanager
+def _fewshot_as_one_process(rank: int, world_size: int) -> Iterator[None]:
+    """lm-eval's data-parallel path builds each rank's requests from its own share of the documents, drawing the
+    few-shot examples from one random stream as it goes, so a document gets other examples with 2 processes than
+    with 1 (lm-eval issue #1308; MMLU and GSM8K are 5-shot). Here every rank builds the requests of all documents
+    as one process would, then keeps its own share (the documents lm-eval gives it: index ≡ rank mod world
+    size); the split, padding and gathering stay lm-eval's."""
+    if world_size <= 1:
+        yield
+        return
+    from lm_eval.api.task import Task
+
+    original = Task.build_all_requests
+
+    def build_all_requests(self, *args, rank: int = 0, world_size: int = 1, **kwargs):
+        original(self, *args, rank=0, world_size=1, **kwargs)
+        self._instances = [i for i in self._instances if i.doc_id % world_size == rank]
+
+    Task.build_all_requests = build_all_requests
+    try:
+        yield
+    finally:
+        Task.build_all_requests = original
+
+
+def _record(lm, record_tasks: dict, limit, num_fewshot, data_dir) -> dict:
+    import lm_eval
+
     return {
         "model": str(lm.path),
         "weights_sha256": weights_hash(lm.path),
         "router": lm.router.model_dump(),
         "lm_eval_version": lm_eval.__version__,
-        "settings": {"mc_num": lm.mc_num, "batch_size": lm.batch_size_, "seed": lm.seed, "limit": limit,
+        "settings": {"processes": lm.world_size, "mc_num": lm.mc_num, "batch_size": lm.batch_size_, "seed": lm.seed, "limit": limit,
                      "num_fewshot": num_fewshot, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                      "sampler": {"name": lm.sampler.name, **lm.sampler.settings.__dict__}},
         "results": record_tasks,

@@ -145,7 +145,7 @@ def gather_sampled(subjects: list[Subject], tasks: list[str], limit: int, data_d
             lm = RetrofitLM(subject.model, router=subject.router, **sampler)
             record = run_eval(lm, tasks, limit=limit, data_dir=data_dir, prepared=prepared)
             entry = sampled_entry(lm)
-            entry["scores"] = record["results"]
+            entry["scores"] = record["results"] if record else {}
             entries.append(entry)
     return sampled_record(entries, tasks, limit, data_dir, {"name": lm.sampler.name, **lm.sampler.settings.__dict__},
                           lm.sampler.denoise_block)

@@ -176,6 +176,14 @@ class StatsByMaskRatio:
     def merged(self) -> RoutingStats:
         return self.total
 
+    def merge(self, other: "StatsByMaskRatio") -> None:
+        """Accumulate another process's statistics of the same layer (the same buckets)."""
+        if other.ratios != self.ratios:
+            raise ValueError(f"cannot merge mask-ratio buckets {other.ratios} into {self.ratios}")
+        self.total.merge(other.total)
+        for mine, theirs in zip(self.buckets, other.buckets):
+            mine.merge(theirs)
+
     def filled(self) -> list[tuple[float, RoutingStats]]:
         """(ratio, statistics) of the buckets that saw at least one token, in ratio order."""
         return [(r, b) for r, b in zip(self.ratios, self.buckets) if b.num_tokens]

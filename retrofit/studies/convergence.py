@@ -36,12 +36,10 @@ class Convergence(Study):
         tc_start = groups["tc"][0]["curve"][0]["loss"]
         ec_start = groups["ec"][0]["curve"][0]["loss"]
         gap = ec_start - tc_start
-        figures = [
-            curves({v: [[(r["step"], r["loss"]) for r in res["curve"]] for res in seeds] for v, seeds in groups.items()},
-                   "router fine-tuning steps", "held-out loss (nats/token)",
-                   "Held-out loss while fine-tuning (mean over seeds, band: min to max)", out, "convergence",
-                   references={"TC checkpoint, untrained": tc_start}),
-        ]
+        curves({v: [[(r["step"], r["loss"]) for r in res["curve"]] for res in seeds] for v, seeds in groups.items()},
+               "router fine-tuning steps", "held-out loss (nats/token)",
+               "Held-out loss while fine-tuning (mean over seeds, band: min to max)", out, "convergence",
+               references={"TC checkpoint, untrained": tc_start})
         rows = ["| variant | trainable | held-out loss, step 0 | after fine-tuning | share of EC's gap won back | "
                 "training s |", "|---|---|---|---|---|---|"]
         finals = {}

@@ -7,8 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from retrofit.eval.heldout import heldout_losses
 from retrofit.io.text_data import build_sequences
 
@@ -37,12 +35,14 @@ class HeldoutProbe:
     ``every`` steps and at the end, with the training wall-clock spent so far (evaluation excluded), so runs
     compare against steps, tokens or seconds."""
 
-    def __init__(self, section, recipe_dir: Path, tokenizer, mask_id: int, output_dir: Path, keep_until: int):
+    def __init__(self, section, recipe_dir: Path, tokenizer, mask_id: int, output_dir: Path, keep_until: int,
+                 write: bool = True):
+        """``write``: this process keeps the log (rank 0); every rank measures, so that ranks stay in step."""
         self.section, self.mask_id = section, mask_id
         data = section.data.model_copy(update={"objective": "pretrain"})
         self.sequences = build_sequences(data, recipe_dir, tokenizer).input_ids
-        self.log = JsonlLog(output_dir / HELDOUT_FILE, keep_until)
-        self.train_seconds = float(self.log.last["train_s"]) if self.log.last else 0.0
+        self.log = JsonlLog(output_dir / HELDOUT_FILE, keep_until) if write else None
+        self.train_seconds = float(self.log.last["train_s"]) if self.log and self.log.last else 0.0
         self._clock = time.perf_counter()
 
     def due(self, done: int, max_steps: int) -> bool:
@@ -65,6 +65,7 @@ class HeldoutProbe:
             for block, stats in zip(blocks, saved):
                 block.stats = stats
         record = {"step": done, "tokens": tokens, "train_s": round(self.train_seconds, 3), **losses}
-        self.log.write(record)
+        if self.log:
+            self.log.write(record)
         self._clock = time.perf_counter()
         return record

@@ -28,10 +28,14 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, scoring: 
     return torch.stack(losses).mean()
 
 
-def distillation_kl(student_logits, teacher_logits, masked: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ student) averaged over masked positions; the teacher carries no gradient."""
+def distillation_kl(student_logits, teacher_logits, masked: torch.Tensor, temperature: float,
+                    count: float | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) summed over masked positions and divided by ``count`` (default: their number, the
+    mean); the teacher carries no gradient. Data-parallel ranks pass the global batch's masked count over the
+    number of ranks, so that averaging their gradients gives exactly the one-process mean."""
     if not masked.any():
         return student_logits.sum() * 0.0
     s = F.log_softmax(student_logits[masked].float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[masked].float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    total = (t.exp() * (t - s)).sum()
+    return total / (count if count is not None else masked.sum()) * temperature**2

@@ -62,8 +62,11 @@ class OptimSection(Section):
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     max_steps: int = Field(default=100, ge=1)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="sequences per micro-batch on each process")
     grad_accum: int = Field(default=1, ge=1)
+    global_batch: int | None = Field(default=None, ge=1, description=(
+        "sequences per optimizer step over all processes, batch_size × grad_accum × processes; when given, a "
+        "launch whose product differs is refused"))
     grad_clip: float | None = Field(default=1.0, gt=0)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description=(

@@ -34,7 +34,7 @@ from retrofit.routers import swap_routers
 from retrofit.routers.registry import swap_routers_back
 from retrofit.sources import Source, resolve_source
 from retrofit.training.logs import HeldoutProbe, JsonlLog
-from retrofit.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
 from retrofit.training.recipe import Recipe
 from retrofit.training.trainable import make_trainable, router_parameter_names
@@ -87,8 +87,20 @@ class Finetune:
             raise RetrofitError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
                                 f"({positions}); set data.seq_len={positions} or less")
         optim = recipe.optim
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if optim.device == "auto"
-                                   else optim.device)
+        # accelerate's view of the launch: one process (no launcher) or one per device (DDP over gloo or NCCL).
+        from accelerate import Accelerator
+
+        # cpu=True where there is no GPU: accelerate then joins a launched run over gloo (MULTI_CPU) instead of
+        # running every rank as a lone process.
+        self.accelerator = Accelerator(cpu=optim.device == "cpu" or not torch.cuda.is_available())
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
+        self.global_batch = optim.batch_size * optim.grad_accum * self.world
+        if optim.global_batch is not None and optim.global_batch != self.global_batch:
+            raise RetrofitError(f"optim.global_batch is {optim.global_batch}, but batch_size {optim.batch_size} × "
+                                f"grad_accum {optim.grad_accum} × {self.world} process(es) is {self.global_batch}; "
+                                "change optim.batch_size or optim.grad_accum (or the number of processes)")
+        self.device = self.accelerator.device if optim.device == "auto" else torch.device(optim.device)
         use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
         # bf16: frozen weights stay bf16 and the weights that train keep fp32 master copies; on a GPU bf16
         # autocast covers the remaining mixed-dtype ops. On a CPU plain bf16 weights need no autocast.
@@ -111,6 +123,9 @@ class Finetune:
             model.enable_activation_checkpointing()
         for block in model.moe_blocks():
             block.keep_router_logits = recipe.objective.z_loss > 0 or recipe.objective.balance_loss > 0
+        # The module the training forward runs through: DDP under a launcher (gradients of the trainable
+        # parameters are averaged across ranks; frozen ones have no gradient to sync), the model itself otherwise.
+        self.trained = self.accelerator.prepare_model(self.model) if self.world > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
@@ -126,11 +141,17 @@ class Finetune:
         return self._perm
 
     def micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of micro-batch ``index``: a seeded permutation per epoch, so the order depends only on the step."""
-        size, total = self.recipe.optim.batch_size, len(self.data)
+        """Rows of global micro-batch ``index`` (every rank's rows): a seeded permutation per epoch, so the order
+        depends only on the step; each rank trains on its own slice of it (:meth:`mine`)."""
+        size, total = self.recipe.optim.batch_size * self.world, len(self.data)
         rows = torch.tensor([int(self.permutation(pos // total)[pos % total])
                              for pos in range(index * size, (index + 1) * size)])
         return self.data.input_ids[rows], self.data.prompt_len[rows]
+
+    def mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global micro-batch (all of them in one process)."""
+        size = self.recipe.optim.batch_size
+        return rows[self.rank * size:(self.rank + 1) * size]
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -153,11 +174,16 @@ class Finetune:
                 block.stats, block.keep_router_logits = stats, keep
 
     def loss_terms(self, ids: torch.Tensor, prompt_len: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms of this rank's rows. The noise is drawn for the whole global micro-batch on every rank (the
+        same generator everywhere), so N processes see exactly the noise one process would, row for row."""
         obj = self.recipe.objective
         noise = add_noise(ids, prompt_len, self.config.mask_token_id, obj.eps, self.noise_gen)
+        masked_per_rank = float(noise.masked.sum()) / self.world  # terms averaged over positions use the global count
+        noise = type(noise)(*(self.mine(getattr(noise, f)) for f in noise.__dataclass_fields__))
+        ids = self.mine(ids)
         noisy, t = noise.noisy.to(self.device), noise.t.to(self.device)
         with self.autocast:
-            logits = self.denoise(noisy, t, ids)
+            logits = self.denoise(noisy, t, ids, self.trained)
         terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), _to(noise, self.device))}
         router_logits = [b.router_logits for b in self.base.moe_blocks()]
         if obj.z_loss > 0:
@@ -167,18 +193,19 @@ class Finetune:
                                                    self.family.scoring(self.config))
         if obj.distill.weight > 0:
             with torch.no_grad(), self.teacher_routing(), self.autocast:
-                teacher = self.denoise(noisy, t, ids)
-            terms["distill"] = distillation_kl(logits, teacher, noise.masked.to(self.device), obj.distill.temperature)
+                teacher = self.denoise(noisy, t, ids, self.model)
+            terms["distill"] = distillation_kl(logits, teacher, noise.masked.to(self.device), obj.distill.temperature,
+                                               count=masked_per_rank if self.world > 1 else None)
         return terms
 
-    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        """The model's logits on the noisy sequence, laid out as the family is trained: plain masked diffusion,
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, clean: torch.Tensor, model) -> torch.Tensor:
+        """``model``'s logits on the noisy sequence, laid out as the family is trained: plain masked diffusion,
         or block diffusion (the clean sequence beside it; LLaDA2.0)."""
         block = self.family.training_block
         if block is None:
-            return self.model(input_ids=noisy, mask_ratio=t).logits
+            return model(input_ids=noisy, mask_ratio=t).logits
         ids, positions, allowed = block_diffusion_layout(noisy, clean, block)
-        return self.model(input_ids=ids, mask_ratio=t, position_ids=positions, allowed_pairs=allowed,
+        return model(input_ids=ids, mask_ratio=t, position_ids=positions, allowed_pairs=allowed,
                           logits_to_keep=slice(None, noisy.shape[1])).logits
 
     def total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -192,15 +219,17 @@ class Finetune:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for micro in range(optim.grad_accum):
-            terms = self.loss_terms(*self.micro_batch(step * optim.grad_accum + micro))
-            total = self.total(terms)
-            if not torch.isfinite(total):
-                path = self.save(step)
-                raise RetrofitError(f"loss is {float(total.detach())} at step {step + 1}; stopped, the last good state is "
-                                    f"saved in {path}")
-            (total / optim.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / optim.grad_accum
+            last = micro == optim.grad_accum - 1  # DDP averages gradients across ranks once, after the last
+            with nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.trained):
+                terms = self.loss_terms(*self.micro_batch(step * optim.grad_accum + micro))
+                total = self.total(terms)
+                if not self.everywhere_finite(total):
+                    path = self.save(step)
+                    raise RetrofitError(f"loss is {float(total.detach())} at step {step + 1}; stopped, the last good "
+                                        f"state is saved in {path}")
+                (total / optim.grad_accum).backward()
+            for k, v in self.across_ranks(terms).items():
+                sums[k] = sums.get(k, 0.0) + v / optim.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf"))
         self.optimizer.step()
@@ -209,9 +238,27 @@ class Finetune:
 
     # ------------------------------------------------------------------------------------ run
 
+    def everywhere_finite(self, total: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks stop together, or none does)."""
+        bad = torch.tensor([0.0 if torch.isfinite(total) else 1.0], device=self.device)
+        return float(self.accelerator.reduce(bad, "sum")) == 0 if self.world > 1 else not bad.item()
+
+    def across_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss terms averaged over ranks (each rank's are the mean over its equal share of rows): the values
+        one process would log for the whole global batch."""
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        if self.world > 1:
+            values = self.accelerator.reduce(values.to(self.device), "mean")
+        return dict(zip(terms, values.tolist()))
+
     def save(self, step: int) -> Path:
-        return save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.noise_gen,
-                               {"source": str(self.source.path)})
+        """A checkpoint written once, by rank 0 (every rank holds the same trainable state), atomically."""
+        path = checkpoint_dir(self.output_dir) / f"step-{step:06d}"
+        if self.main:
+            path = save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.noise_gen,
+                                   {"source": str(self.source.path), "global_batch": self.global_batch})
+        self.accelerator.wait_for_everyone()
+        return path
 
     def run(self) -> FinetuneResult:
         created = not self.output_dir.exists()
@@ -227,13 +274,19 @@ class Finetune:
         optim, every = self.recipe.optim, self.recipe.checkpoint.every
         start = 0
         if self.resume:
-            start = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
-                                    self.noise_gen)["step"]
+            state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler, self.noise_gen)
+            start = state["step"]
+            saved = state.get("global_batch", self.global_batch)
+            if saved != self.global_batch:  # the data order and the noise are laid out per global batch
+                raise RetrofitError(f"--resume: the checkpoint was written with a global batch of {saved} (batch_size × "
+                                    f"grad_accum × processes), this run has {self.global_batch}; set optim.batch_size "
+                                    "or optim.grad_accum so that the product stays the same")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = JsonlLog(self.output_dir / METRICS_FILE, keep_until=start)
+        self.accelerator.wait_for_everyone()  # rank 0 may be about to truncate the logs others never open
+        metrics = JsonlLog(self.output_dir / METRICS_FILE, keep_until=start) if self.main else None
         heldout = self.heldout_probe(start)
         self.base.enable_routing_stats()
-        tokens_per_step = optim.batch_size * optim.grad_accum * self.recipe.data.seq_len
+        tokens_per_step = self.global_batch * self.recipe.data.seq_len
         if heldout and start == 0:
             heldout.measure(self.model, self.base, 0, 0)
         losses, window, clock = [], [], time.perf_counter()
@@ -246,9 +299,12 @@ class Finetune:
                 # Loss terms are means over the logging window: one step's loss swings with its sampled t.
                 means = {k: sum(v[k] for v in window) / len(window) for k in window[0] if k not in ("lr",)}
                 elapsed = time.perf_counter() - clock
-                metrics.write({"step": done, **means, "lr": values["lr"], "tokens": done * tokens_per_step,
-                               "tokens_per_s": tokens_per_step * len(window) / max(elapsed, 1e-9),
-                               "routing": self.base.routing_stats().as_dict()})
+                routing = self.routing_across_ranks()
+                if metrics:
+                    metrics.write({"step": done, **means, "lr": values["lr"], "tokens": done * tokens_per_step,
+                                   "global_batch": self.global_batch,
+                                   "tokens_per_s": tokens_per_step * len(window) / max(elapsed, 1e-9),
+                                   "routing": routing})
                 self.base.enable_routing_stats()
                 window, clock = [], time.perf_counter()
             if heldout and heldout.due(done, optim.max_steps):
@@ -259,16 +315,28 @@ class Finetune:
                 self.progress(done, optim.max_steps, values)
             if done % every == 0 or done == optim.max_steps:
                 self.save(done)
-        self.export()
-        self.draw_curves()
+        if self.main:
+            self.export()
+            self.draw_curves()
+        self.accelerator.wait_for_everyone()
         return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
+
+    def routing_across_ranks(self) -> dict:
+        """The logging window's routing statistics over every rank's rows."""
+        stats = self.base.routing_stats()
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            for other in gather_object([stats])[1:]:
+                stats.merge(other)
+        return stats.as_dict()
 
     def heldout_probe(self, start: int) -> HeldoutProbe | None:
         section = self.recipe.heldout
         if section is None:
             return None
         return HeldoutProbe(section, self.recipe_dir, load_tokenizer(self.ckpt.path), self.config.mask_token_id,
-                            self.output_dir, keep_until=start)
+                            self.output_dir, keep_until=start, write=self.main)
 
     def draw_curves(self) -> None:
         """``curves.png`` beside metrics.jsonl (loss terms, learning rate, tokens/s against steps)."""

@@ -1,0 +1,27 @@
+"""Running under a launcher (``accelerate launch``, ``torchrun``): one process per device, every rank computes,
+rank 0 alone talks (progress, tables) and writes (checkpoints, metrics, results).
+
+The launcher's environment says where a process stands (``RANK``, ``WORLD_SIZE``), so the command line can be
+quiet on other ranks before any process group exists; the group itself is accelerate's, started by the first
+:class:`accelerate.Accelerator` (gloo on CPUs, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    return rank() == 0
