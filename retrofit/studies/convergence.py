@@ -40,8 +40,8 @@ class Convergence(Study):
                "router fine-tuning steps", "held-out loss (nats/token)",
                "Held-out loss while fine-tuning (mean over seeds, band: min to max)", out, "convergence",
                references={"TC checkpoint, untrained": tc_start})
-        rows = ["| variant | trainable | held-out loss, step 0 | after fine-tuning | share of EC's gap won back | "
-                "training s |", "|---|---|---|---|---|---|"]
+        rows = ["| variant | trainable | held-out loss, step 0 | after fine-tuning | share of EC's gap won back |",
+                "|---|---|---|---|---|"]
         finals = {}
         for variant, seeds in groups.items():
             final = [s["curve"][-1]["loss"] for s in seeds]
@@ -49,18 +49,17 @@ class Convergence(Study):
             won = [(ec_start - f) / gap for f in final] if variant != "tc" and gap > 0 else None
             mode = "routers + LoRA" if "lora" in variant else "routers"
             rows.append(f"| {variant} | {mode} | {seeds[0]['curve'][0]['loss']:.3f} | {fmt(final)} | "
-                        f"{fmt([w * 100 for w in won], 1) + ' %' if won else '–'} | "
-                        f"{fmt([s['curve'][-1]['train_s'] for s in seeds], 0)} |")
+                        f"{fmt([w * 100 for w in won], 1) + ' %' if won else '–'} |")
         steps = groups["ec"][0]["curve"][-1]["step"]
         tokens = groups["ec"][0]["curve"][-1]["tokens"]
-        findings = _findings(finals, tc_start, ec_start)
+        findings = _findings(finals, tc_start, ec_start) + [_speed(groups)]
         body = [
             f"# {self.title}", "",
             "The question (EC-DLM): a token-choice checkpoint is retrofitted with expert-choice routing by swapping "
             "its routers and briefly fine-tuning them. Does EC reach TC's loss, how fast, and does distillation from "
             "the TC model help? The TC control is trained the same way and as long, so that what fine-tuning alone "
             "buys is not credited to EC.", "",
-            f"Setup: `tiny` (the embedded 2-layer, 8-expert top-2 model), EC at capacity factor 1.0 (TC's FLOPs), "
+            f"Setup: `tiny` (the embedded 3-layer, 8-expert top-2 model), EC at capacity factor 1.0 (TC's FLOPs), "
             f"{steps} steps of router fine-tuning ({tokens:,} tokens of GSM8K train text, recipe `recipe.yaml`), "
             f"held-out masked-token loss on GSM8K test text with the same seeded masks for every run, "
             f"{len(next(iter(groups.values())))} seed(s) per variant (seed = data order and noise). "
@@ -77,6 +76,24 @@ class Convergence(Study):
         path = out / "README.md"
         path.write_text("\n".join(body))
         return path
+
+
+def _speed(groups: dict[str, list[dict]]) -> str:
+    """How fast: the first evaluation by which each EC variant has 90% of its own final gain (mean curve)."""
+    parts, firsts = [], []
+    for variant, seeds in groups.items():
+        if variant == "tc":
+            continue
+        steps = [r["step"] for r in seeds[0]["curve"]]
+        mean = [sum(s["curve"][i]["loss"] for s in seeds) / len(seeds) for i in range(len(steps))]
+        gain = mean[0] - mean[-1]
+        first = next((step for step, loss in zip(steps, mean) if mean[0] - loss >= 0.9 * gain), steps[-1])
+        parts.append(f"{variant} by step {first}")
+        firsts.append(first)
+    flat = max(firsts) <= steps[-1] * 2 / 3
+    return ("- How fast: 90% of each variant's final gain is in hand " + ", ".join(parts) + " (held-out "
+            f"evaluations every {steps[1] - steps[0]} steps)"
+            + ("; the curves flatten well before the last step." if flat else "."))
 
 
 def _findings(finals: dict[str, list[float]], tc_start: float, ec_start: float) -> list[str]:
