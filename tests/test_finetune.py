@@ -363,3 +363,10 @@ def test_convert_refuses_a_source_with_a_lora_adapter(strong_tiny, tmp_path):
     line = one_line_error(runner.invoke(app, ["convert", "--src", str(result.output_dir), "--router", "tc",
                                               "--out", str(tmp_path / "c")]))
     assert "LoRA adapter" in line and not (tmp_path / "c").exists()
+
+
+def test_global_batch_that_the_launch_does_not_give_is_refused(strong_tiny, tmp_path):
+    path = write_recipe(tmp_path, strong_tiny)
+    line = one_line_error(runner.invoke(app, ["finetune", str(path), "optim.global_batch=8"]))
+    assert "optim.global_batch is 8, but batch_size 4 × grad_accum 1 × 1 process(es) is 4" in line
+    assert not (tmp_path / "run").exists()

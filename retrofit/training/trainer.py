@@ -87,20 +87,7 @@ class Finetune:
             raise RetrofitError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
                                 f"({positions}); set data.seq_len={positions} or less")
         optim = recipe.optim
-        # accelerate's view of the launch: one process (no launcher) or one per device (DDP over gloo or NCCL).
-        from accelerate import Accelerator
-
-        # cpu=True where there is no GPU: accelerate then joins a launched run over gloo (MULTI_CPU) instead of
-        # running every rank as a lone process.
-        self.accelerator = Accelerator(cpu=optim.device == "cpu" or not torch.cuda.is_available())
-        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.main = self.accelerator.is_main_process
-        self.global_batch = optim.batch_size * optim.grad_accum * self.world
-        if optim.global_batch is not None and optim.global_batch != self.global_batch:
-            raise RetrofitError(f"optim.global_batch is {optim.global_batch}, but batch_size {optim.batch_size} × "
-                                f"grad_accum {optim.grad_accum} × {self.world} process(es) is {self.global_batch}; "
-                                "change optim.batch_size or optim.grad_accum (or the number of processes)")
-        self.device = self.accelerator.device if optim.device == "auto" else torch.device(optim.device)
+        self.join_launch(optim)
         use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
         # bf16: frozen weights stay bf16 and the weights that train keep fp32 master copies; on a GPU bf16
         # autocast covers the remaining mixed-dtype ops. On a CPU plain bf16 weights need no autocast.
@@ -131,6 +118,23 @@ class Finetune:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
         self.noise_gen = torch.Generator().manual_seed(optim.seed + 1)
         self._perm_epoch: int | None = None
+
+    def join_launch(self, optim) -> None:
+        """accelerate's view of the launch: one process (no launcher) or one per device (DDP over gloo or NCCL);
+        sets the rank, the number of processes, the global batch and the device."""
+        from accelerate import Accelerator
+
+        # cpu=True where there is no GPU: accelerate then joins a launched run over gloo (MULTI_CPU) instead of
+        # running every rank as a lone process.
+        self.accelerator = Accelerator(cpu=optim.device == "cpu" or not torch.cuda.is_available())
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.accelerator.is_main_process
+        self.global_batch = optim.batch_size * optim.grad_accum * self.world
+        if optim.global_batch is not None and optim.global_batch != self.global_batch:
+            raise RetrofitError(f"optim.global_batch is {optim.global_batch}, but batch_size {optim.batch_size} × "
+                                f"grad_accum {optim.grad_accum} × {self.world} process(es) is {self.global_batch}; "
+                                "change optim.batch_size or optim.grad_accum (or the number of processes)")
+        self.device = self.accelerator.device if optim.device == "auto" else torch.device(optim.device)
 
     # ------------------------------------------------------------------------------------ data
 
