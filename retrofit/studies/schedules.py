@@ -96,11 +96,13 @@ def _findings(finals, after, before, ratios) -> list[str]:
     best = order[0]
     c, sc = mean_spread(finals["constant"])
     lines = [f"- Ranking after fine-tuning (overall held-out loss, lowest first): {', '.join(order)}."]
-    for name in ("linear-reverse", best):
+    for name in dict.fromkeys(("linear-reverse", best)):  # the paper's pick, then this run's best
+        if name == "constant":
+            continue
         a, sa = mean_spread(finals[name])
         lines.append(f"- {name} against constant: {a:.3f} against {c:.3f}; {verdict(a, sa, c, sc, len(finals[name]))}.")
-        if name == best:
-            break
+    if best == "constant":
+        lines.append("- No schedule beats constant capacity on the overall held-out loss after fine-tuning.")
     low, high = ratios[0], ratios[-1]
     for name in ("linear-reverse", "linear"):
         d_low = mean_spread(after[name][low])[0] - mean_spread(after["constant"][low])[0]
@@ -110,6 +112,15 @@ def _findings(finals, after, before, ratios) -> list[str]:
         lines.append(f"- {name} against constant: {d_low:+.3f} at r={low}, {d_high:+.3f} at r={high}"
                      + ("; the loss falls where the schedule spends more capacity and rises where it spends less."
                         if follows else "."))
-    b = {v: mean_spread([sum(x) / len(x) for x in zip(*before[v].values())])[0] for v in before}
-    lines.append(f"- Before fine-tuning, ranked by the mean of the per-ratio losses: {', '.join(sorted(b, key=b.get))}.")
+    gain = mean_spread(after["constant"][low])[0] - mean_spread(after["linear-reverse"][low])[0]
+    cost = mean_spread(after["linear"][low])[0] - mean_spread(after["constant"][low])[0]
+    if cost > gain > 0:  # at r=low linear-reverse runs k_max and linear k_min experts per token
+        lines.append(f"- At r={low}, {K_MAX} experts per token instead of {TOP_K} (linear-reverse) lower the loss by "
+                     f"{gain:.3f}, {K_MIN} instead of {TOP_K} (linear) raise it by {cost:.3f}: the loss is convex in "
+                     f"the experts a token gets, so at matched FLOPs a schedule loses more where it takes capacity "
+                     "away than it wins where it adds it.")
+    for when, table in (("Before", before), ("After", after)):
+        m = {v: mean_spread([sum(x) / len(x) for x in zip(*table[v].values())])[0] for v in table}
+        lines.append(f"- {when} fine-tuning, ranked by the mean of the losses at r = {', '.join(ratios)} (every mask "
+                     f"ratio weighted alike): {', '.join(f'{v} {m[v]:.3f}' for v in sorted(m, key=m.get))}.")
     return lines
