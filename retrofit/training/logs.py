@@ -50,7 +50,8 @@ class HeldoutProbe:
 
     def measure(self, model, base, done: int, tokens: int) -> dict:
         """Evaluate ``model`` (``base``: the unwrapped model, whose routing statistics pause meanwhile)."""
-        self.train_seconds += time.perf_counter() - self._clock
+        if done > 0:  # before the first step nothing has trained yet
+            self.train_seconds += time.perf_counter() - self._clock
         blocks = base.moe_blocks()
         saved = [b.stats for b in blocks]
         for block in blocks:
