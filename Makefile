@@ -43,8 +43,8 @@ tiny: setup
 	$(PY) -m retrofit.tools.embedded out/tiny-pretrain
 
 # The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/).
-# Times on 2 CPU cores (measured alongside other work): convergence 34 min, schedules 22 min, block-tradeoff ~25 min,
-# from-scratch see its README.
+# Times on 2 CPU cores (measured alongside other work): convergence 34 min, schedules 22 min, block-tradeoff
+# 29 min, from-scratch 14 min.
 STUDIES = study-convergence study-schedules study-block-tradeoff study-from-scratch
 $(STUDIES): study-%: setup
 	$(VENV)/bin/retrofit study $* $(STUDY_ARGS)
