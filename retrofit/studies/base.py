@@ -135,3 +135,8 @@ def verdict(a: float, spread_a: float, b: float, spread_b: float, seeds: int) ->
     if abs(a - b) <= noise:
         return f"no difference beyond the seeds' spread ({noise:.3f})"
     return f"{'lower' if a < b else 'higher'} by {abs(a - b):.3f}, more than the seeds' spread ({noise:.3f})"
+
+
+def seeds_text(n: int) -> str:
+    """The seeds a study ran, as its README states them (``optim.seed`` 0..n-1)."""
+    return "seed 0" if n == 1 else f"{n} seeds (optim.seed 0 to {n - 1})"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread
+from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import save_figure, series_style, plt, WIDE
 
@@ -91,7 +91,7 @@ class BlockTradeoff(Study):
             f"evaluation. Grid: core threshold p in {', '.join(map(str, THRESHOLDS))} × guard size in "
             f"{', '.join(map(str, GUARDS))}, without training. Then two settings fine-tuned for "
             f"{steps} steps with distillation from the TC model (recipe `recipe.yaml`): "
-            f"routers only, and routers + LoRA on the attention projections, {n} seed(s) each. Scale: {scale.name}.",
+            f"routers only, and routers + LoRA on the attention projections, {seeds_text(n)} each. Scale: {scale.name}.",
             "",
             f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
             f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",

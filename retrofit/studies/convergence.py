@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, verdict
+from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text, verdict
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import curves
 
@@ -62,7 +62,7 @@ class Convergence(Study):
             f"Setup: `tiny` (the embedded 3-layer, 8-expert top-2 model), EC at capacity factor 1.0 (TC's FLOPs), "
             f"{steps} steps of router fine-tuning ({tokens:,} tokens of GSM8K train text, recipe `recipe.yaml`), "
             f"held-out masked-token loss on GSM8K test text with the same seeded masks for every run, "
-            f"{len(next(iter(groups.values())))} seed(s) per variant (seed = data order and noise). "
+            f"{seeds_text(len(next(iter(groups.values()))))} per variant (the seed sets the data order and the noise). "
             f"Scale: {scale.name}.", "",
             f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
             f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, verdict
+from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import curves
 
@@ -70,7 +70,7 @@ class FromScratch(Study):
             "load-balancing loss (0.01), and expert choice at capacity factor 1.0 (the same FLOPs) with a z-loss of "
             "1e-3 and no balance loss, as EC-DLM. Held-out masked-token loss on GSM8K test text. Wall-clock is "
             "training time only (evaluation excluded), on this machine's 2 CPU cores, fp32. "
-            f"{len(next(iter(groups.values())))} seed(s). Scale: {scale.name}.", "",
+            f"{seeds_text(len(next(iter(groups.values()))))}, each seed also the initialisation's. Scale: {scale.name}.", "",
             f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
             f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",
             *rows, "",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrofit.routers.schedules import ScheduleSettings, expected_k
-from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, verdict
+from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text, verdict
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import by_ratio
 
@@ -70,7 +70,7 @@ class Schedules(Study):
             f"Setup: `tiny` (8 experts, top-2) with EC routers; every schedule runs k(r) between {K_MIN} and {K_MAX} "
             f"experts per token, and a capacity factor brings its expectation under uniform mask ratios to exactly "
             f"{TOP_K} (TC's FLOPs; column E[k(r)] × capacity factor = {TOP_K}). Each run fine-tunes the routers for "
-            f"{steps} steps with distillation from the TC model (recipe `recipe.yaml`), {n} seed(s) per schedule. "
+            f"{steps} steps with distillation from the TC model (recipe `recipe.yaml`), {seeds_text(n)} per schedule. "
             "Held-out masked-token loss on GSM8K test text: overall (t ~ U(0, 1)) and at fixed mask ratios r, where "
             f"every token is masked with probability r and the router sees r. Scale: {scale.name}.", "",
             f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
