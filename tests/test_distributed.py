@@ -67,10 +67,14 @@ def assert_same_routers(a: Path, b: Path) -> None:
         assert torch.allclose(ra[name], rb[name], atol=1e-5, rtol=0), (name, (ra[name] - rb[name]).abs().max())
 
 
-def test_two_processes_train_the_routers_one_process_does(recipe, tmp_path):
+@pytest.mark.parametrize("objective", [
+    (),  # EC routers, z-loss and distillation (the recipe)
+    ("model.router={type: tc}", "objective.balance_loss=0.01", "objective.distill.weight=0.0"),  # TC + balance
+], ids=["ec-distill", "tc-balance"])
+def test_two_processes_train_the_routers_one_process_does(recipe, tmp_path, objective):
     one, two = tmp_path / "one", tmp_path / "two"
-    retrofit("finetune", str(recipe), f"checkpoint.output_dir={one}")
-    out = retrofit("finetune", str(recipe), "optim.batch_size=2", "optim.global_batch=4",
+    retrofit("finetune", str(recipe), *objective, f"checkpoint.output_dir={one}")
+    out = retrofit("finetune", str(recipe), *objective, "optim.batch_size=2", "optim.global_batch=4",
                    f"checkpoint.output_dir={two}", processes=2)
     assert out.stdout.count("wrote") == 1, "rank 0 alone talks"
     assert_same_routers(one, two)
@@ -79,6 +83,7 @@ def test_two_processes_train_the_routers_one_process_does(recipe, tmp_path):
     assert all(m["global_batch"] == 4 for m in m1 + m2)
     for a, b in zip(m1, m2):
         assert abs(a["diffusion"] - b["diffusion"]) < 1e-4 and a["tokens"] == b["tokens"]
+        assert abs(a.get("balance", 0) - b.get("balance", 0)) < 1e-5, "the balance loss of the global batch"
         assert a["routing"]["tokens"] == b["routing"]["tokens"], "routing counted over both ranks' rows"
 
 

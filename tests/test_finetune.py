@@ -370,3 +370,22 @@ def test_global_batch_that_the_launch_does_not_give_is_refused(strong_tiny, tmp_
     line = one_line_error(runner.invoke(app, ["finetune", str(path), "optim.global_batch=8"]))
     assert "optim.global_batch is 8, but batch_size 4 × grad_accum 1 × 1 process(es) is 4" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_balance_loss_of_each_rank_adds_up_to_the_whole_batch():
+    """What two data-parallel ranks compute (their halves, the counts summed across them) averages to the
+    one-process loss, value and gradient."""
+    from retrofit.routers import SOFTMAX
+    from retrofit.training.objective import load_balancing_loss
+
+    logits = torch.randn(10, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    full = load_balancing_loss([logits], 2)
+    (whole,) = torch.autograd.grad(full, logits)
+    probs = SOFTMAX.scores(logits.detach())
+    chosen = torch.zeros_like(probs).scatter(-1, SOFTMAX.top_k(probs, 2)[1], 1.0)
+    summed = torch.cat([chosen.sum(0), torch.tensor([10.0])])  # what the all-reduce returns on every rank
+    halves = [load_balancing_loss([part], 2, sum_across_ranks=lambda _: summed, world=2)
+              for part in (logits[:5], logits[5:])]
+    assert torch.allclose(sum(halves) / 2, full)
+    (averaged,) = torch.autograd.grad(sum(halves) / 2, logits)
+    assert torch.allclose(averaged, whole, atol=1e-7)

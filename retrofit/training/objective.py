@@ -14,17 +14,27 @@ def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(x.float(), dim=-1).pow(2).mean() for x in router_logits]).mean()
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, scoring: Scoring = SOFTMAX) -> torch.Tensor:
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, scoring: Scoring = SOFTMAX,
+                        sum_across_ranks=None, world: int = 1) -> torch.Tensor:
     """Switch-style balance loss for top-k routing, averaged over layers: E · Σ_e f_e · P_e, where f_e is the
     share of (token, choice) slots expert e receives under the checkpoint's own token choice and P_e its mean
-    score (``scoring``: the family's); 1.0 when perfectly even."""
+    score (``scoring``: the family's); 1.0 when perfectly even.
+
+    Under data parallelism f_e and P_e are the whole global batch's: ``sum_across_ranks`` adds the (detached)
+    slot counts and token counts of every rank, and each rank's score sum is scaled by ``world`` so that the
+    gradients DDP averages are exactly those of the one-process loss."""
     losses = []
     for logits in router_logits:
         probs = scoring.scores(logits.float())
         num_experts = probs.shape[-1]
         chosen = torch.zeros_like(probs).scatter(-1, scoring.top_k(probs, top_k)[1], 1.0)
-        share = chosen.mean(0) / top_k
-        losses.append(num_experts * (share.detach() * probs.mean(0)).sum())
+        counts = torch.cat([chosen.sum(0), probs.new_tensor([probs.shape[0]])])
+        if sum_across_ranks is not None:
+            counts = sum_across_ranks(counts.detach())
+        tokens = counts[-1]
+        share = counts[:-1] / (tokens * top_k)
+        mean_score = probs.sum(0) / tokens * world
+        losses.append(num_experts * (share.detach() * mean_score).sum())
     return torch.stack(losses).mean()
 
 

@@ -193,8 +193,10 @@ class Finetune:
         if obj.z_loss > 0:
             terms["z_loss"] = router_z_loss(router_logits)
         if obj.balance_loss > 0:
-            terms["balance"] = load_balancing_loss(router_logits, self.config.num_experts_per_tok,
-                                                   self.family.scoring(self.config))
+            terms["balance"] = load_balancing_loss(
+                router_logits, self.config.num_experts_per_tok, self.family.scoring(self.config),
+                sum_across_ranks=(lambda t: self.accelerator.reduce(t, "sum")) if self.world > 1 else None,
+                world=self.world)
         if obj.distill.weight > 0:
             with torch.no_grad(), self.teacher_routing(), self.autocast:
                 teacher = self.denoise(noisy, t, ids, self.model)
