@@ -573,12 +573,12 @@ def test_stats_by_mask_ratio_put_each_sequence_in_its_nearest_bucket(kind):
     routing = build_router(settings_of(kind), 4, 8, 2).select(probs, ctx)
     stats = StatsByMaskRatio(8, 6, (0.1, 0.3, 0.5, 0.7, 0.9))
     stats.update(routing, ctx.valid, mask_ratio=ctx.mask_ratio)
-    assert [r for r, _ in stats.filled()] == [0.1, 0.3, 0.5]
+    assert [stats.ratios[i] for i in stats.filled()] == [0.1, 0.3, 0.5]
     for ratio, row in ((0.1, 0), (0.3, 2), (0.5, 1)):
         only = torch.zeros_like(ctx.valid)
         only[row] = ctx.valid[row]
         load, histogram, tokens = loop_counts(routing, only, 8)
-        bucket = dict(stats.filled())[ratio]
+        bucket = stats.buckets[stats.ratios.index(ratio)]
         assert bucket.tokens_per_expert.tolist() == load and bucket.experts_per_token.tolist() == histogram
         assert bucket.num_tokens == tokens and bucket.routings == 1
         if kind == "ec":

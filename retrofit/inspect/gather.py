@@ -67,10 +67,9 @@ def model_entry(model, settings: RouterSettings, label: str, path: Path) -> dict
     from retrofit.models import family_of
 
     config, blocks = model.config, model.moe_blocks()
-    filled = [ratio for ratio, _ in blocks[0].stats.filled()]  # every layer sees the same sequences
     buckets = []
-    for ratio in filled:
-        index = blocks[0].stats.ratios.index(ratio)
+    for index in blocks[0].stats.filled():  # every layer sees the same sequences
+        ratio = blocks[0].stats.ratios[index]
         layers = [layer_record(block.stats.buckets[index], settings, config.num_experts_per_tok, ratio)
                   for block in blocks]
         buckets.append({"mask_ratio": ratio, "layers": layers})

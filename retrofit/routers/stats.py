@@ -164,11 +164,18 @@ class StatsByMaskRatio:
     @torch.no_grad()
     def update(self, routing: Routing, valid: torch.Tensor, focus: torch.Tensor | None = None,
                mask_ratio: torch.Tensor | None = None, block_start: int = 0) -> None:
-        self.total.update(routing, valid, focus, block_start=block_start)
         if mask_ratio is None:
             raise ValueError("StatsByMaskRatio.update needs the forward's mask_ratio")
         which = self.bucket_of(mask_ratio)
-        for index in torch.unique(which).tolist():
+        indices = torch.unique(which).tolist()
+        if len(indices) == 1:  # the usual forward (a sweep's batch, a sampler's lock-step batch): count it once
+            one = RoutingStats(self.total.num_experts, self.total.block_length)
+            one.update(routing, valid, focus, block_start=block_start)
+            self.total.merge(one)
+            self.buckets[indices[0]].merge(one)
+            return
+        self.total.update(routing, valid, focus, block_start=block_start)
+        for index in indices:
             rows = (which == index).to(valid.device)[:, None]
             self.buckets[index].update(routing, valid & rows, None if focus is None else focus & rows,
                                        block_start=block_start)
@@ -184,6 +191,6 @@ class StatsByMaskRatio:
         for mine, theirs in zip(self.buckets, other.buckets):
             mine.merge(theirs)
 
-    def filled(self) -> list[tuple[float, RoutingStats]]:
-        """(ratio, statistics) of the buckets that saw at least one token, in ratio order."""
-        return [(r, b) for r, b in zip(self.ratios, self.buckets) if b.num_tokens]
+    def filled(self) -> list[int]:
+        """Indices of the buckets that saw at least one token, in ratio order."""
+        return [i for i, bucket in enumerate(self.buckets) if bucket.num_tokens]
