@@ -25,3 +25,18 @@ def launched() -> bool:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def sharded(accelerator) -> bool:
+    """Whether accelerate shards the model across the ranks (its FSDP plugin)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def reads_checkpoint(accelerator) -> bool:
+    """Whether this rank reads the checkpoint's weights: every rank does, except under FSDP with the plugin's
+    ``cpu_ram_efficient_loading`` (accelerate's default), where rank 0 alone reads them and sends every rank its
+    shards, so the host holds one copy of the weights instead of one per process."""
+    return not (sharded(accelerator) and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+                and not accelerator.is_main_process)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -389,3 +390,16 @@ def test_balance_loss_of_each_rank_adds_up_to_the_whole_batch():
     assert torch.allclose(sum(halves) / 2, full)
     (averaged,) = torch.autograd.grad(sum(halves) / 2, logits)
     assert torch.allclose(averaged, whole, atol=1e-7)
+
+
+@pytest.mark.parametrize("version, mode, message", [
+    (1, "routers", "FSDP version 1 cannot train the routers alone beside frozen weights; set fsdp_version: 2"),
+    (2, "all", "trainable.mode all is not supported under FSDP"),
+])
+def test_fsdp_settings_it_cannot_train_with_are_refused(version, mode, message):
+    """accelerate builds an FSDP version 1 plugin only where there is an accelerator device, so the refusal is
+    checked on the settings alone."""
+    job = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+        fsdp_version=version))), recipe=SimpleNamespace(trainable=SimpleNamespace(mode=mode)))
+    with pytest.raises(RetrofitError, match=message):
+        Finetune.check_sharding(job)

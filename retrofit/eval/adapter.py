@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
@@ -17,6 +18,7 @@ from retrofit import distributed
 from retrofit.errors import RetrofitError, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
 from retrofit.eval.sampler import apply_stop
+from retrofit.eval.sharded import shard_for_eval
 from retrofit.eval.samplers import make_sampler
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
@@ -81,6 +83,26 @@ def check_blocks(router: RouterSettings, sampler_block: int) -> None:
              f"{router.block_length}: some routing blocks straddle two denoising blocks")
 
 
+def _request_method(method):
+    """An lm-eval request method that computes each request once and, under FSDP, then joins the other ranks'
+    forwards until every rank has finished its share (:class:`~retrofit.eval.sharded.LockstepModel`).
+
+    With several processes lm-eval pads the shorter shares with copies of their last request (the same object)
+    so that every rank gets as many; computed again, they would count twice in the routing statistics. Results
+    are deterministic per request (seeded by its prompt), so a copy's result is the original's."""
+    @functools.wraps(method)
+    def run(self, requests, *args, **kwargs):
+        first: dict[int, int] = {}
+        where = [first.setdefault(id(req), len(first)) for req in requests]
+        unique = list({id(req): req for req in requests}.values())
+        results = method(self, unique, *args, **kwargs)
+        if self.sharded:
+            self.model.finish()
+        return [results[i] for i in where]
+
+    return run
+
+
 @register_model("retrofit")
 class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
@@ -99,6 +121,7 @@ class RetrofitLM(LM):
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPUs, NCCL on GPUs
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = device or str(self.accelerator.device)
+        self.sharded = distributed.sharded(getattr(self, "accelerator", None))
         source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
@@ -119,7 +142,13 @@ class RetrofitLM(LM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
-        self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_), device=self.device_)
+        # Under FSDP the weights are loaded on the CPU (or by rank 0 alone), whence each rank's shards move to its
+        # device.
+        self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_),
+                                device="cpu" if self.sharded else self.device_,
+                                read_weights=not self.sharded or distributed.reads_checkpoint(self.accelerator))
+        if self.sharded:
+            self.model = shard_for_eval(self.accelerator, self.model)
         # Split by mask ratio too, for the routing figures `retrofit eval` draws beside its scores.
         self.model.enable_routing_stats(block_length=self.sampler.denoise_block, mask_ratios=MASK_RATIOS)
         self.tokenizer = load_tokenizer(ckpt.path)
@@ -162,6 +191,7 @@ class RetrofitLM(LM):
 
     # ------------------------------------------------------------------------------ lm-eval API
 
+    @_request_method
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         encoded = [self.encode_pair(*req.args) for req in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -185,6 +215,7 @@ class RetrofitLM(LM):
                     advance()
         return results
 
+    @_request_method
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []
         for req in requests:
@@ -197,6 +228,7 @@ class RetrofitLM(LM):
             out.append(total)
         return out
 
+    @_request_method
     def generate_until(self, requests, disable_tqdm: bool = False):
         prompts = [self.tokenizer(req.args[0])["input_ids"][-(self.max_length - self.sampler.gen_length):]
                    for req in requests]

@@ -50,7 +50,7 @@ ADAPTER_DIR = "adapter"
 def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None = None,
                dtype: torch.dtype = torch.float32, router_dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", check_memory: bool = True,
-               merge_adapter: bool = True) -> torch.nn.Module:
+               merge_adapter: bool = True, read_weights: bool = True) -> torch.nn.Module:
     """Build the model from config.json and load every tensor strictly (a missing or extra tensor is an error).
 
     ``dtype``: the weights' dtype (fp32 by default: bf16 matmuls are ~3x slower on CPUs). ``router_dtype``:
@@ -58,7 +58,7 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
     frozen weights stay bf16 (the router casts its weight to the activations' dtype in the forward pass).
     The model class is the checkpoint's family's (``retrofit.models``). A LoRA adapter that ``retrofit
     finetune`` wrote beside the weights (``adapter/``) is merged into them (``merge_adapter``): the model is what
-    was trained, wherever it is evaluated.
+    was trained, wherever it is evaluated. ``read_weights=False`` allocates the weights without reading them.
     """
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     config = checkpoint_config(ckpt, router)
@@ -69,6 +69,8 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
         for block in model.moe_blocks():
             block.gate.to(router_dtype)
     device = torch.device(device)
+    if not read_weights:  # uninitialised memory, never touched here: the weights come from FSDP's rank 0
+        return model.to_empty(device=device).eval()
     if check_memory and device.type == "cpu":
         _check_fits(model, dtype)
     model.to_empty(device=device)

@@ -53,6 +53,9 @@ class NativeModel(Protocol):
 
     def routing_stats(self): ...
 
+    def routing_stats_paused(self):
+        """A context in which forwards record no routing statistics."""
+
     def streamed_parts(self):
         """How ``retrofit.verify`` runs the model one layer at a time from its checkpoint."""
 

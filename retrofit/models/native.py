@@ -6,6 +6,7 @@ keeps only what is its own: config, attention, layers, names.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -156,6 +157,20 @@ class MaskedDiffusionLM:
                 block.stats = RoutingStats(self.config.num_experts, block_length)
             else:
                 block.stats = StatsByMaskRatio(self.config.num_experts, block_length, mask_ratios)
+
+    @contextmanager
+    def routing_stats_paused(self):
+        """Forwards run inside record no routing statistics (a distillation teacher's, a held-out probe's, a
+        rank's filler forward); the counts recorded before go on afterwards."""
+        blocks = self.moe_blocks()
+        saved = [block.stats for block in blocks]
+        for block in blocks:
+            block.stats = None
+        try:
+            yield
+        finally:
+            for block, stats in zip(blocks, saved):
+                block.stats = stats
 
     def routing_stats(self) -> RoutingStats:
         """Statistics recorded since :meth:`enable_routing_stats`, merged over layers (unique experts is the

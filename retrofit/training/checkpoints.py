@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from retrofit.errors import RetrofitError
 from retrofit.io.writer import atomic_directory, save_tensors, write_json
+from retrofit.training.sharding import copy_whole_into, shard_optimizer_state
 
 KEEP = 2
 
@@ -29,13 +30,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, noise_gen: torch.Generator,
-                    state: dict) -> Path:
+def save_checkpoint(output_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                    scheduler, noise_gen: torch.Generator, state: dict) -> Path:
+    """``trainable`` and ``optimizer_state`` whole (:mod:`retrofit.training.sharding`), as one process has them."""
     path = checkpoint_dir(output_dir) / f"step-{step:06d}"
-    trainable = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_directory(path, force=True) as tmp:
         save_tensors(tmp / "trainable.safetensors", trainable)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"noise": noise_gen.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
         write_json(tmp / "state.json", {"step": step, **state})
@@ -45,17 +46,18 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, no
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, noise_gen: torch.Generator) -> dict:
-    """Restore everything saved by :func:`save_checkpoint`; returns its state.json."""
+    """Restore everything saved by :func:`save_checkpoint` (into this rank's slices of sharded parameters and
+    optimizer state under FSDP); returns its state.json."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = sorted(set(weights) ^ {n for n, p in params.items() if p.requires_grad})
     if missing:
         raise RetrofitError(f"checkpoint {path} does not fit this recipe's trainable parameters (e.g. {missing[0]}); "
                             "resume with the recipe that wrote it")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    for name, tensor in weights.items():
+        copy_whole_into(params[name], tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     noise_gen.set_state(rng["noise"])

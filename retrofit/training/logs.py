@@ -52,19 +52,14 @@ class HeldoutProbe:
         """Evaluate ``model`` (``base``: the unwrapped model, whose routing statistics pause meanwhile)."""
         if done > 0:  # before the first step nothing has trained yet
             self.train_seconds += time.perf_counter() - self._clock
-        blocks = base.moe_blocks()
-        saved = [b.stats for b in blocks]
-        for block in blocks:
-            block.stats = None
         was_training = model.training
         model.eval()
         try:
             s = self.section
-            losses = heldout_losses(model, self.sequences, self.mask_id, s.mask_ratios, s.samples, s.seed)
+            with base.routing_stats_paused():
+                losses = heldout_losses(model, self.sequences, self.mask_id, s.mask_ratios, s.samples, s.seed)
         finally:
             model.train(was_training)
-            for block, stats in zip(blocks, saved):
-                block.stats = stats
         record = {"step": done, "tokens": tokens, "train_s": round(self.train_seconds, 3), **losses}
         if self.log:
             self.log.write(record)

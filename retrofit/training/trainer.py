@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from retrofit import distributed
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
@@ -37,6 +38,7 @@ from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
 from retrofit.training.recipe import Recipe
+from retrofit.training.sharding import whole, whole_optimizer_state, whole_trainable
 from retrofit.training.trainable import make_trainable, router_parameter_names
 
 METRICS_FILE = "metrics.jsonl"
@@ -98,23 +100,30 @@ class Finetune:
         # mode "all" trains every weight: the whole model then needs fp32 masters.
         if recipe.trainable.mode == "all":
             dtype = torch.float32
+        # Under FSDP the weights are loaded on the CPU, whence each rank's shards move to its device.
         model = load_model(self.ckpt, router=recipe.model.router, dtype=dtype, router_dtype=torch.float32,
-                           device=self.device)
+                           device="cpu" if self.sharded else self.device,
+                           read_weights=distributed.reads_checkpoint(self.accelerator))
         self.base = model
         self.config = model.config
         self.family = family_of(model.config)
         self.data: TokenBatches = build_sequences(recipe.data, recipe_dir, load_tokenizer(self.ckpt.path))
-        self.teacher_weights = [b.gate.weight.detach().clone() for b in model.moe_blocks()]
         self.model = make_trainable(model, recipe.trainable)
         if optim.activation_checkpointing:
             model.enable_activation_checkpointing()
         for block in model.moe_blocks():
             block.keep_router_logits = recipe.objective.z_loss > 0 or recipe.objective.balance_loss > 0
-        # The module the training forward runs through: DDP under a launcher (gradients of the trainable
-        # parameters are averaged across ranks; frozen ones have no gradient to sync), the model itself otherwise.
-        self.trained = self.accelerator.prepare_model(self.model) if self.world > 1 else self.model
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+        # The module the training forward runs through: under a launcher DDP (gradients of the trainable
+        # parameters are averaged across ranks; frozen ones have no gradient to sync) or FSDP (every weight is
+        # sharded in place, the optimizer then holds the trainable parameters' shards); the model otherwise.
+        self.trained = self.model
+        if self.world > 1:
+            self.trained, prepared = self.accelerator.prepare(self.model, self.optimizer)
+            self.optimizer = prepared.optimizer  # the plain optimizer: steps are never skipped or scaled
+        # The distillation teacher's gates: the checkpoint's, as loaded (or as rank 0 loaded and FSDP broadcast).
+        self.teacher_weights = [whole(b.gate.weight.detach()).clone() for b in model.moe_blocks()]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
         self.noise_gen = torch.Generator().manual_seed(optim.seed + 1)
         self._perm_epoch: int | None = None
@@ -135,6 +144,19 @@ class Finetune:
                                 f"grad_accum {optim.grad_accum} × {self.world} process(es) is {self.global_batch}; "
                                 "change optim.batch_size or optim.grad_accum (or the number of processes)")
         self.device = self.accelerator.device if optim.device == "auto" else torch.device(optim.device)
+        self.sharded = distributed.sharded(self.accelerator)
+        if self.sharded:
+            self.check_sharding()
+
+    def check_sharding(self) -> None:
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise RetrofitError("FSDP version 1 cannot train the routers alone beside frozen weights; set "
+                                "fsdp_version: 2 in the accelerate config (accelerate launch --fsdp_version 2)")
+        if self.recipe.trainable.mode == "all":
+            raise RetrofitError("trainable.mode all is not supported under FSDP (it trains routers and LoRA "
+                                "adapters); launch without FSDP, or choose routers or routers+lora")
+
 
     # ------------------------------------------------------------------------------------ data
 
@@ -164,18 +186,18 @@ class Finetune:
         """The original TC model: the family's own token-choice routers with the checkpoint's gate weights,
         adapters off, no stats."""
         blocks = self.base.moe_blocks()
-        saved = [(b.stats, b.keep_router_logits) for b in blocks]
+        kept = [b.keep_router_logits for b in blocks]  # the students' logits, which the loss terms read
         for block in blocks:
-            block.stats, block.keep_router_logits = None, False
+            block.keep_router_logits = False
         students = swap_routers(self.base, self.family.token_choice(self.config), weights=self.teacher_weights)
         adapters = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         try:
-            with adapters:
+            with adapters, self.base.routing_stats_paused():
                 yield
         finally:
             swap_routers_back(self.base, students)
-            for block, (stats, keep) in zip(blocks, saved):
-                block.stats, block.keep_router_logits = stats, keep
+            for block, keep in zip(blocks, kept):
+                block.keep_router_logits = keep
 
     def loss_terms(self, ids: torch.Tensor, prompt_len: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of this rank's rows. The noise is drawn for the whole global micro-batch on every rank (the
@@ -237,7 +259,7 @@ class Finetune:
             for k, v in self.across_ranks(terms).items():
                 sums[k] = sums.get(k, 0.0) + v / optim.grad_accum
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf"))
+        norm = whole(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip or float("inf")))
         self.optimizer.step()
         self.scheduler.step()
         return {**sums, "grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
@@ -258,10 +280,12 @@ class Finetune:
         return dict(zip(terms, values.tolist()))
 
     def save(self, step: int) -> Path:
-        """A checkpoint written once, by rank 0 (every rank holds the same trainable state), atomically."""
+        """A checkpoint written once, by rank 0, atomically, of whole tensors (gathered from every rank's shards
+        under FSDP; under DDP every rank holds the same)."""
         path = checkpoint_dir(self.output_dir) / f"step-{step:06d}"
+        trainable, optimizer_state = whole_trainable(self.model), whole_optimizer_state(self.optimizer)
         if self.main:
-            path = save_checkpoint(self.output_dir, step, self.model, self.optimizer, self.scheduler, self.noise_gen,
+            path = save_checkpoint(self.output_dir, step, trainable, optimizer_state, self.scheduler, self.noise_gen,
                                    {"source": str(self.source.path), "global_batch": self.global_batch})
         self.accelerator.wait_for_everyone()
         return path
@@ -321,8 +345,8 @@ class Finetune:
                 self.progress(done, optim.max_steps, values)
             if done % every == 0 or done == optim.max_steps:
                 self.save(done)
+        self.export()
         if self.main:
-            self.export()
             self.draw_curves()
         self.accelerator.wait_for_everyone()
         return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
@@ -353,10 +377,14 @@ class Finetune:
             training_curves([json.loads(line) for line in lines], self.output_dir)
 
     def export(self) -> None:
-        """Turn the output directory into a full model directory (plus a peft adapter with LoRA)."""
+        """Turn the output directory into a full model directory (plus a peft adapter with LoRA). Every rank
+        gathers the trained tensors (under FSDP each holds a slice); rank 0 writes."""
         base = self.base
         routers = set(router_parameter_names(base))
-        masters = {name: p.detach().float().cpu() for name, p in base.named_parameters() if name in routers}
+        masters = {name: whole(p.detach()).float().cpu() for name, p in base.named_parameters() if name in routers}
+        lora = whole_trainable(self.model) if self.recipe.trainable.mode == "routers+lora" else None
+        if not self.main:
+            return
         trained = hub_state_dict(base) if self.recipe.trainable.mode == "all" else masters
         # Stored in the checkpoint's own dtype (config.json's torch_dtype stays true); the fp32 masters of the
         # routers go to router.safetensors.
@@ -367,8 +395,8 @@ class Finetune:
         # Moved into place with config.json last: the directory only looks complete once everything is there.
         with atomic_entries(self.output_dir, last="config.json") as partial:
             write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
-            if self.recipe.trainable.mode == "routers+lora":
-                self.model.save_pretrained(str(partial / "adapter"))
+            if lora is not None:  # peft keeps the adapters' tensors of this state dict
+                self.model.save_pretrained(str(partial / "adapter"), state_dict=lora)
 
     def model_card(self) -> str:
         mode = self.recipe.trainable.mode
