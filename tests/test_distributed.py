@@ -30,16 +30,17 @@ def free_port() -> int:
 FSDP = ["--use_fsdp", "--fsdp_version", "2"]  # accelerate's FSDP plugin, as a config file or these flags set it
 
 
-def retrofit(*args: str, processes: int = 1, check: bool = True, fsdp: list[str] | None = None
-             ) -> subprocess.CompletedProcess:
-    """`python -m retrofit ARGS`, or under `accelerate launch` with ``processes`` processes (DDP, or FSDP with
-    the plugin's flags ``fsdp``); one thread each, so one and two processes multiply matrices alike."""
+def retrofit(*args: str, processes: int = 1, check: bool = True, fsdp: list[str] | None = None,
+             module: str = "retrofit") -> subprocess.CompletedProcess:
+    """`python -m retrofit ARGS` (or another ``module``), or under `accelerate launch` with ``processes``
+    processes (DDP, or FSDP with the plugin's flags ``fsdp``); one thread each, so one and two processes multiply
+    matrices alike."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RETROFIT_PROGRESS_SECONDS": "3600"}
     if processes == 1:
-        command = [sys.executable, "-m", "retrofit", *args]
+        command = [sys.executable, "-m", module, *args]
     else:
         accelerate = str(Path(sys.executable).with_name("accelerate"))
-        program = ["--multi_gpu", "-m", "retrofit"] if fsdp is None else [*fsdp, str(REPO / "tests/fsdp_on_cpu.py")]
+        program = ["--multi_gpu", "-m", module] if fsdp is None else [*fsdp, str(REPO / "tests/fsdp_on_cpu.py")]
         command = [accelerate, "launch", "--num_processes", str(processes), "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                    *program, *args]
@@ -134,6 +135,21 @@ def test_two_processes_score_what_one_process_does(tmp_path):
     assert one["routing"]["tokens_per_expert"] == two["routing"]["tokens_per_expert"]
 
 
+def test_lm_eval_itself_scales_with_the_adapter(tmp_path):
+    """`accelerate launch -m lm_eval --model retrofit`: lm-eval's own command line, on the offline ARC files."""
+    tasks = tmp_path / "tasks"
+    retrofit("eval", "--tasks", "arc", "--data-dir", str(shared_data_dir()), "--write-tasks", str(tasks))
+    scores = []
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        retrofit("--model", "retrofit", "--model_args", "pretrained=tiny,mc_num=4", "--include_path", str(tasks),
+                 "--tasks", "retrofit_arc_easy", "--limit", "3", "--output_path", str(out), processes=processes,
+                 module="lm_eval")
+        (found,) = out.glob("**/results_*.json")
+        scores.append(json.loads(found.read_text())["results"])
+    assert scores[0] == scores[1] and "acc,none" in scores[0]["retrofit_arc_easy"]
+
+
 # ---------------------------------------------------------------------------------------------- FSDP
 
 
@@ -152,11 +168,13 @@ def test_fsdp_shards_the_model_and_trains_the_routers_one_process_does(recipe, o
 
 
 def test_fsdp_trains_lora_adapters_one_process_does(recipe, tmp_path):
-    """Every rank reads the checkpoint this time (cpu_ram_efficient_loading off); LoRA adapters train too."""
+    """Every rank reads the checkpoint this time (cpu_ram_efficient_loading off); LoRA adapters train too, and
+    the FSDP run recomputes its layers in the backward pass (each layer's weights gathered again)."""
     one, two = tmp_path / "one", tmp_path / "two"
     retrofit("finetune", str(recipe), "trainable.mode=routers+lora", f"checkpoint.output_dir={one}")
     retrofit("finetune", str(recipe), "trainable.mode=routers+lora", "optim.batch_size=2",
-             f"checkpoint.output_dir={two}", processes=2, fsdp=[*FSDP, "--fsdp_cpu_ram_efficient_loading", "false"])
+             "optim.activation_checkpointing=true", f"checkpoint.output_dir={two}", processes=2,
+             fsdp=[*FSDP, "--fsdp_cpu_ram_efficient_loading", "false"])
     assert_same_routers(one, two)
     adapters = [load_file(str(run / "adapter/adapter_model.safetensors")) for run in (one, two)]
     assert_same_tensors(*adapters, atol=1e-4)
