@@ -17,6 +17,10 @@ from retrofit.cli import app
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.likelihood import mc_loglikelihood, request_seed
 from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
+from retrofit.eval.sharded import LockstepModel
+from retrofit.models import FAMILIES
+from retrofit.routers import router_settings
+from retrofit.tiny import build_tiny_model
 from tests.helpers import Request, one_line_error, runner, tiny_snapshot, write_arc_mmlu
 
 
@@ -275,3 +279,21 @@ def test_llada2_sampler_options_are_refused_for_llada(shared_data):
     line = one_line_error(runner.invoke(app, ["eval", "--model", "tiny", "--tasks", "gsm8k", "--data-dir",
                                               str(shared_data), "--threshold", "0.9"]))
     assert "--threshold and --sampling are options of the LLaDA2.0 sampler" in line
+
+
+@pytest.mark.parametrize("kind", ["tc", "ec", "block"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_rank_done_under_fsdp_joins_with_filler_forwards_that_count_nothing(monkeypatch, family, kind):
+    """A rank that has finished its share keeps joining the others' forwards (here: two more) with a one-token
+    forward, under every router and family, and the routing statistics do not move."""
+    model = build_tiny_model(router=router_settings(type=kind), family=FAMILIES[family])
+    model.enable_routing_stats()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8, model.config.mask_token_id]]))
+    before = model.routing_stats().as_dict()
+    lockstep = LockstepModel(model, torch.device("cpu"))
+    others_busy = iter([True, True, False])
+    monkeypatch.setattr(lockstep, "_anyone_busy", lambda busy: next(others_busy))
+    lockstep.finish()
+    assert next(others_busy, "all asked") == "all asked"
+    assert model.routing_stats().as_dict() == before and before["tokens"] > 0
