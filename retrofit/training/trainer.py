@@ -119,7 +119,7 @@ class Finetune:
         # parameters are averaged across ranks; frozen ones have no gradient to sync) or FSDP (every weight is
         # sharded in place, the optimizer then holds the trainable parameters' shards); the model otherwise.
         self.trained = self.model
-        if self.world > 1:
+        if self.world > 1 or self.sharded:  # FSDP with one process too: on a GPU it moves the model there
             self.trained, prepared = self.accelerator.prepare(self.model, self.optimizer)
             self.optimizer = prepared.optimizer  # the plain optimizer: steps are never skipped or scaled
         # The distillation teacher's gates: the checkpoint's, as loaded (or as rank 0 loaded and FSDP broadcast).
