@@ -169,6 +169,8 @@ def test_distillation_teacher_is_the_original_tc_model(strong_tiny, tmp_path):
     assert job.base.moe_blocks()[0].gate.kind == "ec", "the student's router is restored"
 
 
+# peft asks transformers 5 for a renamed attribute when it wraps a model (a warning for peft's authors)
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_lora_run_writes_a_peft_adapter(strong_tiny, tmp_path):
     from peft import PeftModel
 
