@@ -34,6 +34,23 @@ def sharded(accelerator) -> bool:
     return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
 
 
+def require_fsdp2(accelerator) -> None:
+    """Refuse FSDP version 1: it flattens a unit's weights into one parameter, which cannot train the routers
+    alone beside frozen weights; version 2 shards every weight on its own."""
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        from retrofit.errors import RetrofitError
+
+        raise RetrofitError("retrofit needs FSDP version 2, since FSDP version 1 cannot train the routers alone "
+                            "beside frozen weights; set fsdp_version: 2 in the accelerate config (accelerate launch "
+                            "--fsdp_version 2)")
+
+
+def load_device(accelerator, device):
+    """Where this rank loads the model: its device, or under FSDP the CPU, whence each rank's slices move to its
+    device when accelerate shards the model."""
+    return "cpu" if sharded(accelerator) else device
+
+
 def reads_checkpoint(accelerator) -> bool:
     """Whether this rank reads the checkpoint's weights: every rank does, except under FSDP with the plugin's
     ``cpu_ram_efficient_loading`` (accelerate's default), where rank 0 alone reads them and sends every rank its

@@ -115,13 +115,14 @@ class RetrofitLM(LM):
         ``block_length``, ``guard_size``, ... as ``retrofit eval`` names them) override the checkpoint's
         router settings."""
         super().__init__()
+        self.accelerator = None
         if distributed.launched():  # lm-eval's data-parallel path: requests split by rank, results gathered
             from accelerate import Accelerator
 
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPUs, NCCL on GPUs
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = device or str(self.accelerator.device)
-        self.sharded = distributed.sharded(getattr(self, "accelerator", None))
+        self.sharded = distributed.sharded(self.accelerator)
         source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
@@ -142,11 +143,9 @@ class RetrofitLM(LM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
-        # Under FSDP the weights are loaded on the CPU (or by rank 0 alone), whence each rank's shards move to its
-        # device.
         self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_),
-                                device="cpu" if self.sharded else self.device_,
-                                read_weights=not self.sharded or distributed.reads_checkpoint(self.accelerator))
+                                device=distributed.load_device(self.accelerator, self.device_),
+                                read_weights=distributed.reads_checkpoint(self.accelerator))
         if self.sharded:
             self.model = shard_for_eval(self.accelerator, self.model)
         # Split by mask ratio too, for the routing figures `retrofit eval` draws beside its scores.

@@ -18,11 +18,9 @@ def shard_for_eval(accelerator, model) -> "LockstepModel":
     rank with ``cpu_ram_efficient_loading``), behind a :class:`LockstepModel`."""
     from accelerate.utils import fsdp2_prepare_model
 
-    if accelerator.state.fsdp_plugin.fsdp_version != 2:
-        from retrofit.errors import RetrofitError
+    from retrofit.distributed import require_fsdp2
 
-        raise RetrofitError("retrofit evaluates under FSDP version 2 only; set fsdp_version: 2 in the accelerate "
-                            "config (accelerate launch --fsdp_version 2)")
+    require_fsdp2(accelerator)
     return LockstepModel(fsdp2_prepare_model(accelerator, model), accelerator.device)
 
 

@@ -100,9 +100,8 @@ class Finetune:
         # mode "all" trains every weight: the whole model then needs fp32 masters.
         if recipe.trainable.mode == "all":
             dtype = torch.float32
-        # Under FSDP the weights are loaded on the CPU, whence each rank's shards move to its device.
         model = load_model(self.ckpt, router=recipe.model.router, dtype=dtype, router_dtype=torch.float32,
-                           device="cpu" if self.sharded else self.device,
+                           device=distributed.load_device(self.accelerator, self.device),
                            read_weights=distributed.reads_checkpoint(self.accelerator))
         self.base = model
         self.config = model.config
@@ -149,14 +148,10 @@ class Finetune:
             self.check_sharding()
 
     def check_sharding(self) -> None:
-        plugin = self.accelerator.state.fsdp_plugin
-        if plugin.fsdp_version != 2:
-            raise RetrofitError("FSDP version 1 cannot train the routers alone beside frozen weights; set "
-                                "fsdp_version: 2 in the accelerate config (accelerate launch --fsdp_version 2)")
+        distributed.require_fsdp2(self.accelerator)
         if self.recipe.trainable.mode == "all":
             raise RetrofitError("trainable.mode all is not supported under FSDP (it trains routers and LoRA "
                                 "adapters); launch without FSDP, or choose routers or routers+lora")
-
 
     # ------------------------------------------------------------------------------------ data
 
