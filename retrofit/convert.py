@@ -121,7 +121,8 @@ def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify
     changed = {name: routers[name] for name in differ}  # usually none: then every shard is a hard link
     config = plan.family.converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
     with atomic_directory(plan.out, force=force) as tmp:
-        shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step)
+        shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step,
+                                       link=plan.source.linkable)
         report = ConversionReport(plan.out, shards, 0, None, 0.0)
         if verify:
             step("verify: reading each layer once")

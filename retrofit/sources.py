@@ -28,6 +28,9 @@ class Source:
     path: Path  # a local directory holding the checkpoint
     name: str  # short name for default output paths and model cards
     origin: str  # what the user asked for: registry name, Hub id or path
+    # False for the models retrofit ships or generates: outputs copy their shards instead of hard-linking them,
+    # so that writing into an output can never damage the model every later `--src tiny` reads.
+    linkable: bool = True
 
 
 def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
@@ -38,15 +41,17 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
     """
     local = Path(src).expanduser()
     if local.is_dir():
-        return Source(path=local.resolve(), name=local.resolve().name, origin=src)
+        path = local.resolve()
+        return Source(path=path, name=path.name, origin=src, linkable=not is_own_model(path))
     if src in GENERATED:
-        return Source(path=_generated_path(src), name=src, origin=src)
+        return Source(path=_generated_path(src), name=src, origin=src, linkable=False)
     if src in EMBEDDED:
         embedded = _embedded_path(src)
         if embedded is None:
             raise RetrofitError(f"{flag} {src}: {EMBEDDED[src]} is not built into this version yet; "
                                 f"use tiny-random, or make one with `retrofit create-tiny DIR` and pass {flag} DIR")
-        return Source(path=embedded, name=src, origin=src)
+        _check_intact(embedded, src)
+        return Source(path=embedded, name=src, origin=src, linkable=False)
     registry = hub_models()
     repo_id = registry.get(src, src)
     if not _HUB_ID.match(repo_id) or looks_like_path(src):
@@ -60,15 +65,39 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
     return Source(path=Path(path), name=name, origin=src)
 
 
+def is_own_model(path: Path) -> bool:
+    """Whether ``path`` is (inside) a model retrofit ships or generates, however the user named it."""
+    path = Path(path).resolve()
+    own = [Path(__file__).resolve().parent / "assets", *(_generated_root(name) for name in GENERATED)]
+    return any(path == root or root in path.parents for root in own)
+
+
+def _check_intact(path: Path, name: str) -> None:
+    """A damaged embedded model cannot be downloaded again: say how to restore it instead."""
+    from retrofit.io.safetensors_file import read_header
+
+    for shard in sorted(path.glob("*.safetensors")):
+        try:
+            read_header(shard)
+        except RetrofitError:
+            raise RetrofitError(f"{EMBEDDED[name]} ({shard}) is damaged, probably written into through a hard link "
+                                "an earlier retrofit made to it; restore it with `git checkout -- retrofit/assets` in "
+                                "a checkout of retrofit, or `pip install --force-reinstall retrofit`") from None
+
+
 def _embedded_path(name: str) -> Path | None:
     path = Path(__file__).resolve().parent / "assets" / name
     return path if (path / "config.json").is_file() else None
 
 
+def _generated_root(name: str) -> Path:
+    return (cache_dir() / f"{name}-v1").resolve()
+
+
 def _generated_path(name: str) -> Path:
     from retrofit.tiny import create_tiny
 
-    path = cache_dir() / f"{name}-v1"
+    path = _generated_root(name)
     if not (path / "config.json").is_file():
         create_tiny(path, seed=0, force=path.exists())
     return path

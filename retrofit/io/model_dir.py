@@ -1,10 +1,15 @@
 """Write a complete model directory from a source checkpoint plus a few replaced tensors.
 
 Shared by `convert` (new routers) and `finetune` (trained routers). Only what changed is written: shards that
-hold no changed tensor are hard links to the source's files (copies across file systems); a shard holding a
+hold no changed tensor are hard links to the source's files (copies across file systems, and always copies of a
+model retrofit itself ships or generates, so that nothing done to an output can reach it); a shard holding a
 changed tensor of the same dtype and shape (a trained router) is copied inside the kernel and those tensors'
 bytes overwritten in place, so no shard passes through this process's memory and every other byte is the
 source's.
+
+A hard link is the source's file under a second name: writing *into* an output shard (truncate, an editor, a
+script that patches bytes in place) changes the source too; replacing it (``rm``, ``mv``, a tool that writes a
+new file and renames it) does not.
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ ROUTER_FILE = "router.safetensors"
 @dataclass
 class WrittenShards:
     linked: list[str]  # unchanged, hard-linked to the source (no bytes written)
-    copied: list[str]  # unchanged, copied (the source is on another file system)
+    copied: list[str]  # unchanged, copied (another file system, or a source that is never linked)
     patched: list[str]  # copied, then the changed tensors' bytes overwritten in place
     rewritten: list[str]  # re-serialised (a changed tensor has a new dtype or shape)
+    linking: bool = True  # False: the source is never linked (retrofit's own models)
 
     def summary(self) -> str:
         parts = [f"{len(self.linked)} hard-linked", f"{len(self.copied)} copied"]
         if self.copied:
-            parts[-1] += " (another file system: hard links impossible)"
+            parts[-1] += (" (another file system: hard links impossible)" if self.linking else
+                          " (retrofit's own model is never hard-linked)")
         if self.patched or self.rewritten:
             parts.append(f"{len(self.patched) + len(self.rewritten)} rewritten with changed tensors")
         return "shards: " + ", ".join(parts)
@@ -89,19 +96,24 @@ def _fits_in_place(src: CheckpointDir, shard: str, changed: dict[str, torch.Tens
 
 def write_model_directory(src: CheckpointDir, dest: Path, changed: dict[str, torch.Tensor],
                           routers: dict[str, torch.Tensor], config: dict, card: str,
-                          step: Callable[[str], None] = lambda msg: None) -> WrittenShards:
+                          step: Callable[[str], None] = lambda msg: None, link: bool = True) -> WrittenShards:
     """``dest`` becomes a complete model directory: the source's shards with ``changed`` tensors replaced,
     its index and tokenizer, ``router.safetensors`` (``routers``, e.g. fp32 originals of trained routers),
-    the model card and config.json. Only shards holding a changed tensor are written; the others are hard links.
-    A changed tensor keeping its stored dtype and shape is patched into a copy of its shard, byte for byte."""
+    the model card and config.json. Only shards holding a changed tensor are written; the others are hard links
+    (copies with ``link=False``). A changed tensor keeping its stored dtype and shape is patched into a copy of
+    its shard, byte for byte."""
     unknown = sorted(set(changed) - set(src.weight_map))
     if unknown:
         raise RetrofitError(f"cannot replace tensors the source does not have: {unknown[:5]}")
-    written = WrittenShards([], [], [], [])
+    written = WrittenShards([], [], [], [], linking=link)
     size_change = 0
     for shard in src.shards:
         mine = {n: t for n, t in changed.items() if src.weight_map[n] == shard}
-        if not mine:
+        if not mine and not link:
+            step(f"copy {shard}")
+            _copy_file(src.path / shard, dest / shard)
+            written.copied.append(shard)
+        elif not mine:
             step(f"link {shard}")
             (written.linked if _link_or_copy(src.path / shard, dest / shard) else written.copied).append(shard)
         elif _fits_in_place(src, shard, mine):

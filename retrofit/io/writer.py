@@ -133,12 +133,15 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 def remove_stale_partials(out: Path) -> None:
     """A run killed hard (kill -9, power loss) leaves its hidden temporary directory behind, as large as the
-    model; the next write of the same output removes such leftovers (ours by name) and says so."""
+    model; the next write of the same output removes such leftovers (ours by name) and says so, counting only
+    the bytes that removing them frees (a hard link to a source's shard frees nothing)."""
     for stale in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
         if stale.is_dir():
-            size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
+            files = [f.stat() for f in stale.rglob("*") if f.is_file()]
+            freed = sum(st.st_size for st in files if st.st_nlink == 1)
             shutil.rmtree(stale, ignore_errors=True)
-            warn(f"removed {stale.name}, {size / 1e9:.2f} GB left by an interrupted earlier write of {out.name}")
+            warn(f"removed {stale.name}, {freed / 1e9:.2f} GB (of files no other directory links to) left by an "
+                 f"interrupted earlier write of {out.name}")
 
 
 def _apply_umask(directory: Path) -> None:

@@ -389,7 +389,8 @@ class Finetune:
                                               self.config.router_settings)
         # Moved into place with config.json last: the directory only looks complete once everything is there.
         with atomic_entries(self.output_dir, last="config.json") as partial:
-            write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card())
+            write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card(),
+                                  link=self.source.linkable)
             if lora is not None:  # peft keeps the adapters' tensors of this state dict
                 self.model.save_pretrained(str(partial / "adapter"), state_dict=lora)
 
