@@ -315,20 +315,22 @@ def finetune(
         try:
             result = job.run()
         except KeyboardInterrupt:
-            raise RetrofitError(_interrupted_finetune(job.output_dir, recipe)) from None
+            raise RetrofitError(_interrupted_finetune(job.output_dir, recipe, overrides or [])) from None
     final = f": {result.steps} steps, final loss {result.losses[-1]:.4f}" if result.losses else ""
+    if result.resumed_at is not None and not result.steps:
+        final = f": the run had already finished its {result.resumed_at} steps; nothing trained, exported again"
     out_console.print(f"[green]wrote[/] {escape(str(result.output_dir))}{final}")
 
 
-def _interrupted_finetune(output_dir: Path, recipe: Path) -> str:
+def _interrupted_finetune(output_dir: Path, recipe: Path, overrides: list[str]) -> str:
     from retrofit.training.checkpoints import latest_checkpoint
 
     last = latest_checkpoint(output_dir)
     if last is None:
         return "interrupted before the first checkpoint; nothing was kept"
     step = int(last.name.removeprefix("step-"))
-    return (f"interrupted; training state of step {step} is in {last}: continue with "
-            f"`retrofit finetune {recipe} --resume`")
+    command = shlex.join(["retrofit", "finetune", str(recipe), *overrides, "--resume"])
+    return f"interrupted; training state of step {step} is in {last}: continue with `{command}`"
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from retrofit.cli import app
+from retrofit.training.checkpoints import latest_checkpoint
 from tests.helpers import REPO, one_line_error, runner, write_arc_mmlu, write_recipe
 
 
@@ -101,10 +103,33 @@ def test_ctrl_c_during_finetune_points_to_resume(tiny_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer.Finetune, "train_step", interrupt_at_step_6)
     path = write_recipe(tmp_path, tiny_dir)
-    result = runner.invoke(app, ["finetune", str(path)])
+    finished = ["optim.max_steps=4", "checkpoint.every=2"]  # the recipe's own output_dir: a finished other run
+    assert runner.invoke(app, ["finetune", str(path), *finished]).exit_code == 0
+    other = tmp_path / "my run"
+    overrides = [f"checkpoint.output_dir={other}", "checkpoint.every=2"]
+    result = runner.invoke(app, ["finetune", str(path), *overrides])
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = next(line for line in result.output.splitlines() if line.startswith("error:"))
-    assert "step 4" in line and f"retrofit finetune {path} --resume" in line
+    assert "step 4" in line and str(other) in line
+    # The printed command, run as printed, continues the interrupted run (not the recipe's finished one).
+    printed = shlex.split(line.split("`")[1])
+    assert printed[:2] == ["retrofit", "finetune"] and printed[-1] == "--resume"
+    monkeypatch.setattr(trainer.Finetune, "train_step", real)
+    resumed = runner.invoke(app, printed[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert "8 steps" in resumed.output and str(other) in resumed.output.replace("\n", "")
+    assert latest_checkpoint(other).name == "step-000012"
+
+
+def test_resume_with_another_recipe_is_refused_and_a_finished_run_says_so(tiny_dir, tmp_path):
+    path = write_recipe(tmp_path, tiny_dir, optim={"max_steps": 4})
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    line = one_line_error(runner.invoke(app, ["finetune", str(path), "data.seq_len=32", "--resume"]))
+    assert "another recipe" in line and "data.seq_len: 64 -> 32" in line
+    again = runner.invoke(app, ["finetune", str(path), "--resume"])
+    assert again.exit_code == 0 and "already finished its 4 steps" in again.output
+    longer = runner.invoke(app, ["finetune", str(path), "optim.max_steps=6", "--resume"])  # may run longer
+    assert longer.exit_code == 0 and "2 steps" in longer.output
 
 
 def _read_only(monkeypatch, folder: Path):

@@ -111,8 +111,14 @@ class Recipe(Section):
 # ----------------------------------------------------------------------------------- loading
 
 
-def _schema_keys(model: type[BaseModel], path: list[str]) -> list[str]:
-    """Valid keys at ``path`` of the schema (for suggestions)."""
+def _schema_keys(model: type[BaseModel], path: list[str], data: dict) -> list[str]:
+    """Valid keys at ``path`` of the schema (for suggestions); a router section's are its ``type``'s settings."""
+    if path == ["model", "router"]:
+        from retrofit.routers import ROUTERS
+
+        section = (data.get("model") or {}).get("router") or {}
+        kind = section.get("type", "tc") if isinstance(section, dict) else None
+        return list(ROUTERS[kind].settings_class.model_fields) if kind in ROUTERS else []
     for key in path:
         field = model.model_fields.get(key)
         annotation = getattr(field, "annotation", None)
@@ -124,15 +130,18 @@ def _schema_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def explain(exc: ValidationError, source: str) -> RetrofitError:
+def explain(exc: ValidationError, source: str, data: dict | None = None) -> RetrofitError:
     """The first validation problem as one line; for an unknown key, name the closest valid one."""
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
     where = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        valid = _schema_keys(Recipe, loc[:-1])
+        valid = _schema_keys(Recipe, loc[:-1], data or {})
         close = difflib.get_close_matches(loc[-1], valid, n=1)
         hint = f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else f"; valid keys: {', '.join(valid)}"
+        if loc[:-1] == ["model", "router"] and not close:
+            kind = ((data or {}).get("model") or {}).get("router", {}).get("type", "tc")
+            hint = f"; the {kind} router's keys are {', '.join(valid)}"
         return RetrofitError(f"{source}: unknown key {where}{hint}")
     if err["type"] == "missing":
         return RetrofitError(f"{source}: missing required key {where}")
@@ -174,4 +183,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     try:
         return Recipe.model_validate(data), path.resolve().parent
     except ValidationError as exc:
-        raise explain(exc, str(path)) from None
+        raise explain(exc, str(path), data) from None
+
+
+# What a resumed run may change: how long it runs, how often it saves, logs and measures held-out loss, and how the
+# global batch is split over processes (the trainer checks the product). Anything else makes another run.
+RESUMABLE_CHANGES = {"optim.max_steps", "optim.batch_size", "optim.grad_accum", "optim.global_batch",
+                     "optim.activation_checkpointing", "checkpoint.every", "logging", "heldout"}
+
+
+def run_differences(saved: dict, recipe: Recipe) -> list[str]:
+    """The settings in which ``recipe`` differs from the recipe (as ``model_dump``) that wrote a checkpoint,
+    as ``key: saved -> now``, leaving out what a resumed run may change."""
+    now = recipe.model_dump(mode="json")
+
+    def walk(a, b, key: str) -> list[str]:
+        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            return []
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in dict.fromkeys([*a, *b]) for d in walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)]
+        return [] if a == b else [f"{key}: {a!r} -> {b!r}"]
+
+    return walk(saved, now, "")

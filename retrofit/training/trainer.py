@@ -37,7 +37,7 @@ from retrofit.sources import Source, resolve_source
 from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
-from retrofit.training.recipe import Recipe
+from retrofit.training.recipe import Recipe, run_differences
 from retrofit.training.sharding import whole, whole_optimizer_state, whole_trainable
 from retrofit.training.trainable import make_trainable, router_parameter_names
 
@@ -49,6 +49,7 @@ class FinetuneResult:
     output_dir: Path
     steps: int
     losses: list[float]  # diffusion loss of every step run in this invocation
+    resumed_at: int | None = None  # the checkpoint's step, when resumed
 
 
 def resolve_model_source(source: str, recipe_dir: Path) -> Source:
@@ -82,6 +83,8 @@ class Finetune:
         if not resume and self.resume_from is not None:
             raise RetrofitError(f"{self.output_dir} already holds checkpoints; pass --resume to continue, or choose "
                                 "another checkpoint.output_dir")
+        if resume:
+            self.check_same_run(self.resume_from)
         self.source = resolve_model_source(recipe.model.source, recipe_dir)
         self.ckpt = CheckpointDir(self.source.path)
         positions = checkpoint_config(self.ckpt).max_position_embeddings
@@ -126,6 +129,15 @@ class Finetune:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
         self.noise_gen = torch.Generator().manual_seed(optim.seed + 1)
         self._perm_epoch: int | None = None
+
+    def check_same_run(self, checkpoint: Path) -> None:
+        """``--resume`` continues the run that wrote ``checkpoint`` only with that run's recipe and overrides (less
+        what a resumed run may change); anything else would silently continue or re-export another run."""
+        saved = json.loads((checkpoint / "state.json").read_text()).get("recipe")
+        differ = run_differences(saved, self.recipe) if saved is not None else []
+        if differ:
+            raise RetrofitError(f"--resume: {checkpoint} was written by another recipe ({'; '.join(differ[:3])}); "
+                                "resume with the recipe and key=value overrides that started the run")
 
     def join_launch(self, optim) -> None:
         """accelerate's view of the launch: one process (no launcher) or one per device (DDP over gloo or NCCL);
@@ -281,7 +293,8 @@ class Finetune:
         trainable, optimizer_state = whole_trainable(self.model), whole_optimizer_state(self.optimizer)
         if self.main:
             path = save_checkpoint(self.output_dir, step, trainable, optimizer_state, self.scheduler, self.noise_gen,
-                                   {"source": str(self.source.path), "global_batch": self.global_batch})
+                                   {"source": str(self.source.path), "global_batch": self.global_batch,
+                                    "recipe": self.recipe.model_dump(mode="json")})
         self.accelerator.wait_for_everyone()
         return path
 
@@ -344,7 +357,8 @@ class Finetune:
         if self.main:
             self.draw_curves()
         self.accelerator.wait_for_everyone()
-        return FinetuneResult(self.output_dir, optim.max_steps - start, losses)
+        return FinetuneResult(self.output_dir, optim.max_steps - start, losses,
+                              resumed_at=start if self.resume else None)
 
     def routing_across_ranks(self) -> dict:
         """The logging window's routing statistics over every rank's rows."""
