@@ -18,7 +18,7 @@ import torch
 from retrofit import __version__
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import checkpoint_config, has_adapter
+from retrofit.io.load import check_router_fits, check_weights_fit, checkpoint_config, has_adapter
 from retrofit.io.model_card import model_card as card
 from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, write_model_directory
 from retrofit.io.writer import atomic_directory, check_destination
@@ -70,7 +70,8 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
         raise RetrofitError(f"{ckpt.path} holds a LoRA adapter (adapter/): convert its base model, or evaluate it "
                             "with --router instead (eval merges the adapter)")
     config = checkpoint_config(ckpt)
-    _check_target(config, target)
+    check_weights_fit(ckpt, config)
+    check_router_fits(config, target)
     family = family_of(config)
     swaps = []
     for layer in family.moe_layers(config):
@@ -85,14 +86,6 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
 def _router(config, settings: RouterSettings):
     return build_router(settings, config.hidden_size, config.num_experts, config.num_experts_per_tok,
                         family_of(config).scoring(config))
-
-
-def _check_target(config, target: RouterSettings) -> None:
-    # Building one router surfaces settings the architecture cannot honour (e.g. block guard_size < top_k).
-    try:
-        _router(config, target)
-    except ValueError as exc:
-        raise RetrofitError(f"router settings do not fit this model: {exc}") from None
 
 
 def new_router_tensors(ckpt: CheckpointDir, plan: ConversionPlan) -> tuple[dict[str, torch.Tensor], set[str]]:

@@ -19,7 +19,7 @@ from retrofit.errors import RetrofitError, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
 from retrofit.eval.sampler import apply_stop
 from retrofit.eval.sharded import shard_for_eval
-from retrofit.eval.samplers import make_sampler
+from retrofit.eval.samplers import at_least_one, make_sampler
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer
@@ -126,8 +126,12 @@ class RetrofitLM(LM):
         source = resolve_source(str(pretrained), flag="--model")
         self.path = source.path
         ckpt = CheckpointDir(source.path)
+        at_least_one(mc_num=mc_num, batch_size=None if batch_size == "auto" else batch_size)
         gen_length = int(gen_length)
         config = checkpoint_config(ckpt)
+        if gen_length >= config.max_position_embeddings:
+            raise RetrofitError(f"--gen-length {gen_length} leaves no room for a prompt in the model's "
+                                f"{config.max_position_embeddings} positions; generate fewer tokens")
         self.sampler = make_sampler(family_of(config).sampler, gen_length, steps, denoise_block, temperature,
                                     remasking, None if threshold is None else float(threshold), sampling)
         base = config.router_settings
@@ -157,7 +161,7 @@ class RetrofitLM(LM):
         # The model's own length, not a fixed 4096: longer contexts keep their last tokens.
         max_length = min(int(max_length), self.model.config.max_position_embeddings)
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
-        self.batch_size_ = int(batch_size) if str(batch_size).isdigit() else 8
+        self.batch_size_ = 8 if batch_size == "auto" else int(batch_size)  # lm-eval's "auto": the default
         self.show_progress = _bool(progress) and self.rank == 0
 
     # ------------------------------------------------------------------------------ helpers

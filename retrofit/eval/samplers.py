@@ -39,10 +39,29 @@ class Sampler:
         return llada.generate(model, prompt, mask_id, self.settings, generator)
 
 
+def at_least_one(**values) -> None:
+    """Counts given as ``name=value`` (None: left at its default) must be whole numbers of at least 1; the message
+    names the flag (``--gen-length``) as the command line spells it."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number != float(value) or number < 1:
+            raise RetrofitError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
+
+
 def make_sampler(name: str, gen_length: int, steps: int | None, denoise_block: int | None, temperature: float,
                  remasking: str = "low_confidence", threshold: float | None = None,
                  sampling: str | None = None) -> Sampler:
     """The family's sampler with the evaluation's settings, checked; options of the other sampler are refused."""
+    at_least_one(gen_length=gen_length, steps=steps, denoise_block=denoise_block)
+    if float(temperature) < 0:
+        raise RetrofitError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    if threshold is not None and not 0 < float(threshold) <= 1:
+        raise RetrofitError(f"--threshold {threshold}: a confidence, above 0 and at most 1 (LLaDA2.0 uses 0.95)")
     denoise_block = int(denoise_block or gen_length)
     steps = int(steps or gen_length)
     if name == "llada":

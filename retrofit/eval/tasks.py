@@ -55,6 +55,15 @@ def split_files(folder: Path, split: str) -> list[str]:
     return found
 
 
+def _empty(path: Path) -> bool:
+    """No bytes, or (a text format) nothing but blank lines."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix in (".jsonl", ".json", ".csv") and path.stat().st_size < 4096:
+        return not path.read_bytes().strip()
+    return False
+
+
 def _variant(name: str, include: Path, folder: Path, splits: dict[str, str], extra: dict | None = None) -> dict:
     files = {}
     for split in splits.values():
@@ -63,6 +72,10 @@ def _variant(name: str, include: Path, folder: Path, splits: dict[str, str], ext
             files[split] = paths
     if "test" not in files:
         raise RetrofitError(f"no test split for {name} under {folder} (expected test.jsonl, test-*.parquet, …)")
+    for split, paths in files.items():
+        for path in paths:
+            if _empty(Path(path)):
+                raise RetrofitError(f"{path} is empty: the {split} split of {name} needs at least one document")
     builder = {_EXTENSIONS[Path(p).suffix] for paths in files.values() for p in paths}
     if len(builder) != 1:
         raise RetrofitError(f"{folder}: mixed file formats {sorted(builder)}; keep one format per dataset")

@@ -17,11 +17,11 @@ import torch
 
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.safetensors_file import read_header, read_into
+from retrofit.io.safetensors_file import TensorEntry, read_header, read_into
 from retrofit.io.tokenizer_files import mask_token_id
 from retrofit.models import family_for_checkpoint, family_of
 from retrofit.models.moe import StackedExperts, parse_expert_key
-from retrofit.routers import RouterSettings
+from retrofit.routers import RouterSettings, build_router
 
 
 def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None):
@@ -41,7 +41,22 @@ def checkpoint_config(ckpt: CheckpointDir, router: RouterSettings | None = None)
         raise RetrofitError(f"{ckpt.path}: {where} is {config.mask_token_id}, outside the vocabulary of "
                             f"{config.vocab_size}; add the checkpoint's tokenizer.json or set mask_token_id in "
                             "config.json")
+    check_router_fits(config, config.router_settings)
     return config
+
+
+def check_router_fits(config, settings: RouterSettings) -> None:
+    """Building one router surfaces settings this model cannot honour (block guard_size < top_k, or so large
+    that block routing is token choice; an EC schedule past the model's experts), as one line."""
+    family = family_of(config)
+    try:
+        build_router(settings, config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                     family.scoring(config))
+    except ValueError as exc:
+        raise RetrofitError(f"router settings do not fit this model: {exc}") from None
+    problem = settings.misfit(config.num_experts, config.num_experts_per_tok)
+    if problem:
+        raise RetrofitError(f"router settings do not fit this model: {problem}")
 
 
 ADAPTER_DIR = "adapter"
@@ -64,6 +79,7 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
     config = checkpoint_config(ckpt, router)
     with torch.device("meta"):
         model = family_of(config).model_class(config)
+    placements(model, ckpt, list(ckpt.weight_map))  # a config.json that disagrees with its weights: named now
     model.to(dtype)
     if router_dtype is not None:
         for block in model.moe_blocks():
@@ -108,29 +124,58 @@ def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: li
                          rename: Callable[[str], str] = lambda name: name) -> None:
     """Read the named checkpoint tensors into ``module``'s parameters (``rename``: checkpoint name → the
     module's Hub-style name), shard by shard; every parameter must be filled exactly once."""
+    with torch.no_grad():
+        for shard, placed in placements(module, ckpt, names, rename).items():
+            with open(ckpt.path / shard, "rb") as f:
+                for name, entry, slot in placed:
+                    read_into(f, entry, slot, name)
+
+
+def check_weights_fit(ckpt: CheckpointDir, config) -> None:
+    """Every tensor of the checkpoint has the shape ``config`` gives its place in the model, and every weight of
+    the model is in the checkpoint, read from the shard headers alone (a truncated shard fails here too): a
+    config.json that disagrees with its weights is named before anything is allocated, converted or trained."""
+    with torch.device("meta"):
+        model = family_of(config).model_class(config)
+    placements(model, ckpt, list(ckpt.weight_map))
+
+
+Placed = tuple[str, TensorEntry, torch.Tensor]  # checkpoint name, where its bytes are, the view it fills
+
+
+def placements(module: torch.nn.Module, ckpt: CheckpointDir, names: list[str],
+               rename: Callable[[str], str] = lambda name: name) -> dict[str, list[Placed]]:
+    """Where each named checkpoint tensor goes in ``module`` (an expert's ``[f, d]`` weight into its slot of the
+    stacked ``[E, f, d]`` parameter), by shard, after checking shapes and that every parameter is covered once."""
     params = dict(module.state_dict(keep_vars=True))  # parameters and persistent buffers (an expert bias)
     experts = next((m.gate_proj.shape[0] for m in module.modules() if isinstance(m, StackedExperts)), 0)
-    filled: dict[str, int] = {}  # parameter name -> elements written
+    config = getattr(module, "config", None)
+    filled: dict[str, int] = {}  # parameter name -> elements placed
     by_shard: dict[str, list[str]] = {}
     for name in names:
         by_shard.setdefault(ckpt.weight_map[name], []).append(name)
-    with torch.no_grad():
-        for shard, shard_names in by_shard.items():
-            entries = read_header(ckpt.path / shard)
-            with open(ckpt.path / shard, "rb") as f:
-                for name in shard_names:
-                    if name not in entries:
-                        raise RetrofitError(f"shard {shard} lacks tensor {name} that the index promises")
-                    target, slot = _destination(rename(name), params, experts)
-                    read_into(f, entries[name], slot, name)
-                    filled[target] = filled.get(target, 0) + slot.numel()
-    tied = {"lm_head.weight"} if getattr(getattr(module, "config", None), "tie_word_embeddings", False) else set()
+    out: dict[str, list[Placed]] = {}
+    for shard, shard_names in by_shard.items():
+        entries = read_header(ckpt.path / shard)
+        for name in shard_names:
+            if name not in entries:
+                raise RetrofitError(f"shard {shard} lacks tensor {name} that the index promises")
+            target, slot = _destination(rename(name), params, experts, config, ckpt)
+            if tuple(slot.shape) != entries[name].shape:
+                raise RetrofitError(_shape_mismatch(ckpt, name, entries[name].shape, tuple(slot.shape), config))
+            out.setdefault(shard, []).append((name, entries[name], slot))
+            filled[target] = filled.get(target, 0) + slot.numel()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(n for n, p in params.items() if filled.get(n, 0) != p.numel() and n not in tied)
     if missing:
-        raise RetrofitError(f"checkpoint tensors do not match the model's architecture: missing {missing[:5]}")
+        raise RetrofitError(f"{ckpt.path}: config.json does not match the weights: the model it describes needs "
+                            f"{', '.join(missing[:3])}, which the checkpoint does not hold (in full); correct "
+                            "config.json (num_hidden_layers, num_experts, ...) or use the checkpoint's own")
+    return out
 
 
-def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int) -> tuple[str, torch.Tensor]:
+def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int, config=None,
+                 ckpt: CheckpointDir | None = None) -> tuple[str, torch.Tensor]:
     """The parameter a Hub-named tensor belongs to, and the view of it the tensor fills."""
     parsed = parse_expert_key(name)
     if parsed is not None:
@@ -138,9 +183,27 @@ def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int)
         stacked = f"{prefix}.{proj}"
         if stacked in params and expert < experts:
             return stacked, params[stacked].data[expert]
+        if stacked in params:
+            raise RetrofitError(f"{ckpt.path if ckpt else 'checkpoint'}: config.json does not match the weights: "
+                                f"num_experts is {experts} but the checkpoint holds expert {expert} ({name}); "
+                                "correct num_experts in config.json")
     elif name in params:
         return name, params[name].data
-    raise RetrofitError(f"checkpoint tensors do not match the model's architecture: unexpected {name}")
+    raise RetrofitError(f"{ckpt.path if ckpt else 'checkpoint'}: config.json does not match the weights: the "
+                        f"checkpoint holds {name}, which the model config.json describes has no place for; correct "
+                        "config.json (num_hidden_layers, ...) or use the checkpoint's own")
+
+
+def _shape_mismatch(ckpt: CheckpointDir, name: str, stored: tuple, expected: tuple, config) -> str:
+    """Name the config.json field a wrong shape most likely comes from: one whose value is the expected size."""
+    fields = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
+              if isinstance(v, int) and not isinstance(v, bool) and not k.endswith("_id")}
+    guesses = [f"{k} is {v} in config.json but the weights say {s}" for e, s in zip(expected, stored) if e != s
+               for k, v in fields.items() if v == e]
+    guess = f" ({guesses[0]})" if guesses else ""
+    return (f"{ckpt.path}: config.json does not match the weights: {name} is {'x'.join(map(str, stored))} in the "
+            f"checkpoint, {'x'.join(map(str, expected))} for config.json's sizes{guess}; correct config.json or use "
+            "the checkpoint's own")
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -32,6 +32,10 @@ from retrofit.errors import RetrofitError, warn
 from retrofit.routers import SOFTMAX, RouterSettings, Scoring, TokenChoiceSettings
 
 
+# config.json fields every family reads as sizes or counts: each must be a whole number of at least 1 when present.
+COUNT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "num_experts", "num_experts_per_tok", "max_position_embeddings")
+
 # Keys of a config.json that describe the file rather than the model.
 META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
                "_name_or_path"}
@@ -73,6 +77,9 @@ class ModelFamily:
     sampler: ClassVar[str] = "llada"  # the denoising sampler evaluation generates with (retrofit.eval.samplers)
     hub_routers: ClassVar[dict[str, dict]] = {}  # --model short name -> the router its checkpoint was trained with
     training_block: ClassVar[int | None] = None  # block-diffusion training layout (retrofit.diffusion), or None
+    # The family's own config.json size and count fields besides COUNT_FIELDS, and those of them that may be 0.
+    count_fields: ClassVar[tuple[str, ...]] = ()
+    zero_allowed: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ recognising and building configs
 
@@ -83,15 +90,28 @@ class ModelFamily:
         """The config of a checkpoint's raw config.json: settings the family names as unsupported are refused
         (:meth:`refuse`), any other key its config class does not know is kept and named once."""
         unknown = sorted(set(raw) - self.known_config_fields())
+        self.check_counts(raw)
         self.refuse(raw, unknown)
         if unknown:
             warn(f"config.json has field(s) retrofit's {self.display_name} does not use: {', '.join(unknown)}; "
                  "kept as they are")
         fields = {k: v for k, v in raw.items() if k not in META_FIELDS}
         try:
-            return self.config_class(**fields)
+            config = self.config_class(**fields)
         except (TypeError, ValueError) as exc:
             raise RetrofitError(f"invalid config.json: {exc}".splitlines()[0]) from None
+        if config.num_experts_per_tok > config.num_experts:
+            raise RetrofitError(f"invalid config.json: num_experts_per_tok is {config.num_experts_per_tok} but there "
+                                f"are only {config.num_experts} experts; a token picks at most num_experts of them")
+        return config
+
+    def check_counts(self, raw: dict) -> None:
+        """Every size or count field present in ``raw`` is a whole number in range, or one line names it."""
+        for name in (*COUNT_FIELDS, *self.count_fields):
+            value, least = raw.get(name), 0 if name in self.zero_allowed else 1
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise RetrofitError(f"invalid config.json: {name} is {value!r}; it must be a whole number of at "
+                                    f"least {least}")
 
     def refuse(self, raw: dict, unknown: list[str]) -> None:
         """Raise for fields of ``raw`` that change the computation in ways this family does not implement."""

@@ -381,6 +381,9 @@ class LLaDA2Family(ModelFamily):
     architecture = "LLaDA2MoeModelLM"
     config_class = LLaDA2Config
     model_class = LLaDA2ModelLM
+    count_fields = ("intermediate_size", "moe_intermediate_size", "head_dim", "n_group", "topk_group",
+                    "num_shared_experts", "first_k_dense_replace")
+    zero_allowed = ("num_shared_experts", "first_k_dense_replace")
     hub_models = {
         "llada2-mini": "inclusionAI/LLaDA2.0-mini",
         "llada2-mini-preview": "inclusionAI/LLaDA2.0-mini-preview",

@@ -319,6 +319,7 @@ class LLaDAMoEFamily(ModelFamily):
     architecture = "LLaDAMoEModelLM"
     config_class = LLaDAMoEConfig
     model_class = LLaDAMoEModelLM
+    count_fields = ("expert_intermediate_size", "dense_intermediate_size")
     hub_models = {
         "llada-moe": "inclusionAI/LLaDA-MoE-7B-A1B-Base",
         "llada-moe-instruct": "inclusionAI/LLaDA-MoE-7B-A1B-Instruct",

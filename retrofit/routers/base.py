@@ -34,6 +34,12 @@ class RouterSettings(BaseModel):
 
     type: str
 
+    def misfit(self, num_experts: int, top_k: int) -> str | None:
+        """Why these settings make no sense on a model of ``num_experts`` experts and top-``top_k`` (e.g. block
+        routing that keeps every expert, which is token choice), or None. Commands refuse such settings; the
+        router itself still runs them (the parity tests take edge cases)."""
+        return None
+
     def describe(self) -> str:
         """One-line human summary: the type and the fields that differ from their defaults."""
         changed = {k: v for k, v in self.model_dump(exclude_defaults=True).items() if k != "type"}

@@ -34,6 +34,13 @@ class BlockSettings(RouterSettings):
         "renormalise each token's k gates over its k experts (dMoE's LLaDA2.0 router does); off by default to "
         "keep LLaDA-MoE's own convention of raw softmax gates, which sets the scale of every MoE output"))
 
+    def misfit(self, num_experts: int, top_k: int) -> str | None:
+        if self.guard_size >= num_experts:
+            return (f"block router: guard_size ({self.guard_size}) keeps all {num_experts} experts of this model in "
+                    "every block's core set, which routes exactly like token choice; give a guard_size below "
+                    f"{num_experts} (dMoE keeps 16 of 64; {max(top_k, num_experts // 4)} of {num_experts} here)")
+        return None
+
     def describe(self) -> str:
         return (f"block block_length={self.block_length} core_threshold={self.core_threshold} "
                 f"guard_size={self.guard_size}" + (" renormalize" if self.renormalize else ""))

@@ -46,6 +46,13 @@ class ExpertChoiceSettings(RouterSettings):
         "topk-then-softmax (EC-DLM's default): experts rank tokens by raw router logit, gate = softmax over the "
         "logits of just the experts that chose the token"))
 
+    def misfit(self, num_experts: int, top_k: int) -> str | None:
+        k_max = self.schedule.k_max if self.schedule.name != "constant" else None
+        if k_max is not None and k_max > num_experts:
+            return (f"ec router: the schedule's k_max ({k_max}) exceeds this model's {num_experts} experts; a token "
+                    f"can be chosen by at most {num_experts}, so give k_max {num_experts} or less")
+        return None
+
     def describe(self) -> str:
         s = self.schedule
         sched = s.name if s.name == "constant" else f"{s.name}[{s.k_min}..{s.k_max}]"
