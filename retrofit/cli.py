@@ -404,12 +404,17 @@ def evaluate(
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record
+    from retrofit.eval.samplers import at_least_one, check_sampler_numbers
     from retrofit.io.writer import check_writable
 
     if remasking not in ("low_confidence", "random"):
         raise RetrofitError(f"--remasking {remasking!r}: use low_confidence or random")
     if limit is not None and limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1 (leave it out to evaluate every document)")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise RetrofitError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+    at_least_one(mc_num=mc_num, batch_size=batch_size)  # before the tasks are indexed (seconds)
+    check_sampler_numbers(gen_length, steps, denoise_block, temperature, threshold)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")

@@ -53,15 +53,20 @@ def at_least_one(**values) -> None:
             raise RetrofitError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
 
 
-def make_sampler(name: str, gen_length: int, steps: int | None, denoise_block: int | None, temperature: float,
-                 remasking: str = "low_confidence", threshold: float | None = None,
-                 sampling: str | None = None) -> Sampler:
-    """The family's sampler with the evaluation's settings, checked; options of the other sampler are refused."""
+def check_sampler_numbers(gen_length, steps=None, denoise_block=None, temperature=0.0, threshold=None) -> None:
+    """Each sampler number in its range (before anything slow starts: the CLI calls this first too)."""
     at_least_one(gen_length=gen_length, steps=steps, denoise_block=denoise_block)
     if float(temperature) < 0:
         raise RetrofitError(f"--temperature {temperature}: must be 0 (greedy) or more")
     if threshold is not None and not 0 < float(threshold) <= 1:
         raise RetrofitError(f"--threshold {threshold}: a confidence, above 0 and at most 1 (LLaDA2.0 uses 0.95)")
+
+
+def make_sampler(name: str, gen_length: int, steps: int | None, denoise_block: int | None, temperature: float,
+                 remasking: str = "low_confidence", threshold: float | None = None,
+                 sampling: str | None = None) -> Sampler:
+    """The family's sampler with the evaluation's settings, checked; options of the other sampler are refused."""
+    check_sampler_numbers(gen_length, steps, denoise_block, temperature, threshold)
     denoise_block = int(denoise_block or gen_length)
     steps = int(steps or gen_length)
     if name == "llada":

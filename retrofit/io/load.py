@@ -198,8 +198,8 @@ def _shape_mismatch(ckpt: CheckpointDir, name: str, stored: tuple, expected: tup
     """Name the config.json field a wrong shape most likely comes from: one whose value is the expected size."""
     fields = {k: v for k, v in (config.to_dict() if config is not None else {}).items()
               if isinstance(v, int) and not isinstance(v, bool) and not k.endswith("_id")}
-    guesses = [f"{k} is {v} in config.json but the weights say {s}" for e, s in zip(expected, stored) if e != s
-               for k, v in fields.items() if v == e]
+    guesses = [f"{' or '.join(k for k, v in fields.items() if v == e)} is {e} in config.json but the weights say "
+               f"{s}" for e, s in zip(expected, stored) if e != s and e in fields.values()]
     guess = f" ({guesses[0]})" if guesses else ""
     return (f"{ckpt.path}: config.json does not match the weights: {name} is {'x'.join(map(str, stored))} in the "
             f"checkpoint, {'x'.join(map(str, expected))} for config.json's sizes{guess}; correct config.json or use "

@@ -1,0 +1,131 @@
+"""Bad inputs refused in one line that names the problem and the fix, by class (issue 22): config.json fields
+against their ranges and against the weights, router settings against the model, every numeric option of
+evaluation against its range, local task files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from retrofit.cli import app
+from tests.helpers import one_line_error, runner
+
+
+def _edited(tiny_dir, tmp_path, **fields):
+    """A copy of the tiny snapshot whose config.json has ``fields`` changed."""
+    copy = tmp_path / "edited"
+    shutil.copytree(tiny_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(fields)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def _convert(src, tmp_path, *extra, router="ec"):
+    return runner.invoke(app, ["convert", "--src", str(src), "--router", router, "--out", str(tmp_path / "out"),
+                               *extra])
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"num_experts_per_tok": 12}, "num_experts_per_tok is 12 but there are only 8 experts"),
+    ({"num_experts": 0}, "num_experts is 0; it must be a whole number of at least 1"),
+    ({"hidden_size": -4}, "hidden_size is -4"),
+    ({"num_attention_heads": 2.5}, "num_attention_heads is 2.5"),
+    ({"expert_intermediate_size": 0}, "expert_intermediate_size is 0"),
+])
+def test_config_fields_out_of_range_are_named(tiny_dir, tmp_path, fields, expected):
+    line = one_line_error(_convert(_edited(tiny_dir, tmp_path, **fields), tmp_path))
+    assert "invalid config.json" in line and expected in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"hidden_size": 128}, "(hidden_size is 128 in config.json but the weights say 64)"),
+    ({"num_experts": 16}, "(num_experts is 16 in config.json but the weights say 8)"),
+    ({"num_experts": 4, "num_experts_per_tok": 2}, "num_experts is 4 in config.json but the weights say 8"),
+    ({"expert_intermediate_size": 48}, "(expert_intermediate_size is 48 in config.json but the weights say 32)"),
+    ({"vocab_size": 400}, "(vocab_size is 400 in config.json but the weights say 320)"),
+    ({"num_hidden_layers": 3, "moe_layer_freq": [1, 1, 1]}, "the model it describes needs model.layers.2"),
+    ({"num_hidden_layers": 1, "moe_layer_freq": [1]}, "holds model.layers.1."),
+])
+def test_config_that_disagrees_with_the_weights_is_named_before_anything_runs(tiny_dir, tmp_path, fields, expected):
+    edited = _edited(tiny_dir, tmp_path, **fields)
+    line = one_line_error(_convert(edited, tmp_path))
+    assert "config.json does not match the weights" in line and expected in line, line
+
+
+def test_every_command_that_loads_a_model_checks_its_config_against_the_weights(tiny_dir, tmp_path):
+    from retrofit.errors import RetrofitError
+    from retrofit.io.load import load_model
+
+    edited = _edited(tiny_dir, tmp_path, hidden_size=128)
+    with pytest.raises(RetrofitError, match="config.json does not match the weights"):
+        load_model(edited, check_memory=False)
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(edited), "--tasks", "gsm8k", "--limit", "1",
+                                              "--output", str(tmp_path / "e.json")]))
+    assert "config.json does not match the weights" in line
+
+
+def test_block_routing_that_keeps_every_expert_is_refused(tiny_dir, tmp_path):
+    line = one_line_error(_convert(tiny_dir, tmp_path, router="block"))  # default guard 16 >= 8 experts
+    assert "guard_size (16) keeps all 8 experts" in line and "routes exactly like token choice" in line
+    assert _convert(tiny_dir, tmp_path, "--guard-size", "2", router="block").exit_code == 0
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--router", "block", "--tasks",
+                                              "gsm8k", "--output", str(tmp_path / "e.json")]))
+    assert "guard_size (16) keeps all 8 experts" in line
+
+
+def test_an_ec_schedule_past_the_models_experts_is_refused(tiny_dir, tmp_path):
+    line = one_line_error(_convert(tiny_dir, tmp_path, "--schedule", "linear", "--k-max", "50"))
+    assert "k_max (50) exceeds this model's 8 experts" in line
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--gen-length", "0", "--gen-length 0: must be a whole number of at least 1"),
+    ("--steps", "0", "--steps 0: must be a whole number of at least 1"),
+    ("--denoise-block", "0", "--denoise-block 0: must be"),
+    ("--batch-size", "0", "--batch-size 0: must be"),
+    ("--mc-num", "0", "--mc-num 0: must be"),
+    ("--temperature", "-1", "--temperature -1.0: must be 0"),
+    ("--num-fewshot", "-1", "--num-fewshot -1: must be 0 or more"),
+])
+def test_evaluation_numbers_out_of_range_are_refused(tiny_dir, tmp_path, flag, value, expected):
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1",
+                                              flag, value, "--output", str(tmp_path / "e.json")]))
+    assert expected in line
+
+
+def test_lm_eval_model_args_get_the_same_checks(tiny_dir):
+    from retrofit.errors import RetrofitError
+    from retrofit.eval.adapter import RetrofitLM
+
+    with pytest.raises(RetrofitError, match="--gen-length 5000 leaves no room for a prompt in the model's 1024"):
+        RetrofitLM(str(tiny_dir), gen_length=5000)
+    with pytest.raises(RetrofitError, match="--steps 0: must be"):
+        RetrofitLM(str(tiny_dir), steps=0)
+    with pytest.raises(RetrofitError, match="--mc-num 0"):
+        RetrofitLM(str(tiny_dir), mc_num="0")
+    with pytest.raises(RetrofitError, match="--batch-size -2"):
+        RetrofitLM(str(tiny_dir), batch_size="-2")
+    assert RetrofitLM(str(tiny_dir), batch_size="auto", progress=False).batch_size_ == 8
+
+
+def test_an_empty_local_test_split_is_named(tiny_dir, tmp_path, shared_data):
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    shutil.copy(shared_data / "gsm8k" / "train.jsonl", data / "train.jsonl")
+    (data / "test.jsonl").write_text("\n")
+    line = one_line_error(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--limit", "1",
+                                              "--data-dir", str(tmp_path / "data"),
+                                              "--output", str(tmp_path / "e.json")]))
+    assert "test.jsonl is empty: the test split of gsm8k needs at least one document" in line
+
+
+def test_an_unknown_router_key_in_a_recipe_lists_that_routers_keys(tiny_dir, tmp_path):
+    from tests.helpers import write_recipe
+
+    path = write_recipe(tmp_path, tiny_dir, model={"router": {"type": "ec", "guard_size": 2}})
+    line = one_line_error(runner.invoke(app, ["validate", str(path)]))
+    assert "unknown key model.router.guard_size; the ec router's keys are type, capacity_factor" in line
