@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, whole_at_least
 from retrofit.models import FAMILIES
 
 app = typer.Typer(
@@ -203,7 +203,8 @@ def create_tiny(
     tokenizer_data: Optional[Path] = typer.Option(None, "--tokenizer-data", help="Train a BPE tokenizer on "
                                                   "this jsonl file instead of using the byte tokenizer."),
     text_fields: str = typer.Option("question,answer", "--text-fields", help="Fields of --tokenizer-data."),
-    vocab_size: int = typer.Option(2048, "--vocab-size", help="BPE vocabulary size (with --tokenizer-data)."),
+    vocab_size: int = typer.Option(2048, "--vocab-size", help="BPE vocabulary size (with --tokenizer-data; at "
+                                                              "least 258: the 256 bytes and 2 special tokens)."),
     hidden_size: int = typer.Option(64, "--hidden-size"),
     layers: int = typer.Option(2, "--layers"),
     heads: int = typer.Option(4, "--heads"),
@@ -246,35 +247,36 @@ def create_tiny(
 
     if family not in FAMILIES:
         raise RetrofitError(f"unknown --family {family!r}; use {', '.join(FAMILIES)}")
+    _check_tiny_shape(hidden_size=hidden_size, layers=layers, heads=heads, experts=experts, top_k=top_k,
+                      expert_size=expert_size, shard_kb=shard_kb)
+    if tokenizer_data is not None:
+        whole_at_least("--vocab-size", vocab_size, 258)  # the 256 byte tokens and the 2 special tokens
     chosen = FAMILIES[family]
     dims = dict(family=chosen, **chosen.tiny_dims(hidden_size=hidden_size, layers=layers, heads=heads,
                                                    experts=experts, top_k=top_k, expert_size=expert_size))
     dims.pop("vocab_size")  # the byte tokenizer's, or --vocab-size with --tokenizer-data
     texts = None
     if tokenizer_data is not None:
-        texts = _jsonl_texts(tokenizer_data, [f.strip() for f in text_fields.split(",") if f.strip()])
+        from retrofit.io.text_data import read_texts
+
+        texts = read_texts(tokenizer_data, [f.strip() for f in text_fields.split(",") if f.strip()],
+                           "see --text-fields")
     path = build(out_dir, seed=seed, max_shard_bytes=shard_kb * 1024, force=force, tokenizer_texts=texts,
                  vocab_size=vocab_size, **dims)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     out_console.print(f"[green]wrote[/] {escape(str(path))}: {len(shards)} shard(s), tokenizer, config.json")
 
 
-def _jsonl_texts(path: Path, fields: list[str]) -> list[str]:
-    import json
+def _check_tiny_shape(**flags) -> None:
+    """create-tiny's shape flags in range, and consistent with each other, before anything is built."""
+    from retrofit.errors import at_least_one
 
-    if not path.is_file():
-        raise RetrofitError(f"--tokenizer-data {path}: no such file")
-    texts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            record = json.loads(line)
-            missing = [f for f in fields if f not in record]
-            if missing:
-                raise RetrofitError(f"{path}:{number} has no field {', '.join(missing)} (see --text-fields)")
-            texts.append("\n".join(str(record[f]) for f in fields))
-    if not texts:
-        raise RetrofitError(f"--tokenizer-data {path} is empty")
-    return texts
+    at_least_one(**flags)
+    if flags["top_k"] > flags["experts"]:
+        raise RetrofitError(f"--top-k {flags['top_k']} exceeds --experts {flags['experts']}: a token picks at most "
+                            "every expert")
+    if flags["hidden_size"] % flags["heads"]:
+        raise RetrofitError(f"--hidden-size {flags['hidden_size']} is not a multiple of --heads {flags['heads']}")
 
 
 @app.command()
@@ -339,23 +341,24 @@ def _interrupted_finetune(output_dir: Path, recipe: Path, overrides: list[str]) 
 def validate(
     recipe: Path = typer.Argument(..., help="YAML recipe to check."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides to apply first."),
+    resume: bool = typer.Option(False, "--resume", help="Check it as `finetune --resume` would start (the "
+                                                        "output directory then holds checkpoints)."),
 ):
-    """Check a recipe (schema, overrides, data file, model source) without running it."""
-    from retrofit.io.paths import looks_like_path, resolve_path
+    """Check a recipe without running it: everything `retrofit finetune` checks before it loads weights (schema
+    and overrides, data files, the model source, its config.json against its weights, its tokenizer, the router
+    against the model, seq_len, LoRA targets, the output directory). A Hub model not yet downloaded is not
+    fetched: its checks wait for finetune."""
+    from retrofit.training.preflight import check_recipe
     from retrofit.training.recipe import load_recipe
 
     parsed, recipe_dir = load_recipe(recipe, overrides or [])
-    data = parsed.data.path
-    if resolve_path(data, recipe_dir) is None and looks_like_path(data):
-        raise RetrofitError(f"{recipe}: data file not found: {data} (looked beside the recipe and in the working "
-                            "directory)")
+    checked = check_recipe(parsed, recipe_dir, resume=resume, download=False)
     source = parsed.model.source
-    local = resolve_path(source, recipe_dir)
-    if (local is None or not local.is_dir()) and looks_like_path(source):
-        raise RetrofitError(f"{recipe}: model.source not found: {source} (a directory, looked beside the recipe "
-                            "and in the working directory)")
     route = f"{recipe}: {source} -> {parsed.checkpoint.output_dir}"
     out_console.print(f"[green]ok[/] {escape(route)}, {parsed.trainable.mode}, {parsed.optim.max_steps} steps")
+    if checked.source is None:
+        out_console.print(f"model.source {escape(source)} is not downloaded yet: its checks run when finetune "
+                          "fetches it")
 
 
 @app.command("eval")
@@ -404,7 +407,8 @@ def evaluate(
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record
-    from retrofit.eval.samplers import at_least_one, check_sampler_numbers
+    from retrofit.errors import at_least_one
+    from retrofit.eval.samplers import check_sampler_numbers
     from retrofit.io.writer import check_writable
 
     if remasking not in ("low_confidence", "random"):

@@ -20,6 +20,7 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import check_router_fits, check_weights_fit, checkpoint_config, has_adapter
 from retrofit.io.model_card import model_card as card
+from retrofit.io.tokenizer_files import require_tokenizer
 from retrofit.io.model_dir import ROUTER_FILE, WrittenShards, write_model_directory
 from retrofit.io.writer import atomic_directory, check_destination
 from retrofit.models import ModelFamily, family_of
@@ -71,6 +72,7 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
                             "with --router instead (eval merges the adapter)")
     config = checkpoint_config(ckpt)
     check_weights_fit(ckpt, config)
+    require_tokenizer(ckpt.path)  # without it the output could not be evaluated or fine-tuned
     check_router_fits(config, target)
     family = family_of(config)
     swaps = []

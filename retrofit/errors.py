@@ -17,3 +17,23 @@ def warn(message: str) -> None:
 
 class RetrofitError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
+
+
+def at_least_one(**values) -> None:
+    """Counts given as ``name=value`` (None: left at its default) must be whole numbers of at least 1; the message
+    names the option as the command line spells it (``gen_length`` -> ``--gen-length``)."""
+    for name, value in values.items():
+        whole_at_least(f"--{name.replace('_', '-')}", value, 1)
+
+
+def whole_at_least(flag: str, value, least: int) -> None:
+    """``value`` (None: not given) is a whole number of at least ``least``, or one line names ``flag``."""
+    if value is None:
+        return
+    try:
+        number = int(value)
+        whole = number == float(value)
+    except (TypeError, ValueError):
+        number, whole = None, False
+    if not whole or number < least:
+        raise RetrofitError(f"{flag} {value}: must be a whole number of at least {least}")

@@ -33,10 +33,11 @@ class Source:
     linkable: bool = True
 
 
-def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
+def resolve_source(src: str, download=None, flag: str = "--src") -> Source | None:
     """Map ``src`` to a local directory, downloading a Hub snapshot when needed.
 
-    ``download(repo_id) -> path`` is injectable for tests; by default it is huggingface_hub's snapshot fetch.
+    ``download(repo_id, flag) -> path`` is injectable (tests; `validate`, which only looks in the cache and gets
+    None when the snapshot is not there); by default it is huggingface_hub's snapshot fetch.
     ``flag`` is how the calling command names the option, for the error messages.
     """
     local = Path(src).expanduser()
@@ -54,15 +55,32 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source:
         return Source(path=embedded, name=src, origin=src, linkable=False)
     registry = hub_models()
     repo_id = registry.get(src, src)
-    if not _HUB_ID.match(repo_id) or looks_like_path(src):
-        if looks_like_path(src):
-            raise RetrofitError(f"{flag} {src}: no such directory")
+    if not _HUB_ID.match(repo_id) or looks_like_path(src) or _in_local_folder(src, registry):
+        if looks_like_path(src) or _in_local_folder(src, registry):
+            raise RetrofitError(f"{flag} {src}: no such directory{_what_is_there(local)}")
         names = ", ".join([*registry, *EMBEDDED, *GENERATED])
         raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
                             f"or a local directory ({flag} PATH)")
     path = (download or hub_snapshot)(repo_id, flag)
+    if path is None:  # a download function that only looks in the cache found nothing
+        return None
     name = src if src in registry else repo_id.split("/")[-1]
     return Source(path=Path(path), name=name, origin=src)
+
+
+def _in_local_folder(src: str, registry: dict) -> bool:
+    """``out/x`` where ``out`` is a folder here: a mistyped local path, not the Hub repository ``out/x``."""
+    parent = Path(src).expanduser().parent
+    return src not in registry and str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _what_is_there(path: Path) -> str:
+    parent = path.parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return ""
+    names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f" ({parent}/ holds {shown})" if names else f" ({parent}/ is empty)"
 
 
 def is_own_model(path: Path) -> bool:
@@ -112,4 +130,5 @@ def hub_snapshot(repo_id: str, flag: str = "--src") -> Path:
     except Exception as exc:  # offline, unknown repo, gated repo, auth, disk full: all end the same way
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RetrofitError(f"could not fetch {repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
-                            f"{reason[:160]}); download it where the Hub is reachable and pass {flag} PATH") from None
+                            f"{reason[:160]}), and there is no local directory {repo_id} either; download it where "
+                            f"the Hub is reachable and pass {flag} PATH") from None

@@ -129,3 +129,126 @@ def test_an_unknown_router_key_in_a_recipe_lists_that_routers_keys(tiny_dir, tmp
     path = write_recipe(tmp_path, tiny_dir, model={"router": {"type": "ec", "guard_size": 2}})
     line = one_line_error(runner.invoke(app, ["validate", str(path)]))
     assert "unknown key model.router.guard_size; the ec router's keys are type, capacity_factor" in line
+
+
+# ------------------------------------------------------------------------------------- validate = finetune's checks
+
+
+def _validate(path, *extra):
+    return runner.invoke(app, ["validate", str(path), *extra])
+
+
+def test_validate_refuses_what_finetune_would_refuse(tiny_dir, tmp_path):
+    from tests.helpers import write_recipe
+
+    path = write_recipe(tmp_path, tiny_dir)
+    assert _validate(path).exit_code == 0
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"question": "caf\xe9"}\n')
+    cases = {
+        f"data.path={latin}": "latin.jsonl:1: not UTF-8 text (byte 0xe9 at column 18)",
+        "data.seq_len=4096": "data.seq_len 4096 exceeds the model's max_position_embeddings (1024)",
+        "model.source=no-such-model": "unknown model.source 'no-such-model'",
+        f"model.source={tmp_path / 'missing'}": "model.source not found",
+        "model.router.type=block": "guard_size (16) keeps all 8 experts",
+        "trainable.mode=routers+lora": None,
+        f"heldout.data.path={latin}": "latin.jsonl:1: not UTF-8",
+    }
+    for override, expected in cases.items():
+        result = _validate(path, override)
+        if expected is None:
+            assert result.exit_code == 0, result.output
+            continue
+        assert expected in one_line_error(result), override
+        # finetune refuses the same, before loading anything
+        assert expected in one_line_error(runner.invoke(app, ["finetune", str(path), override])), override
+
+
+def test_validate_finds_a_truncated_shard_and_a_config_that_disagrees(tiny_dir, tmp_path):
+    from tests.helpers import write_recipe
+
+    shard = sorted(tiny_dir.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    path = write_recipe(tmp_path, tiny_dir)
+    assert str(shard) in one_line_error(_validate(path))
+    other = _edited(tiny_dir, tmp_path, hidden_size=128)
+    assert "config.json does not match the weights" in one_line_error(_validate(path, f"model.source={other}"))
+
+
+def test_a_lora_target_the_model_lacks_names_the_ones_it_has(tiny_dir, tmp_path):
+    from tests.helpers import write_recipe
+
+    path = write_recipe(tmp_path, tiny_dir, trainable={"mode": "routers+lora"})
+    override = "trainable.lora.target_modules=[q_prj]"
+    for command in ("validate", "finetune"):
+        line = one_line_error(runner.invoke(app, [command, str(path), override]))
+        assert "q_prj names no linear layer of this model; its linear layers are" in line and "q_proj" in line
+        assert "lm_head" in line and "gate" not in line.split("are")[-1]
+
+
+def test_validate_leaves_a_hub_model_that_is_not_downloaded_to_finetune(tiny_dir, tmp_path):
+    from tests.helpers import write_recipe
+
+    path = write_recipe(tmp_path, tiny_dir, model={"source": "someorg/some-model"})
+    result = _validate(path)
+    assert result.exit_code == 0 and "not downloaded yet" in result.output
+
+
+# ------------------------------------------------------------------------------------------ create-tiny, convert
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--experts", "4", "--top-k", "8"], "--top-k 8 exceeds --experts 4"),
+    (["--experts", "0"], "--experts 0: must be a whole number of at least 1"),
+    (["--layers", "0"], "--layers 0: must be"),
+    (["--shard-kb", "0"], "--shard-kb 0: must be"),
+    (["--hidden-size", "30", "--heads", "4"], "--hidden-size 30 is not a multiple of --heads 4"),
+])
+def test_create_tiny_refuses_shapes_that_cannot_work(tmp_path, flags, expected):
+    line = one_line_error(runner.invoke(app, ["create-tiny", str(tmp_path / "t"), *flags]))
+    assert expected in line and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\xff\xfe\xfa\n", "bad.jsonl:1: not UTF-8 text"),
+    (b"not json\n", "bad.jsonl:1: not valid JSON"),
+    (b"", "is empty"),
+    (b'{"text": "a"}\n', "has no field question, answer (fields: text); see --text-fields"),
+])
+def test_create_tiny_tokenizer_data_is_read_like_any_data_file(tmp_path, content, expected):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    line = one_line_error(runner.invoke(app, ["create-tiny", str(tmp_path / "t"), "--tokenizer-data", str(data)]))
+    assert expected in line
+
+
+def test_create_tiny_vocabulary_must_hold_the_byte_alphabet(tmp_path, shared_data):
+    line = one_line_error(runner.invoke(app, ["create-tiny", str(tmp_path / "t"), "--tokenizer-data",
+                                              str(shared_data / "gsm8k" / "test.jsonl"), "--vocab-size", "100"]))
+    assert "--vocab-size 100: must be a whole number of at least 258" in line
+
+
+def test_a_full_disk_reported_by_a_library_is_one_line(tmp_path, monkeypatch):
+    import retrofit.tiny as tiny
+
+    def full(*args, **kwargs):  # what the tokenizers library raises: a bare Exception with the OS message
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(tiny, "write_json", full)
+    line = one_line_error(runner.invoke(app, ["create-tiny", str(tmp_path / "t")]))
+    assert "the disk is full; nothing was kept" in line and not list(tmp_path.iterdir())
+
+
+def test_convert_refuses_a_source_without_a_tokenizer(tiny_dir, tmp_path):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**config, "mask_token_id": 257}))
+    (tiny_dir / "tokenizer.json").unlink()
+    line = one_line_error(_convert(tiny_dir, tmp_path))
+    assert "has no tokenizer.json" in line and not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "tiny-ec").mkdir(parents=True)
+    line = one_line_error(runner.invoke(app, ["eval", "--model", "out/tiny-ecc", "--tasks", "gsm8k"]))
+    assert "--model out/tiny-ecc: no such directory (out/ holds tiny-ec)" in line

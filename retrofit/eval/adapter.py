@@ -15,11 +15,11 @@ from lm_eval.api.registry import register_model
 from rich.progress import Progress
 
 from retrofit import distributed
-from retrofit.errors import RetrofitError, warn
+from retrofit.errors import RetrofitError, at_least_one, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
 from retrofit.eval.sampler import apply_stop
 from retrofit.eval.sharded import shard_for_eval
-from retrofit.eval.samplers import at_least_one, make_sampler
+from retrofit.eval.samplers import make_sampler
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrofit.errors import RetrofitError
+from retrofit.errors import RetrofitError, at_least_one
 from retrofit.eval import sampler as llada
 from retrofit.eval import sampler_llada2 as llada2
 
@@ -37,20 +37,6 @@ class Sampler:
         if self.name == "llada2":
             return llada2.generate(model, prompt, mask_id, eos_id, self.settings, generator)
         return llada.generate(model, prompt, mask_id, self.settings, generator)
-
-
-def at_least_one(**values) -> None:
-    """Counts given as ``name=value`` (None: left at its default) must be whole numbers of at least 1; the message
-    names the flag (``--gen-length``) as the command line spells it."""
-    for name, value in values.items():
-        if value is None:
-            continue
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = None
-        if number is None or number != float(value) or number < 1:
-            raise RetrofitError(f"--{name.replace('_', '-')} {value}: must be a whole number of at least 1")
 
 
 def check_sampler_numbers(gen_length, steps=None, denoise_block=None, temperature=0.0, threshold=None) -> None:

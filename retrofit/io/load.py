@@ -131,13 +131,15 @@ def fill_from_checkpoint(module: torch.nn.Module, ckpt: CheckpointDir, names: li
                     read_into(f, entry, slot, name)
 
 
-def check_weights_fit(ckpt: CheckpointDir, config) -> None:
+def check_weights_fit(ckpt: CheckpointDir, config) -> torch.nn.Module:
     """Every tensor of the checkpoint has the shape ``config`` gives its place in the model, and every weight of
     the model is in the checkpoint, read from the shard headers alone (a truncated shard fails here too): a
-    config.json that disagrees with its weights is named before anything is allocated, converted or trained."""
+    config.json that disagrees with its weights is named before anything is allocated, converted or trained.
+    Returns the model it built to check, on the meta device (no memory)."""
     with torch.device("meta"):
         model = family_of(config).model_class(config)
     placements(model, ckpt, list(ckpt.weight_map))
+    return model
 
 
 Placed = tuple[str, TensorEntry, torch.Tensor]  # checkpoint name, where its bytes are, the view it fills

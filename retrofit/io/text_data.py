@@ -63,7 +63,7 @@ def load_records(section: DataSection, recipe_dir: Path):
             if builder is None:
                 raise RetrofitError(f"data.path {local}: cannot tell the format from '{local.suffix}'; set "
                                     f"data.format to one of json, text, parquet, csv")
-            _check_file(local)
+            check_data_file(local)
             records = datasets.load_dataset(builder, data_files=str(local), split="train")
         elif looks_like_path(section.path):
             raise RetrofitError(f"data file not found: {section.path} (looked beside the recipe and in the "
@@ -82,28 +82,52 @@ def load_records(section: DataSection, recipe_dir: Path):
     return records
 
 
-def _check_file(path: Path) -> None:
+def check_data_file(path: Path) -> None:
     """What `datasets` reports badly (an empty file as StopIteration, a bad JSON line with its row number in a
-    separate log line), said in one line with the file and line number."""
+    separate log line, bytes that are not UTF-8 as a decoding traceback), said in one line with the file and
+    line number. Text formats are read once here; parquet is left to `datasets`."""
+    if not path.is_file():
+        raise RetrofitError(f"data file {path} is not a file")
     if path.stat().st_size == 0:
         raise RetrofitError(f"data file {path} is empty")
-    if path.suffix.lower() != ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt", ".csv"):
         return
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
+    documents = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RetrofitError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                    f"{exc.start + 1}); convert the file to UTF-8") from None
+            if suffix == ".jsonl" and line.strip():
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise RetrofitError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    raise RetrofitError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); a "
+                                        ".jsonl file holds one JSON document per line") from None
+            documents += bool(line.strip())
+    if not documents:
+        raise RetrofitError(f"data file {path} is empty")
 
 
-def _require_fields(records, fields: list[str], path: str) -> None:
+def _require_fields(records, fields: list[str], path: str,
+                    hint: str = "set data.text_field / prompt_field / response_field") -> None:
     missing = [f for f in fields if f not in records.column_names]
     if missing:
         raise RetrofitError(f"data {path} has no field {', '.join(missing)} (fields: "
-                            f"{', '.join(records.column_names)}); set data.text_field / prompt_field / "
-                            "response_field")
+                            f"{', '.join(records.column_names)}); {hint}")
+
+
+def read_texts(path: Path, fields: list[str], hint: str) -> list[str]:
+    """The ``fields`` of every record of a local data file, joined by newlines (as the pretrain objective joins
+    them); ``hint`` says how the caller's user names the fields."""
+    if not Path(path).is_file():
+        raise RetrofitError(f"data file not found: {path}")
+    records = load_records(DataSection(path=str(Path(path).resolve()), text_field=fields), Path.cwd())
+    _require_fields(records, fields, str(path), hint)
+    return ["\n".join(str(v) for v in parts) for parts in zip(*(records[f] for f in fields))]
 
 
 def build_sequences(section: DataSection, recipe_dir: Path, tokenizer) -> TokenBatches:

@@ -55,10 +55,15 @@ def mask_token_id(directory: Path) -> int | None:
     return vocab.get(MASK_TOKEN) if isinstance(vocab, dict) else None
 
 
+def require_tokenizer(model_dir: Path) -> None:
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise RetrofitError(f"{model_dir} has no tokenizer.json; retrofit needs the checkpoint's fast tokenizer "
+                            "(copy the tokenizer files of the checkpoint's Hub snapshot into it)")
+
+
 def load_tokenizer(model_dir: Path):
     """The checkpoint's own fast tokenizer, read from tokenizer.json without consulting remote code."""
     from transformers import PreTrainedTokenizerFast
 
-    if not (model_dir / "tokenizer.json").is_file():
-        raise RetrofitError(f"{model_dir} has no tokenizer.json; retrofit needs the checkpoint's fast tokenizer")
+    require_tokenizer(model_dir)
     return PreTrainedTokenizerFast.from_pretrained(str(model_dir))

@@ -51,19 +51,21 @@ WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quot
 
 
 @contextmanager
-def write_failures_as_errors(what: Path) -> Iterator[None]:
-    """A full disk, a quota or a read-only file system met while writing ``what`` becomes one line (safetensors
-    raises its own error type with the OS message inside)."""
+def write_failures_as_errors(what: Path, kept: str = "nothing was kept") -> Iterator[None]:
+    """A full disk, a quota or a read-only file system met while writing ``what`` becomes one line, ending with
+    ``kept`` (what is still there). Libraries with their own error types (safetensors, tokenizers) carry the OS
+    message inside: those are recognised by it."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in WRITE_FAILURES:
             raise
-        raise RetrofitError(f"writing {what} failed: {WRITE_FAILURES[exc.errno]}; nothing was kept") from None
+        raise RetrofitError(f"writing {what} failed: {WRITE_FAILURES[exc.errno]}; {kept}") from None
     except Exception as exc:
-        if type(exc).__name__ == "SafetensorError" and "No space left" in str(exc):
-            raise RetrofitError(f"writing {what} failed: the disk is full; nothing was kept") from None
-        raise
+        reason = next((text for code, text in WRITE_FAILURES.items() if os.strerror(code) in str(exc)), None)
+        if reason is None:
+            raise
+        raise RetrofitError(f"writing {what} failed: {reason}; {kept}") from None
 
 
 @contextmanager
@@ -91,7 +93,7 @@ def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_entries(directory: Path, last: str) -> Iterator[Path]:
+def atomic_entries(directory: Path, last: str, kept: str = "nothing was kept") -> Iterator[Path]:
     """Yield a hidden folder inside the existing ``directory``; on success each of its entries replaces the
     entry of the same name in ``directory``, ``last`` moved last (a directory that is complete only once its
     ``last`` file exists, e.g. config.json, never looks complete early); on failure it is deleted."""
@@ -100,7 +102,7 @@ def atomic_entries(directory: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(partial)
     partial.mkdir()
     try:
-        with write_failures_as_errors(directory):
+        with write_failures_as_errors(directory, kept):
             yield partial
         names = sorted(p.name for p in partial.iterdir())
         for name in [n for n in names if n != last] + [n for n in names if n == last]:

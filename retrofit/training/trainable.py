@@ -10,6 +10,7 @@ import warnings
 
 from torch import nn
 
+from retrofit.errors import RetrofitError
 from retrofit.routers import Router
 from retrofit.training.recipe import TrainableSection
 
@@ -30,6 +31,7 @@ def make_trainable(model: nn.Module, section: TrainableSection) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         lora = section.lora
+        check_lora_targets(model, lora.target_modules)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=lora.target_modules, bias="none")
         with warnings.catch_warnings():
@@ -39,6 +41,17 @@ def make_trainable(model: nn.Module, section: TrainableSection) -> nn.Module:
     for block in base_model(model).moe_blocks():
         block.gate.requires_grad_(True)
     return model
+
+
+def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Each LoRA target names linear layers of ``model`` as peft matches them (a module name or the end of one
+    after a dot); one that names none is refused with the names there are."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        have = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise RetrofitError(f"trainable.lora.target_modules: {', '.join(missing)} names no linear layer of this "
+                            f"model; its linear layers are {', '.join(have)}")
 
 
 def base_model(model: nn.Module) -> nn.Module:

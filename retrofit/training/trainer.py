@@ -21,23 +21,22 @@ import torch
 from retrofit import distributed
 from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import checkpoint_config, load_model
+from retrofit.io.load import load_model
 from retrofit.diffusion import add_noise, block_diffusion_layout, diffusion_loss
 from retrofit.io.model_card import model_card
 from retrofit.io.model_dir import write_model_directory
-from retrofit.io.paths import resolve_path
 from retrofit.io.text_data import TokenBatches, build_sequences
 from retrofit.io.tokenizer_files import load_tokenizer
-from retrofit.io.writer import atomic_entries, check_writable
+from retrofit.io.writer import atomic_entries
 from retrofit.models import family_of
 from retrofit.models.moe import hub_state_dict
 from retrofit.routers import swap_routers
 from retrofit.routers.registry import swap_routers_back
-from retrofit.sources import Source, resolve_source
 from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
-from retrofit.training.recipe import Recipe, run_differences
+from retrofit.training.preflight import check_recipe
+from retrofit.training.recipe import Recipe
 from retrofit.training.sharding import whole, whole_optimizer_state, whole_trainable
 from retrofit.training.trainable import make_trainable, router_parameter_names
 
@@ -50,11 +49,6 @@ class FinetuneResult:
     steps: int
     losses: list[float]  # diffusion loss of every step run in this invocation
     resumed_at: int | None = None  # the checkpoint's step, when resumed
-
-
-def resolve_model_source(source: str, recipe_dir: Path) -> Source:
-    local = resolve_path(source, recipe_dir)
-    return resolve_source(str(local) if local is not None and local.is_dir() else source, flag="model.source")
 
 
 def lr_lambda(optim):
@@ -74,23 +68,10 @@ class Finetune:
                  resume: bool = False):
         self.recipe, self.recipe_text, self.progress, self.resume = recipe, recipe_text, progress, resume
         self.recipe_dir = recipe_dir
-        self.output_dir = Path(recipe.checkpoint.output_dir).expanduser().resolve()
-        check_writable(self.output_dir, "checkpoint.output_dir")
-        # Decide about existing checkpoints before the expensive part, so a mistake fails at once.
-        self.resume_from = latest_checkpoint(self.output_dir)
-        if resume and self.resume_from is None:
-            raise RetrofitError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}")
-        if not resume and self.resume_from is not None:
-            raise RetrofitError(f"{self.output_dir} already holds checkpoints; pass --resume to continue, or choose "
-                                "another checkpoint.output_dir")
-        if resume:
-            self.check_same_run(self.resume_from)
-        self.source = resolve_model_source(recipe.model.source, recipe_dir)
+        # Everything that can be known before loading weights, as `retrofit validate` checks it.
+        checked = check_recipe(recipe, recipe_dir, resume=resume)
+        self.output_dir, self.resume_from, self.source = checked.output_dir, checked.resume_from, checked.source
         self.ckpt = CheckpointDir(self.source.path)
-        positions = checkpoint_config(self.ckpt).max_position_embeddings
-        if recipe.data.seq_len > positions:
-            raise RetrofitError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings "
-                                f"({positions}); set data.seq_len={positions} or less")
         optim = recipe.optim
         self.join_launch(optim)
         use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
@@ -129,15 +110,6 @@ class Finetune:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim))
         self.noise_gen = torch.Generator().manual_seed(optim.seed + 1)
         self._perm_epoch: int | None = None
-
-    def check_same_run(self, checkpoint: Path) -> None:
-        """``--resume`` continues the run that wrote ``checkpoint`` only with that run's recipe and overrides (less
-        what a resumed run may change); anything else would silently continue or re-export another run."""
-        saved = json.loads((checkpoint / "state.json").read_text()).get("recipe")
-        differ = run_differences(saved, self.recipe) if saved is not None else []
-        if differ:
-            raise RetrofitError(f"--resume: {checkpoint} was written by another recipe ({'; '.join(differ[:3])}); "
-                                "resume with the recipe and key=value overrides that started the run")
 
     def join_launch(self, optim) -> None:
         """accelerate's view of the launch: one process (no launcher) or one per device (DDP over gloo or NCCL);
@@ -402,7 +374,9 @@ class Finetune:
         config = self.family.converted_config(self.ckpt.config, self.config.mask_token_id,
                                               self.config.router_settings)
         # Moved into place with config.json last: the directory only looks complete once everything is there.
-        with atomic_entries(self.output_dir, last="config.json") as partial:
+        kept = (f"the model was not exported, the training checkpoints in {checkpoint_dir(self.output_dir)} are "
+                "kept: free space and run the same command with --resume to export it")
+        with atomic_entries(self.output_dir, last="config.json", kept=kept) as partial:
             write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card(),
                                   link=self.source.linkable)
             if lora is not None:  # peft keeps the adapters' tensors of this state dict
