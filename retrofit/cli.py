@@ -18,10 +18,11 @@ from rich.table import Table
 
 from retrofit.errors import RetrofitError, whole_at_least
 from retrofit.models import FAMILIES
+from retrofit_command import COMMANDS, HELP
 
 app = typer.Typer(
     name="retrofit",
-    help="Retrofit expert-choice (EC) or block-level routing onto token-choice diffusion-LM MoE checkpoints.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -124,7 +125,7 @@ def _router_names() -> str:
     return ", ".join(ROUTERS)
 
 
-@app.command()
+@app.command(short_help=COMMANDS["convert"])
 @user_errors
 @rank_zero_only
 @router_options
@@ -179,7 +180,7 @@ def _plan_table(plan) -> Table:
     return table
 
 
-@app.command("create-tiny")
+@app.command("create-tiny", short_help=COMMANDS["create-tiny"])
 @user_errors
 @rank_zero_only
 def create_tiny(
@@ -279,7 +280,7 @@ def _check_tiny_shape(**flags) -> None:
         raise RetrofitError(f"--hidden-size {flags['hidden_size']} is not a multiple of --heads {flags['heads']}")
 
 
-@app.command()
+@app.command(short_help=COMMANDS["finetune"])
 @user_errors
 def finetune(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
@@ -335,7 +336,7 @@ def _interrupted_finetune(output_dir: Path, recipe: Path, overrides: list[str]) 
     return f"interrupted; training state of step {step} is in {last}: continue with `{command}`"
 
 
-@app.command()
+@app.command(short_help=COMMANDS["validate"])
 @user_errors
 @rank_zero_only
 def validate(
@@ -361,7 +362,7 @@ def validate(
                           "fetches it")
 
 
-@app.command("eval")
+@app.command("eval", short_help=COMMANDS["eval"])
 @user_errors
 @router_options
 def evaluate(
@@ -449,7 +450,7 @@ def evaluate(
     out_console.print(f"[green]wrote[/] {escape(str(output))}")
 
 
-@app.command("inspect")
+@app.command("inspect", short_help=COMMANDS["inspect"])
 @user_errors
 @one_process
 @router_options
@@ -578,7 +579,7 @@ def write_inspection(record: dict, out: Path) -> Path:
     return write_report(record, draw_all(record, out), out)
 
 
-@app.command("study")
+@app.command("study", short_help=COMMANDS["study"])
 @user_errors
 @one_process
 def study(
@@ -649,7 +650,8 @@ def _results_table(record: dict, per_subject: bool = False) -> Table:
     return table
 
 
-def main() -> None:
+def prepare_process() -> None:
+    """Before a command runs: quiet the other ranks of a launched run, and print warnings as plain lines."""
     import logging
 
     from retrofit.distributed import is_main
@@ -662,6 +664,21 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
+
+
+@functools.cache
+def _commands():
+    return typer.main.get_command(app)
+
+
+def command(name: str):
+    """One command of the app, as the ``retrofit`` launcher (``retrofit_command``) runs it."""
+    return _commands().get_command(None, name)
+
+
+def main() -> None:
+    """``python -m retrofit``: the whole app in this process (the ``retrofit`` command starts in retrofit_command)."""
+    prepare_process()
     try:
         app()
     except KeyboardInterrupt:  # outside a command's own handling (start-up, imports): one line, no traceback
