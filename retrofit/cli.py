@@ -125,16 +125,24 @@ def _router_names() -> str:
     return ", ".join(ROUTERS)
 
 
+def _model_names() -> str:
+    """Every name --src/--model takes besides paths and Hub ids, from the registries."""
+    from retrofit.models import hub_models
+    from retrofit.sources import EMBEDDED, GENERATED
+
+    return ", ".join([*hub_models(), *EMBEDDED, *GENERATED])
+
+
 @app.command(short_help=COMMANDS["convert"])
 @user_errors
 @rank_zero_only
 @router_options
 def convert(
-    src: str = typer.Option(..., "--src", help="Registry name (llada-moe, llada-moe-instruct, tiny), Hub id "
-                                               "(org/name) or local checkpoint directory."),
+    src: str = typer.Option(..., "--src", help=f"Registry name ({_model_names()}), Hub id (org/name) or local "
+                                               "checkpoint directory."),
     router: str = typer.Option(..., "--router", metavar="NAME",
-                               help="Router to install: ec (expert choice), block (dMoE block routing), tc (the "
-                                    "checkpoint's own) or any registered router. Its settings are the flags "
+                               help=f"Router to install: {_router_names()} (tc: the checkpoint's own token choice; "
+                                    "ec: expert choice; block: dMoE's block routing). Its settings are the flags "
                                     "below, each marked with the routers it applies to."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: out/<src>-<router>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
@@ -163,11 +171,13 @@ def convert(
     out_console.print(f"[green]wrote[/] {escape(str(report.out))}: router {target.describe()}")
     out_console.print(f"  {report.shards.summary()}")
     if verify:
-        same = {True: "bit-identical to the source",
-                None: f"finite, and up to {report.max_logit_diff:.3g} from the source's "
-                      "(expected: the routing changed)"}
-        out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits "
-                          f"{same[report.logits_identical]}")
+        if report.logits_identical:
+            logits = "bit-identical to the source"
+        elif report.max_logit_diff == 0:  # another router that chose as the source did on this probe
+            logits = "identical to the source's on the probe (the new routing chose the same experts there)"
+        else:
+            logits = f"finite, and up to {report.max_logit_diff:.3g} from the source's (expected: the routing changed)"
+        out_console.print(f"  verified {report.tensors_checked} unchanged tensors; logits {logits}")
 
 
 def _plan_table(plan) -> Table:
@@ -367,8 +377,8 @@ def validate(
 @router_options
 def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
-    model: str = typer.Option("llada-moe", "--model", help="Model directory, Hub id or registry name "
-                                                          "(llada-moe, llada-moe-instruct, tiny, tiny-random)."),
+    model: str = typer.Option("llada-moe", "--model", help=f"Model directory, Hub id or registry name "
+                                                          f"({_model_names()})."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task (of each "
                                                               "subject for MMLU: 57 subjects)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
@@ -389,8 +399,8 @@ def evaluate(
                                                                           "task's; mmlu 5)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
     router: Optional[str] = typer.Option(None, "--router", metavar="NAME",
-                                         help="Evaluate with another router than the checkpoint's (tc, ec, block, "
-                                              "...); the router flags below override its settings."),
+                                         help=f"Evaluate with another router than the checkpoint's ({_router_names()}"
+                                              "); the router flags below override its settings."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
@@ -456,11 +466,11 @@ def evaluate(
 @router_options
 def inspect_routing(
     models: Optional[list[str]] = typer.Option(None, "--model", metavar="MODEL",
-                                               help="Model directory, Hub id or registry name; "
-                                               "repeat to compare models (default: tiny)."),
+                                               help=f"Model directory, Hub id or registry name ({_model_names()});"
+                                               " repeat to compare models (default: tiny)."),
     routers: Optional[list[str]] = typer.Option(None, "--router", metavar="NAME",
                                                 help="Route with this router instead of the checkpoint's own; "
-                                                     "repeat to compare routers on each model (tc, ec, block)."),
+                                                     f"repeat to compare routers on each model ({_router_names()})."),
     data: Path = typer.Option(Path("../shared/data/gsm8k/test.jsonl"), "--data",
                               help="Text to route at a sweep of mask ratios: a jsonl/json/txt/parquet/csv file."),
     fields: str = typer.Option("question,answer", "--fields", help="Text fields of --data, joined by newlines."),
@@ -487,8 +497,13 @@ def inspect_routing(
     from retrofit.inspect.gather import Subject
     from retrofit.io.writer import check_writable
 
+    from retrofit.errors import at_least_one
+    from retrofit.eval.samplers import check_sampler_numbers
+
     if limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1")
+    at_least_one(seq_len=seq_len)
+    check_sampler_numbers(gen_length, steps, denoise_block)
     task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if tasks is not None and not task_names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k --data-dir ../shared/data")

@@ -295,3 +295,13 @@ def test_lm_evals_per_subject_fewshot_notice_is_filtered():
 
     assert not _asked_for_fewshot(record("Overwriting default num_fewshot of %s from %s to %s", "mmlu_x", None, 5))
     assert _asked_for_fewshot(record("something else went wrong"))
+
+
+def test_lm_evals_own_bars_and_git_lookup_stay_out_of_the_output(tiny_dir, tmp_path, monkeypatch, capfd):
+    data = write_arc_mmlu(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` would print "fatal: ..."
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--tasks", "mmlu", "--limit", "1", "--mc-num",
+                                 "2", "--data-dir", str(data), "--no-figures", "--output", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "it/s]" not in result.output
+    assert "fatal" not in capfd.readouterr().err  # git's own stderr goes to the process's file descriptor 2

@@ -252,3 +252,9 @@ def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "out" / "tiny-ec").mkdir(parents=True)
     line = one_line_error(runner.invoke(app, ["eval", "--model", "out/tiny-ecc", "--tasks", "gsm8k"]))
     assert "--model out/tiny-ecc: no such directory (out/ holds tiny-ec)" in line
+
+
+@pytest.mark.parametrize("flag", ["--seq-len", "--gen-length", "--steps", "--denoise-block"])
+def test_inspect_numbers_out_of_range_are_refused(tmp_path, flag):
+    line = one_line_error(runner.invoke(app, ["inspect", flag, "0", "--out", str(tmp_path / "i")]))
+    assert f"{flag} 0: must be a whole number of at least 1" in line

@@ -100,7 +100,7 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
     logging.getLogger("lm_eval.evaluator").addFilter(_asked_for_fewshot)
     datasets.disable_progress_bars()
     record_tasks = {}
-    with _fewshot_as_one_process(lm.rank, lm.world_size):
+    with _fewshot_as_one_process(lm.rank, lm.world_size), _quiet_lm_eval():
         for user_name in prepared.names:
             _run_task(lm, user_name, prepared, num_fewshot, limit, record_tasks)
     lm.gather_routing()
@@ -125,6 +125,33 @@ def _run_task(lm, user_name: str, prepared: PreparedTasks, num_fewshot, limit, r
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     if out is not None:  # lm-eval returns the gathered results on rank 0 only
         record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval draws a "building contexts" bar for every task it prepares (one line each in a log: 57 for MMLU)
+    and asks git for the working directory's commit, whose "fatal: not a git repository" reaches the user's
+    stderr; retrofit draws its own progress per task and records its own provenance, so both are silenced."""
+    import functools
+    import subprocess
+
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator
+
+    def commit_of_working_directory() -> str | None:
+        try:
+            return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True).stdout.strip() \
+                or None
+        except OSError:  # no git
+            return None
+
+    bar, commit = task_module.tqdm, evaluator.get_git_commit_hash
+    task_module.tqdm = functools.partial(bar, disable=True)
+    evaluator.get_git_commit_hash = commit_of_working_directory
+    try:
+        yield
+    finally:
+        task_module.tqdm, evaluator.get_git_commit_hash = bar, commit
 
 
 @contextmanager
