@@ -305,3 +305,22 @@ def test_lm_evals_own_bars_and_git_lookup_stay_out_of_the_output(tiny_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert "it/s]" not in result.output
     assert "fatal" not in capfd.readouterr().err  # git's own stderr goes to the process's file descriptor 2
+
+
+def test_a_full_disk_at_export_says_the_checkpoints_are_kept(tiny_dir, tmp_path, monkeypatch):
+    import retrofit.io.model_dir as model_dir
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_dir, "save_tensors", full)  # router.safetensors: written by the export only
+    path = write_recipe(tmp_path, tiny_dir, optim={"max_steps": 2}, checkpoint={"every": 1})
+    result = runner.invoke(app, ["finetune", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("error:"))
+    assert "the disk is full" in line and "nothing was kept" not in line and "checkpoints" in line
+    assert latest_checkpoint(tmp_path / "run").name == "step-000002"
+    monkeypatch.undo()
+    again = runner.invoke(app, ["finetune", str(path), "--resume"])  # what the message says to do
+    assert again.exit_code == 0 and "exported again" in again.output
+    assert (tmp_path / "run" / "config.json").is_file()
