@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from retrofit.errors import RetrofitError
 from retrofit.io.text_data import DataSection
 from retrofit.routers import RouterField
+
+
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # Adam's betas
+MaskRatio = Annotated[float, Field(gt=0, le=1)]
 
 
 class Section(BaseModel):
@@ -45,7 +49,7 @@ class ObjectiveSection(Section):
 
 class LoraSection(Section):
     r: int = Field(default=8, ge=1)
-    alpha: float = 16.0
+    alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -58,7 +62,7 @@ class TrainableSection(Section):
 class OptimSection(Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.95)
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     max_steps: int = Field(default=100, ge=1)
@@ -92,7 +96,7 @@ class HeldoutSection(Section):
     data: DataSection = Field(description="held-out text; its objective is pretrain (every token maskable)")
     every: int = Field(default=50, ge=1)
     samples: int = Field(default=2, ge=1, description="noise draws per sequence (t ~ U(0, 1))")
-    mask_ratios: list[float] = Field(default_factory=list, description="also the loss at each of these mask "
+    mask_ratios: list[MaskRatio] = Field(default_factory=list, description="also the loss at each of these mask "
                                                                        "ratios (every token masked with it)")
     seed: int = 0
 
