@@ -18,11 +18,12 @@ from rich.table import Table
 
 from retrofit.errors import RetrofitError, whole_at_least
 from retrofit.models import FAMILIES
-from retrofit_command import COMMANDS, HELP
 
+# The `retrofit` console command lists these commands without importing this module (retrofit_command);
+# tests and `retrofit_command` run them from this app.
 app = typer.Typer(
     name="retrofit",
-    help=HELP,
+    help="Retrofit expert-choice (EC) or block-level routing onto token-choice diffusion-LM MoE checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -133,7 +134,7 @@ def _model_names() -> str:
     return ", ".join([*hub_models(), *EMBEDDED, *GENERATED])
 
 
-@app.command(short_help=COMMANDS["convert"])
+@app.command()
 @user_errors
 @rank_zero_only
 @router_options
@@ -190,7 +191,7 @@ def _plan_table(plan) -> Table:
     return table
 
 
-@app.command("create-tiny", short_help=COMMANDS["create-tiny"])
+@app.command("create-tiny")
 @user_errors
 @rank_zero_only
 def create_tiny(
@@ -290,7 +291,7 @@ def _check_tiny_shape(**flags) -> None:
         raise RetrofitError(f"--hidden-size {flags['hidden_size']} is not a multiple of --heads {flags['heads']}")
 
 
-@app.command(short_help=COMMANDS["finetune"])
+@app.command()
 @user_errors
 def finetune(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
@@ -346,7 +347,7 @@ def _interrupted_finetune(output_dir: Path, recipe: Path, overrides: list[str]) 
     return f"interrupted; training state of step {step} is in {last}: continue with `{command}`"
 
 
-@app.command(short_help=COMMANDS["validate"])
+@app.command()
 @user_errors
 @rank_zero_only
 def validate(
@@ -372,7 +373,7 @@ def validate(
                           "fetches it")
 
 
-@app.command("eval", short_help=COMMANDS["eval"])
+@app.command("eval")
 @user_errors
 @router_options
 def evaluate(
@@ -460,7 +461,7 @@ def evaluate(
     out_console.print(f"[green]wrote[/] {escape(str(output))}")
 
 
-@app.command("inspect", short_help=COMMANDS["inspect"])
+@app.command("inspect")
 @user_errors
 @one_process
 @router_options
@@ -594,7 +595,7 @@ def write_inspection(record: dict, out: Path) -> Path:
     return write_report(record, draw_all(record, out), out)
 
 
-@app.command("study", short_help=COMMANDS["study"])
+@app.command("study")
 @user_errors
 @one_process
 def study(
@@ -687,19 +688,5 @@ def _commands():
 
 
 def command(name: str):
-    """One command of the app, as the ``retrofit`` launcher (``retrofit_command``) runs it."""
+    """One command of the app, as the ``retrofit`` command (``retrofit_command``) runs it."""
     return _commands().get_command(None, name)
-
-
-def main() -> None:
-    """``python -m retrofit``: the whole app in this process (the ``retrofit`` command starts in retrofit_command)."""
-    prepare_process()
-    try:
-        app()
-    except KeyboardInterrupt:  # outside a command's own handling (start-up, imports): one line, no traceback
-        err_console.print("[bold red]interrupted[/]", highlight=False)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """The ``retrofit`` console command: lists retrofit's commands and dispatches to them without importing
 ``retrofit`` itself, whose package import registers its models with transformers (torch and transformers take
 seconds to import). So ``retrofit --help`` answers at once; a command, or its own ``--help``, imports
-``retrofit.cli`` and runs there, exactly as ``python -m retrofit`` does.
+``retrofit.cli`` and runs there. ``python -m retrofit`` starts here too.
 
 It lives outside the ``retrofit`` package because importing any ``retrofit.*`` module runs the package's
 ``__init__``.
@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 HELP = "Retrofit expert-choice (EC) or block-level routing onto token-choice diffusion-LM MoE checkpoints."
 
-# Each command's one-line summary, in help order; retrofit.cli gives these to its commands as their short help.
+# Each command's one-line summary, in help order (a command's own --help shows its whole docstring).
 COMMANDS = {
     "convert": "Load a token-choice checkpoint, swap its routers, save a complete model directory.",
     "create-tiny": "Write a tiny random model, or a full-size random one (--preset), laid out like its Hub snapshot.",
@@ -36,10 +36,14 @@ class LazyCommands(TyperGroup):
     def get_command(self, ctx, name: str):
         if name not in COMMANDS:
             return None
-        from retrofit import cli  # the seconds of importing torch and transformers are spent here
+        try:
+            from retrofit import cli  # the seconds of importing torch and transformers are spent here
 
-        cli.prepare_process()
-        return cli.command(name)
+            cli.prepare_process()
+            return cli.command(name)
+        except KeyboardInterrupt:  # typer ends the process with status 130 and says nothing: say it
+            print("interrupted", file=sys.stderr)
+            raise
 
     def format_commands(self, ctx, formatter) -> None:
         with formatter.section("Commands"):

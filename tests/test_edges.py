@@ -267,13 +267,15 @@ def test_demo_table_reads_at_80_columns():
 
 def test_ctrl_c_at_start_up_is_one_line(monkeypatch, capsys):
     import retrofit.cli as cli
+    import retrofit_command
 
-    def interrupted():
+    def interrupted(name):  # Ctrl-C while the command's modules import
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "app", interrupted)
+    monkeypatch.setattr(cli, "command", interrupted)
+    monkeypatch.setattr("sys.argv", ["retrofit", "convert", "--help"])
     with pytest.raises(SystemExit) as stop:
-        cli.main()
+        retrofit_command.main()
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted"
 
