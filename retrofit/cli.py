@@ -412,8 +412,9 @@ def evaluate(
                                  "(expert load, experts per token, ... by mask ratio, as `retrofit inspect` draws "
                                  "them) into a folder beside the JSON: <output>-routing/."),
     write_tasks: Optional[Path] = typer.Option(None, "--write-tasks", help="Only write the offline task files "
-                                               "for --tasks and --data-dir into this folder, for `lm_eval "
-                                               "--model retrofit --include_path DIR`; no model is loaded."),
+                                               "for --tasks and --data-dir into this folder, and print the `lm_eval "
+                                               "--model retrofit --include_path DIR` line that runs them on --model; "
+                                               "no model is loaded."),
     router_flags: dict = None,
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
@@ -435,7 +436,7 @@ def evaluate(
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
     if write_tasks is not None:
-        _write_task_files(names, data_dir, write_tasks)
+        _write_task_files(names, data_dir, write_tasks, model)
         return
     output = output or Path("out") / "eval" / f"{Path(model).name}-{'-'.join(names)}.json"
     check_writable(output.parent, "the results into")
@@ -635,19 +636,21 @@ def study(
     out_console.print(f"[green]wrote[/] {escape(str(readme))}")
 
 
-def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path) -> None:
+def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, model: str) -> None:
+    """The offline task files, and the lm_eval line that runs them on ``model`` (--model), as printed."""
     from retrofit.eval.tasks import expand, write_local_tasks
 
     if data_dir is None:
         raise RetrofitError("--write-tasks needs --data-dir: the task files point lm-eval at local data")
     folder.mkdir(parents=True, exist_ok=True)
-    written = write_local_tasks(expand(names), data_dir, folder)
+    written = write_local_tasks(expand(names), data_dir.resolve(), folder)  # absolute: lm_eval may run elsewhere
     if not written:
         raise RetrofitError(f"no offline variant for {', '.join(names)}; offline variants exist for mmlu, arc, gsm8k")
     tasks = ",".join(written.values())
     out_console.print(f"[green]wrote[/] {escape(str(folder))}: {escape(tasks)}")
-    out_console.print(f"run: lm_eval --model retrofit --model_args pretrained=DIR --include_path {escape(str(folder))} "
-                      f"--tasks {escape(tasks)}")
+    line = shlex.join(["lm_eval", "--model", "retrofit", "--model_args", f"pretrained={model}", "--include_path",
+                       str(folder), "--tasks", tasks])
+    out_console.print(f"run: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _results_table(record: dict, per_subject: bool = False) -> Table:

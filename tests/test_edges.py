@@ -326,3 +326,21 @@ def test_a_full_disk_at_export_says_the_checkpoints_are_kept(tiny_dir, tmp_path,
     again = runner.invoke(app, ["finetune", str(path), "--resume"])  # what the message says to do
     assert again.exit_code == 0 and "exported again" in again.output
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_printed_lm_eval_line_runs_as_printed(tiny_dir, tmp_path, shared_data):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tasks"
+    result = runner.invoke(app, ["eval", "--tasks", "arc", "--model", str(tiny_dir), "--data-dir", str(shared_data),
+                                 "--write-tasks", str(folder)])
+    assert result.exit_code == 0, result.output
+    printed = shlex.split(next(line for line in result.output.splitlines() if line.startswith("run: "))[5:])
+    assert printed[0] == "lm_eval" and f"pretrained={tiny_dir}" in printed
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    done = subprocess.run([str(lm_eval), *printed[1:], "--limit", "1"], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # another directory: the task files hold absolute paths
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "arc_challenge" in done.stdout and "arc_easy" in done.stdout and "|acc" in done.stdout

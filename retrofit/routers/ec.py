@@ -5,7 +5,7 @@ over experts and gates with it (the same scores as the checkpoint's token choice
 variant); ``topk-then-softmax`` (EC-DLM's default in all its training scripts) ranks them by the raw router
 logit and gates a chosen pair by a softmax over the logits of only the experts that chose that token. The
 first is the default: on a retrofitted token-choice checkpoint it keeps the gate scale the experts were trained
-with (embedded ``tiny``, held-out nats/token after the same router fine-tuning: 4.640 vs 4.857; README).
+with (the README compares the two on the embedded ``tiny`` after the same router fine-tuning).
 
 Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option)*: C_b = round(L_b · k_b / E ·
 capacity_factor), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
