@@ -17,12 +17,20 @@ from torch import nn
 from retrofit.errors import RetrofitError
 from retrofit.routers import Router, RouterSettings, RoutingContext, RoutingStats, Scoring, build_router
 
+GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.8 (CUDA bf16 on SM >= 80; CPU fp32/bf16)
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 class StackedExperts(nn.Module):
     """All experts of a layer as three stacked tensors; ``gate_proj[e]`` is expert e's ``[f, d]`` weight."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, slot_sum_fp32: bool = False):
         super().__init__()
+        # Token layout (TC, block): "loop" runs expert by expert in the reference's order (bit-exact, and what
+        # a CPU and fp64 use); "grouped" runs all experts as three grouped GEMMs over the pairs sorted by expert,
+        # offsets on the device, no host synchronisation; "auto" picks grouped where torch's grouped_mm runs
+        # (CUDA, bf16), the loop elsewhere.
+        self.kernel = "auto"
         # How a token's k expert outputs are combined in token layout (TC, block), each family as its reference
         # does it: LLaDA-MoE scales each output by its gate in the activations' dtype and adds it in place,
         # expert by expert; LLaDA2.0 (``slot_sum_fp32``) scales the k outputs in fp32 and sums them over the
@@ -36,9 +44,49 @@ class StackedExperts(nn.Module):
         """``x``: ``[T, d]`` flat tokens → ``[T, d]`` gated sum of the chosen experts' outputs."""
         if routing.layout == "expert":
             return self._expert_major(x, routing.indices, routing.gates)
+        if self.uses_grouped(x):
+            return self._token_major_grouped(x, routing.indices, routing.gates)
         if self.slot_sum_fp32:
             return self._token_major_slot_sum(x, routing.indices, routing.gates)
         return self._token_major(x, routing.indices, routing.gates)
+
+    def uses_grouped(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs the grouped GEMMs. On a CPU the loop stays the default: it is the reference's
+        order, and measured at LLaDA-MoE size neither is faster there (README, `make bench`)."""
+        if self.kernel == "grouped":
+            if not GROUPED_MM or x.dtype not in GROUPED_DTYPES:
+                raise RetrofitError(f"grouped expert GEMMs need torch.nn.functional.grouped_mm (torch >= 2.8) and "
+                                    f"fp32/bf16/fp16 activations (this torch: {torch.__version__}, {x.dtype}); "
+                                    "use the loop kernel")
+            return True
+        return self.kernel == "auto" and GROUPED_MM and x.is_cuda and x.dtype == torch.bfloat16
+
+    def _token_major_grouped(self, x, experts, gates):
+        # The pairs in the loop's order (by expert, then slot, then token), each expert's run one group of three
+        # grouped GEMMs. The group ends come from a search over the sorted experts, on the device: bincount
+        # would size its output on the host (a synchronisation per layer). An expert with no pair is an empty
+        # group and reads no weight.
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        if self.slot_sum_fp32:  # LLaDA2.0: rows in (token, slot) order within an expert, summed per slot in fp32
+            order = torch.argsort(flat, stable=True)
+        else:
+            slot = torch.arange(k, device=x.device).repeat(num_tokens)
+            token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
+            order = torch.argsort((flat * k + slot) * num_tokens + token)
+        ends = torch.searchsorted(flat[order], torch.arange(self.gate_proj.shape[0], device=x.device), right=True)
+        ends = ends.to(torch.int32)
+        token_of = order // k
+        rows = x.index_select(0, token_of)
+        hidden = F.silu(F.grouped_mm(rows, self.gate_proj.transpose(1, 2), offs=ends)) * F.grouped_mm(
+            rows, self.up_proj.transpose(1, 2), offs=ends)
+        outputs = F.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs=ends)
+        if self.slot_sum_fp32:
+            placed = torch.empty_like(outputs).index_copy(0, order, outputs)
+            mixed = (placed.view(num_tokens, k, -1).float() * gates.float().unsqueeze(-1)).sum(dim=1)
+            return mixed.to(x.dtype)
+        gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, (outputs * gate_of).to(x.dtype))
 
     def _expert_major(self, x, tokens, gates):
         # EC: every expert has the same number of tokens, so one batched matmul per projection runs them all.

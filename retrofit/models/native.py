@@ -49,11 +49,13 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype,
-                   allowed_pairs: torch.Tensor | None = None) -> torch.Tensor | None:
+                   allowed_pairs: torch.Tensor | None = None, padded: bool = True) -> torch.Tensor | None:
     """The additive attention mask: padding keys hidden (``[B, 1, 1, L]``); with ``blocks`` = n each query sees
     only the keys of its own n-token block and the blocks before it, blocks counted from position 0; with
     ``allowed_pairs`` (``[L, L]`` bool, query × key) exactly those pairs (``[B, 1, L, L]``); None when nothing is
-    hidden."""
+    hidden. ``padded=False`` says ``valid`` is all True without the device being asked (no synchronisation)."""
+    if blocks is None and allowed_pairs is None and not padded:
+        return None
     length = valid.shape[1]
     allowed = valid[:, None, None, :]
     if blocks is not None:
@@ -85,7 +87,8 @@ class Backbone:
             masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
             mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
         return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start),
-                              focus=region if focus and maskable is not None else None)
+                              focus=region if focus and maskable is not None else None,
+                              padded=attention_mask is not None)
 
     def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
                 attention_blocks: int | None = None, position_ids=None, allowed_pairs=None):
@@ -97,7 +100,7 @@ class Backbone:
         x = getattr(self, self.embedding_name)(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
         rope = self.rotary_emb(positions, x.dtype)
-        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype, allowed_pairs), ctx)
+        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype, allowed_pairs, ctx.padded), ctx)
 
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
                 attention_blocks: int | None = None, position_ids=None, allowed_pairs=None) -> torch.Tensor:

@@ -18,7 +18,7 @@ Adding a router is one module plus one registry line (``retrofit/routers/__init_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -108,13 +108,32 @@ class RoutingContext:
     mask_ratio: torch.Tensor
     block_start: int = 0
     focus: torch.Tensor | None = None  # [B, L] bool: the positions being denoised (statistics only)
+    padded: bool = True  # False: every position is valid, known without reading ``valid`` (no attention mask)
+    _host: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def unpadded(cls, batch: int, length: int, device=None) -> "RoutingContext":
         return cls(
             valid=torch.ones(batch, length, dtype=torch.bool, device=device),
             mask_ratio=torch.zeros(batch, device=device),
+            padded=False,
         )
+
+    def lengths_on_host(self) -> torch.Tensor:
+        """Each sequence's valid length, a long CPU tensor ``[B]``. Shapes that depend on it (EC's capacities) need
+        it on the host: it is brought there at most once per forward, whatever the number of layers, and not at
+        all (no synchronisation with a GPU) when nothing is padded."""
+        if "lengths" not in self._host:
+            batch, length = self.valid.shape
+            self._host["lengths"] = (self.valid.sum(-1).cpu() if self.padded
+                                     else torch.full((batch,), length, dtype=torch.long))
+        return self._host["lengths"]
+
+    def mask_ratio_on_host(self) -> torch.Tensor:
+        """``mask_ratio`` on the host, brought there at most once per forward (timestep-dependent capacity)."""
+        if "mask_ratio" not in self._host:
+            self._host["mask_ratio"] = self.mask_ratio.detach().cpu()
+        return self._host["mask_ratio"]
 
 
 @dataclass

@@ -104,10 +104,14 @@ class ExpertChoiceRouter(Router):
         return routing
 
     def capacities(self, ctx: RoutingContext) -> torch.Tensor:
-        """Per-sequence capacity C_b, a long CPU tensor ``[B]``: the shapes of the selection depend on it, so it
-        is brought to the host once here rather than synchronised piecemeal later."""
-        lengths = ctx.valid.sum(-1).cpu()
-        k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio.detach().cpu())
+        """Per-sequence capacity C_b, a long CPU tensor ``[B]``: the shapes of the selection depend on it, so
+        the lengths (and, for a schedule, the mask ratios) come to the host, once per forward for all layers;
+        without padding and with constant capacity nothing is read from the device."""
+        lengths = ctx.lengths_on_host()
+        if self.schedule.name == "constant":
+            k = torch.full_like(lengths, self.top_k)
+        else:
+            k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio_on_host())
         return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
@@ -138,7 +142,8 @@ class ExpertChoiceRouter(Router):
         c_max = int(capacity.max()) if batch else 0
         top, idx = scores.transpose(1, 2).topk(c_max, dim=-1)  # [B, E, C_max]
         # Which of the B * C_max columns to keep, worked out on the host so the device never synchronises.
-        keep = (torch.arange(c_max) < capacity.unsqueeze(-1)).reshape(-1).nonzero().squeeze(1).to(device)
+        keep = (torch.arange(c_max) < capacity.unsqueeze(-1)).reshape(-1).nonzero().squeeze(1)
+        keep = keep.to(device, non_blocking=True)  # a host-to-device copy the device need not wait for
         idx = idx + (torch.arange(batch, device=device) * length).view(batch, 1, 1)  # flat token ids
         tokens = idx.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)  # [E, ΣC_b], in order
         gates = top.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)
