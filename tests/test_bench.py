@@ -35,6 +35,7 @@ def test_implementations_agree():
     impls = bench.implementations(layer)
     outs = {name: bench.forward(impl.run, x) for name, impl in impls.items()}
     torch.testing.assert_close(outs[bench.LOOP], outs[bench.GROUPED], atol=1e-5, rtol=0)
+    assert torch.equal(outs[bench.GROUPED_MM], outs[bench.GROUPED])  # the GPU's kernel, run on this CPU
     for name in (bench.BATCHED, bench.BATCHED_BY_LOGIT):
         expected = pairwise_experts(layer.experts, x, impls[name].routing(x))
         torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=0)
@@ -77,8 +78,8 @@ def test_tables_and_report(tmp_path):
     }
     seconds["total"] = 2 * seconds["llada2"]
     rows = results["moe_layer"]["rows"]
-    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.BATCHED, bench.BATCHED_BY_LOGIT,
-                                                   bench.CEILING]
+    assert [r["implementation"] for r in rows] == [bench.LOOP, bench.GROUPED, bench.GROUPED_MM, bench.BATCHED,
+                                                   bench.BATCHED_BY_LOGIT, bench.CEILING]
     assert all(r["pairs"] == TOKENS * 2 for r in rows)  # EC at capacity factor 1.0: the same FLOPs as TC
     llada2_rows = results["llada2"]["layer"]["rows"]
     assert [r["implementation"] for r in llada2_rows] == [bench.GROUPED, bench.BATCHED, bench.BLOCKED]

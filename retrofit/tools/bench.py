@@ -43,6 +43,7 @@ from retrofit.eval.likelihood import mc_loglikelihood
 from retrofit.eval.sampler import SamplerSettings, generate
 from retrofit.models.layers import SwiGLU
 from retrofit.models.llada2 import LLADA2, LLaDA2Config
+from retrofit.models.moe import GROUPED_MM as GROUPED_MM_AVAILABLE
 from retrofit.models.moe import StackedExperts
 from retrofit.routers import SOFTMAX, Router, RouterSettings, RoutingContext, Scoring, build_router, router_settings
 from retrofit.tiny import TINY_EOS_ID, build_tiny_model
@@ -72,6 +73,7 @@ LAYER_SIZE_MODEL = dict(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, 
 MEMORY_BATCH, MEMORY_LENGTH = 1, 512
 WARMUP = 1
 LOOP, GROUPED, BATCHED, BLOCKED = "TC per-expert loop", "TC grouped", "EC batched", "block grouped"
+GROUPED_MM = "TC grouped_mm"  # the token layout's three grouped GEMMs (the GPU's kernel), on this device
 BATCHED_BY_LOGIT = "EC batched, topk-then-softmax"
 CEILING = "EC GEMMs alone"
 
@@ -186,12 +188,17 @@ class Implementation:
             return self.router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0]))
 
 
-def routed(layer: MoeLayer, settings: RouterSettings) -> Implementation:
-    """The native path: the router chooses, StackedExperts runs grouped (token layout) or batched (expert)."""
+def routed(layer: MoeLayer, settings: RouterSettings, kernel: str = "auto") -> Implementation:
+    """The native path: the router chooses, StackedExperts runs grouped (token layout) or batched (expert);
+    ``kernel`` the token layout's (``StackedExperts.kernel``: auto, loop or grouped)."""
     router = layer.router(settings)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return layer.mlp(x, router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0])))
+        layer.experts.kernel = kernel
+        try:
+            return layer.mlp(x, router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0])))
+        finally:
+            layer.experts.kernel = "auto"
 
     return Implementation(router, run)
 
@@ -202,6 +209,7 @@ def implementations(layer: MoeLayer) -> dict[str, Implementation]:
     return {
         LOOP: Implementation(layer.router(TC), partial(tc_loop, layer)),
         GROUPED: routed(layer, TC),
+        **({GROUPED_MM: routed(layer, TC, "grouped")} if GROUPED_MM_AVAILABLE else {}),
         BATCHED: routed(layer, EC),
         BATCHED_BY_LOGIT: routed(layer, router_settings(EC, ec_order="topk-then-softmax")),
     }
