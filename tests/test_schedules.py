@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 
 from retrofit.routers import ScheduleSettings, expected_k, experts_per_token
-from retrofit.routers.schedules import SHAPES, shape
+from retrofit.routers.schedules import SHAPES, experts_per_token_counted, shape
 from tests.helpers import loop_shape
 
 R = torch.tensor([0.0, 0.5, 1.0])
@@ -96,3 +98,47 @@ def test_gaussian_and_its_reverse_share_the_budget():
 def test_bounds_must_be_ordered():
     with pytest.raises(ValueError, match="k_min"):
         ScheduleSettings(name="linear", k_min=9, k_max=3)
+
+
+def _exact_k(k_min: int, k_max: int, r: Fraction) -> int:
+    """k_min + (k_max − k_min)·r rounded half to even, in exact rational arithmetic (Python's round on a
+    Fraction rounds half to even)."""
+    return round(k_min + (k_max - k_min) * r)
+
+
+@pytest.mark.parametrize("name", ["linear", "linear-reverse"])
+@pytest.mark.parametrize("k_min, k_max", [(8, 32), (4, 12), (1, 3), (0, 7)])
+def test_linear_schedules_round_exactly_from_counts(name, k_min, k_max):
+    settings = ScheduleSettings(name=name, k_min=k_min, k_max=k_max)
+    maskable = torch.arange(1, 97).repeat_interleave(torch.arange(2, 98))  # every masked count 0..n of n ≤ 96
+    masked = torch.cat([torch.arange(n + 1) for n in range(1, 97)])
+    got = experts_per_token_counted(settings, 8, masked, maskable)
+    expected = [_exact_k(k_min, k_max, Fraction(m, n) if name == "linear" else 1 - Fraction(m, n))
+                for m, n in zip(masked.tolist(), maskable.tolist())]
+    assert got.tolist() == expected
+
+
+def test_the_issues_half_integer_case():
+    settings = ScheduleSettings(name="linear", k_min=8, k_max=32)
+    assert experts_per_token_counted(settings, 8, torch.tensor([1]), torch.tensor([48])).item() == 8
+    assert experts_per_token(settings, 8, torch.tensor([1 / 48])).item() == 9  # a float32 ratio, as before
+
+
+@pytest.mark.parametrize("name", sorted(set(SHAPES) - {"linear", "linear-reverse"}))
+def test_other_schedules_from_counts_take_the_float64_ratio(name):
+    settings = ScheduleSettings(name=name, k_min=2, k_max=14)
+    masked, maskable = torch.tensor([0, 3, 7, 50, 64]), torch.tensor([64, 64, 9, 50, 64])
+    got = experts_per_token_counted(settings, 8, masked, maskable)
+    assert got.tolist() == experts_per_token(settings, 8, masked.double() / maskable.double()).tolist()
+
+
+def test_ec_in_the_model_rounds_from_the_observed_counts():
+    """A sequence with 1 of 48 positions masked: EC at linear 8..32 gives its experts the capacity of k = 8."""
+    from retrofit.routers import RoutingContext, router_settings
+    from retrofit.routers.ec import ExpertChoiceRouter
+
+    router = ExpertChoiceRouter(16, 64, 8, router_settings(type="ec", schedule={"name": "linear", "k_min": 8,
+                                                                                 "k_max": 32}))
+    ctx = RoutingContext(valid=torch.ones(1, 48, dtype=torch.bool), mask_ratio=torch.tensor([1 / 48]),
+                         padded=False, mask_counts=(torch.tensor([1]), torch.tensor([48])))
+    assert router.capacities(ctx).tolist() == [6]  # round(48 · 8 / 64); k = 9 would give round(6.75) = 7

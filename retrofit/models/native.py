@@ -81,14 +81,15 @@ class Backbone:
                         focus: bool = False) -> RoutingContext:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         region = valid if maskable is None else maskable.bool() & valid
+        counts = None
         if mask_ratio is None:
             # Observed mask ratio: masked positions / maskable positions of each sequence (algorithms.md §2).
             # A prompt is never masked, so counting it would pull r towards 0 with every prompt token.
-            masked = ((input_ids == self.config.mask_token_id) & region).sum(-1)
-            mask_ratio = masked.float() / region.sum(-1).clamp(min=1).float()
+            counts = ((input_ids == self.config.mask_token_id) & region).sum(-1), region.sum(-1)
+            mask_ratio = counts[0].float() / counts[1].clamp(min=1).float()
         return RoutingContext(valid=valid, mask_ratio=mask_ratio.float(), block_start=int(block_start),
                               focus=region if focus and maskable is not None else None,
-                              padded=attention_mask is not None)
+                              padded=attention_mask is not None, mask_counts=counts)
 
     def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
                 attention_blocks: int | None = None, position_ids=None, allowed_pairs=None):

@@ -109,6 +109,9 @@ class RoutingContext:
     block_start: int = 0
     focus: torch.Tensor | None = None  # [B, L] bool: the positions being denoised (statistics only)
     padded: bool = True  # False: every position is valid, known without reading ``valid`` (no attention mask)
+    # (masked, maskable) counts ``[B]`` behind an observed ``mask_ratio`` (None when it was given, e.g. sampled t
+    # in training): schedules round k exactly from them.
+    mask_counts: tuple[torch.Tensor, torch.Tensor] | None = None
     _host: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -128,6 +131,14 @@ class RoutingContext:
             self._host["lengths"] = (self.valid.sum(-1).cpu() if self.padded
                                      else torch.full((batch,), length, dtype=torch.long))
         return self._host["lengths"]
+
+    def mask_counts_on_host(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``mask_counts`` on the host (one transfer per forward), or None."""
+        if self.mask_counts is None:
+            return None
+        if "mask_counts" not in self._host:
+            self._host["mask_counts"] = tuple(c.detach().cpu() for c in self.mask_counts)
+        return self._host["mask_counts"]
 
     def mask_ratio_on_host(self) -> torch.Tensor:
         """``mask_ratio`` on the host, brought there at most once per forward (timestep-dependent capacity)."""

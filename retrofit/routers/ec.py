@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from retrofit.routers.base import Router, RouterSettings, Routing, RoutingContext
-from retrofit.routers.schedules import ScheduleSettings, experts_per_token
+from retrofit.routers.schedules import ScheduleSettings, experts_per_token, experts_per_token_counted
 
 
 class ExpertChoiceSettings(RouterSettings):
@@ -108,8 +108,11 @@ class ExpertChoiceRouter(Router):
         the lengths (and, for a schedule, the mask ratios) come to the host, once per forward for all layers;
         without padding and with constant capacity nothing is read from the device."""
         lengths = ctx.lengths_on_host()
+        counts = None if self.schedule.name == "constant" else ctx.mask_counts_on_host()
         if self.schedule.name == "constant":
             k = torch.full_like(lengths, self.top_k)
+        elif counts is not None:  # an observed ratio: k rounded exactly from the counts
+            k = experts_per_token_counted(self.schedule, self.top_k, *counts)
         else:
             k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio_on_host())
         return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor)

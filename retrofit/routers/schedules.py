@@ -125,3 +125,24 @@ def expected_k(settings: ScheduleSettings, top_k: int, points: int = 200_000) ->
     """
     r = (torch.arange(points, dtype=torch.float64) + 0.5) / points
     return float(experts_per_token(settings, top_k, r).double().mean())
+
+
+# Schedules whose k is a rational function of the mask ratio: from counts it is rounded exactly.
+_LINEAR = {"linear": False, "linear-reverse": True}
+
+
+def experts_per_token_counted(settings: ScheduleSettings, top_k: int, masked: torch.Tensor,
+                              maskable: torch.Tensor) -> torch.Tensor:
+    """k(r) for the observed mask ratio r = ``masked`` / ``maskable`` (integer counts ``[B]``), the way EC-DLM
+    computes it: for the linear schedules k = k_min + (k_max − k_min)·r is rounded half to even exactly, in
+    integers (from a float32 ratio, 1/48 at k 8..32 would give 8.5 plus its representation error, so 9, not 8);
+    the other schedules take r in float64."""
+    masked, maskable = masked.long(), maskable.long().clamp(min=1)
+    if settings.name not in _LINEAR:
+        return experts_per_token(settings, top_k, masked.double() / maskable.double())
+    k_min, k_max = bounds(settings, top_k)
+    share = maskable - masked if _LINEAR[settings.name] else masked
+    numerator, denominator = k_min * maskable + (k_max - k_min) * share.clamp(0), maskable
+    whole, rest = numerator // denominator, numerator % denominator
+    up = (2 * rest > denominator) | ((2 * rest == denominator) & (whole % 2 == 1))
+    return (whole + up.long()).clamp(k_min, k_max)
