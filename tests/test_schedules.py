@@ -142,3 +142,18 @@ def test_ec_in_the_model_rounds_from_the_observed_counts():
     ctx = RoutingContext(valid=torch.ones(1, 48, dtype=torch.bool), mask_ratio=torch.tensor([1 / 48]),
                          padded=False, mask_counts=(torch.tensor([1]), torch.tensor([48])))
     assert router.capacities(ctx).tolist() == [6]  # round(48 · 8 / 64); k = 9 would give round(6.75) = 7
+
+
+def test_ec_capacity_floor_is_ec_dlms_and_round_is_the_default():
+    from retrofit.routers import router_settings
+    from retrofit.routers.ec import sequence_capacity
+
+    lengths = torch.arange(1, 1025)
+    k = torch.full_like(lengths, 8)
+    floor = sequence_capacity(lengths, k, 64, 1.0, "floor")
+    ec_dlm = torch.tensor([max(1, int(n * 8 / 64)) for n in range(1, 1025)])  # EC-DLM's int(), at least one token
+    assert torch.equal(floor, ec_dlm)
+    rounded = sequence_capacity(lengths, k, 64, 1.0)
+    assert int((rounded != floor).sum()) == 445  # the count at E 64, k 8
+    assert router_settings(type="ec").capacity_rounding == "round"
+    assert "capacity-floor" in router_settings(type="ec", capacity_rounding="floor").describe()

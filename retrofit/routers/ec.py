@@ -8,7 +8,7 @@ first is the default: on a retrofitted token-choice checkpoint it keeps the gate
 with (the README compares the two on the embedded ``tiny`` after the same router fine-tuning).
 
 Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option)*: C_b = round(L_b · k_b / E ·
-capacity_factor), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
+capacity_factor) (``capacity_rounding="floor"``: floor, as EC-DLM's code takes it), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
 non-pad length and k_b the experts per token its capacity schedule gives for its mask ratio (the checkpoint's
 top-k for the constant schedule). ``round`` is half to even (Python's and torch's). Padding scores −∞, so it
 is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
@@ -40,6 +40,9 @@ class ExpertChoiceSettings(RouterSettings):
     capacity_factor: float = Field(default=1.0, gt=0, description=(
         "capacity C = L*k/E times this factor; 1.0 matches token choice's FLOPs"))
     per_batch: bool = Field(default=False, description="experts choose over the whole batch, not per sequence")
+    capacity_rounding: Literal["round", "floor"] = Field(default="round", description=(
+        "how C = L*k/E*capacity_factor becomes whole: round (half to even; retrofit's default, its figures are "
+        "measured with it) or floor (EC-DLM's code)"))
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     ec_order: Literal["softmax-then-topk", "topk-then-softmax"] = Field(default="softmax-then-topk", description=(
         "softmax-then-topk: experts rank tokens by their score (softmax probability) and gate with it; "
@@ -58,15 +61,19 @@ class ExpertChoiceSettings(RouterSettings):
         sched = s.name if s.name == "constant" else f"{s.name}[{s.k_min}..{s.k_max}]"
         scope = "batch" if self.per_batch else "sequence"
         order = "" if self.ec_order == "softmax-then-topk" else f" {self.ec_order}"
-        return f"ec capacity_factor={self.capacity_factor} schedule={sched} per-{scope}{order}"
+        floor = " capacity-floor" if self.capacity_rounding == "floor" else ""
+        return f"ec capacity_factor={self.capacity_factor} schedule={sched} per-{scope}{order}{floor}"
 
 
-def sequence_capacity(lengths: torch.Tensor, k: torch.Tensor, num_experts: int, capacity_factor: float):
+def sequence_capacity(lengths: torch.Tensor, k: torch.Tensor, num_experts: int, capacity_factor: float,
+                      rounding: str = "round"):
     """C_b for each sequence: non-pad ``lengths`` ``[B]`` and experts per token ``k`` ``[B]`` → long ``[B]``.
 
-    Computed in float64 so that round() sees the exact product for any realistic L and k.
+    Computed in float64 so that round() (half to even) or floor() sees the exact product for any realistic L
+    and k (EC-DLM floors: ``int(L * k / E)``).
     """
-    capacity = torch.round(lengths.double() * k.double() / num_experts * capacity_factor).long()
+    exact = lengths.double() * k.double() / num_experts * capacity_factor
+    capacity = (torch.floor(exact) if rounding == "floor" else torch.round(exact)).long()
     return torch.minimum(capacity.clamp(min=1), lengths)
 
 
@@ -80,6 +87,7 @@ class ExpertChoiceRouter(Router):
 
     def configure(self, settings: ExpertChoiceSettings) -> None:
         self.capacity_factor = settings.capacity_factor
+        self.capacity_rounding = settings.capacity_rounding
         self.per_batch = settings.per_batch
         self.schedule = settings.schedule
         self.order = settings.ec_order
@@ -115,7 +123,7 @@ class ExpertChoiceRouter(Router):
             k = experts_per_token_counted(self.schedule, self.top_k, *counts)
         else:
             k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio_on_host())
-        return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor)
+        return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor, self.capacity_rounding)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
         """``probs`` (or any per-(token, expert) score that ranks tokens) → each expert's top-C_b tokens."""
