@@ -403,7 +403,8 @@ def evaluate(
                                          help=f"Evaluate with another router than the checkpoint's ({_router_names()}"
                                               "); the router flags below override its settings."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32 or bfloat16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32 (float32) or bf16 "
+                                                      "(bfloat16), the same words as a recipe's optim.precision."),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file for scores and provenance "
                                                                  "(default: out/eval/<model>-<tasks>.json)."),
     per_subject: bool = typer.Option(False, "--per-subject", help="Show every MMLU subject in the table (the "

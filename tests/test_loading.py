@@ -201,3 +201,26 @@ def test_weights_hash_is_cached_and_follows_the_bytes(tiny_dir, monkeypatch):
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
     assert runner.weights_hash(tiny_dir) != first and reads == [shard.name]
+
+
+@pytest.mark.parametrize("name, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("float32", torch.float32),
+                                         ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16)])
+def test_one_dtype_vocabulary_for_eval_and_recipes(tiny_dir, tmp_path, name, dtype):
+    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.precision import resolve_dtype
+    from tests.helpers import write_recipe
+
+    assert resolve_dtype(name, "cpu") == dtype
+    assert next(RetrofitLM(str(tiny_dir), dtype=name, progress=False).model.parameters()).dtype == dtype
+    recipe = write_recipe(tmp_path, tiny_dir, optim={"precision": name})
+    from retrofit.training.recipe import load_recipe
+
+    assert load_recipe(recipe)[0].optim.precision == name
+
+
+def test_an_unknown_dtype_names_both_spellings(tiny_dir):
+    from retrofit.errors import RetrofitError
+    from retrofit.precision import resolve_dtype
+
+    with pytest.raises(RetrofitError, match=r"use auto, fp32 \(float32\) or bf16 \(bfloat16\)"):
+        resolve_dtype("half", "cpu")

@@ -24,22 +24,12 @@ from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer
 from retrofit.models import family_of
+from retrofit.precision import resolve_dtype
 from retrofit.sources import resolve_source
 from retrofit.progress import PlainProgress
 from retrofit.routers import RouterSettings, router_settings
 from retrofit.routers.flags import router_flags, settings_from_flags
 from retrofit.routers.stats import MASK_RATIOS
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are ~3x slower); a 7B model needs bf16 to fit
-    in 24 GB of CPU memory, so it can be asked for."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in choices:
-        raise RetrofitError(f"dtype {name!r}: use auto, float32 or bfloat16")
-    return choices[name]
-
 
 # Arguments lm-eval passes to every model besides the user's model_args.
 _LM_EVAL_EXTRAS = {"trust_remote_code", "parallelize", "max_batch_size"}
@@ -147,7 +137,7 @@ class RetrofitLM(LM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)
-        self.model = load_model(ckpt, router=self.router, dtype=_dtype(dtype, self.device_),
+        self.model = load_model(ckpt, router=self.router, dtype=resolve_dtype(dtype, self.device_),
                                 device=distributed.load_device(self.accelerator, self.device_),
                                 read_weights=distributed.reads_checkpoint(self.accelerator))
         if self.sharded:

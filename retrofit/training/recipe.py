@@ -73,8 +73,8 @@ class OptimSection(Section):
         "launch whose product differs is refused"))
     grad_clip: float | None = Field(default=1.0, gt=0)
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description=(
-        "bf16: frozen weights in bf16 (fp32 master copies of the weights that train; bf16 autocast on a GPU); "
+    precision: Literal["auto", "fp32", "bf16", "float32", "bfloat16"] = Field(default="auto", description=(
+        "bf16 (or bfloat16): frozen weights in bf16 (fp32 master copies of the weights that train; bf16 autocast on a GPU); "
         "fp32: everything fp32; auto: bf16 on a GPU, fp32 on a CPU (LLaDA-MoE-7B needs bf16 to fit in 24 GB)"))
     activation_checkpointing: bool = False
     device: str = "auto"

@@ -35,6 +35,7 @@ from retrofit.routers.registry import swap_routers_back
 from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
+from retrofit.precision import resolve_dtype
 from retrofit.training.preflight import check_recipe
 from retrofit.training.recipe import Recipe
 from retrofit.training.sharding import whole, whole_optimizer_state, whole_trainable
@@ -74,7 +75,7 @@ class Finetune:
         self.ckpt = CheckpointDir(self.source.path)
         optim = recipe.optim
         self.join_launch(optim)
-        use_bf16 = optim.precision == "bf16" or (optim.precision == "auto" and self.device.type == "cuda")
+        use_bf16 = resolve_dtype(optim.precision, self.device) == torch.bfloat16
         # bf16: frozen weights stay bf16 and the weights that train keep fp32 master copies; on a GPU bf16
         # autocast covers the remaining mixed-dtype ops. On a CPU plain bf16 weights need no autocast.
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
