@@ -342,7 +342,7 @@ def test_all_parameter_training_from_a_bpe_snapshot(tmp_path):
 
 
 def test_heldout_unigram_baseline_by_hand():
-    from retrofit.eval.heldout import unigram_loss
+    from retrofit.heldout import unigram_loss
 
     train = torch.tensor([[0, 0, 1, 2]])
     heldout = torch.tensor([[0, 2]])

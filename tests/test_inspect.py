@@ -45,7 +45,7 @@ def slow_counts(model, sequences, ratio, mask_id, seed):
 
 
 def test_routing_json_matches_a_slow_count(tmp_path, shared_data):
-    from retrofit.eval.heldout import text_sequences
+    from retrofit.heldout import text_sequences
     from retrofit.io.tokenizer_files import load_tokenizer
     from retrofit.sources import resolve_source
 

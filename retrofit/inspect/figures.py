@@ -8,35 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: inspect runs on training boxes and in CI, where there is no display
+from retrofit.figures import WIDE, plt, save_figure, series_style
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-DPI = 110
-WIDE = (11.0, 4.2)
-COLORS = plt.get_cmap("tab10").colors
-STYLES = ["-", "--", "-.", ":"]
 SHADES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
-
-
-def series_style(i: int) -> dict:
-    """Color and linestyle of the i-th model, the same in every figure so a reader learns them once."""
-    return {"color": COLORS[i % len(COLORS)], "linestyle": STYLES[i % len(STYLES)]}
-
-
-def save_figure(fig, out_dir: Path, name: str) -> Path:
-    """Tight layout and a README-sized PNG; the figure is closed so drawing many files does not pile up memory."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.png"
-    if fig.get_layout_engine() is None:  # a figure with a colorbar brought its own (constrained) layout
-        fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
 
 
 def _ratios(data: dict) -> list[float]:
@@ -221,22 +197,3 @@ def draw_all(data: dict, out_dir: Path) -> list[Path]:
     if not data.get("models"):
         raise ValueError("routing.json has no models to draw")
     return [figure(data, Path(out_dir)) for figure in FIGURES]
-
-
-def training_curves(records: list[dict], out_dir: Path) -> Path:
-    """``curves.png`` of a fine-tuning run from its metrics.jsonl records: each loss term (one panel each, the
-    z-loss's scale is not the diffusion loss's), the learning rate and tokens per second against steps."""
-    if not records:
-        raise ValueError("no metrics to draw: metrics.jsonl is empty")
-    steps = [r["step"] for r in records]
-    titles = {"diffusion": "diffusion loss", "distill": "distillation KL", "balance": "balance loss",
-              "z_loss": "router z-loss", "lr": "learning rate", "tokens_per_s": "tokens / s"}
-    panels = [(k, title) for k, title in titles.items() if k in records[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        ax.plot(steps, [r.get(key) for r in records], **series_style(0), marker="." if len(steps) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle("fine-tuning: means over each logging window")
-    return save_figure(fig, out_dir, "curves")

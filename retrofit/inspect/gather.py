@@ -83,7 +83,7 @@ def gather_model(subject: Subject, data: Path, fields: list[str], limit: int, se
                  ratios=MASK_RATIOS, batch_size: int = 8, block_length: int = 32, progress=None) -> dict:
     """One entry of ``routing.json["models"]`` from a noising sweep: every sequence at each of ``ratios``.
     ``progress(more=n)`` announces n forwards to come, ``progress(advance=1)`` reports one done."""
-    from retrofit.eval.heldout import text_sequences
+    from retrofit.heldout import text_sequences
 
     source = resolve_source(subject.model, flag="--model")
     model = load_model(source.path, router=subject.router)

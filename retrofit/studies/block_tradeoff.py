@@ -113,7 +113,7 @@ def measure(recipe: Path, scale: Scale, model_dir: str, router: str | None) -> d
     under ``router`` (None: the model's own)."""
     import yaml
 
-    from retrofit.eval.heldout import masked_token_loss
+    from retrofit.heldout import masked_token_loss
     from retrofit.io.load import load_model
     from retrofit.io.text_data import build_sequences
     from retrofit.io.tokenizer_files import load_tokenizer

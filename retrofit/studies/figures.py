@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrofit.inspect.figures import WIDE, plt, save_figure, series_style
+from retrofit.figures import WIDE, plt, save_figure, series_style
 
 __all__ = ["WIDE", "by_ratio", "curves", "plt", "save_figure", "series_style"]
 

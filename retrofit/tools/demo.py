@@ -20,7 +20,7 @@ from rich.table import Table
 
 from retrofit.convert import convert, plan_conversion
 from retrofit.eval.adapter import RetrofitLM
-from retrofit.eval.heldout import masked_token_loss, text_sequences
+from retrofit.heldout import masked_token_loss, text_sequences
 from retrofit.eval.runner import run_eval
 from retrofit.io.tokenizer_files import load_tokenizer
 from retrofit.progress import PlainProgress

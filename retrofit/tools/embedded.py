@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.heldout import masked_token_loss, perplexity, text_sequences, unigram_loss
+from retrofit.heldout import masked_token_loss, perplexity, text_sequences, unigram_loss
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.io.model_card import model_card

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from retrofit.eval.heldout import heldout_losses
+from retrofit.heldout import heldout_losses
 from retrofit.io.text_data import build_sequences
 
 HELDOUT_FILE = "heldout.jsonl"

@@ -352,7 +352,7 @@ class Finetune:
 
     def draw_curves(self) -> None:
         """``curves.png`` beside metrics.jsonl (loss terms, learning rate, tokens/s against steps)."""
-        from retrofit.inspect.figures import training_curves
+        from retrofit.training.curves import training_curves
 
         lines = (self.output_dir / METRICS_FILE).read_text().splitlines()
         if lines:
