@@ -1,4 +1,5 @@
-"""The masked-diffusion forward process and loss (algorithms.md §2), shared by training and held-out evaluation."""
+"""The masked-diffusion forward process and loss (docs/algorithms.md §2), shared by training and held-out
+evaluation."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def pairwise_experts(experts, x: torch.Tensor, routing) -> torch.Tensor:
 
 
 def loop_shape(name: str, r: float, sigma: float = 0.22, threshold: float = 0.5) -> float:
-    """s(r) written out from algorithms.md §5, one number at a time."""
+    """s(r) written out from docs/algorithms.md §5, one number at a time."""
     gauss = math.exp(-((r - 0.5) ** 2) / (2 * sigma**2))
     edge = math.exp(-0.25 / (2 * sigma**2))
     gauss = (gauss - edge) / (1 - edge)

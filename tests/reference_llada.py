@@ -1,4 +1,4 @@
-"""A deliberately plain LLaDA-MoE forward, written from algorithms.md §1 and the public reference code's
+"""A deliberately plain LLaDA-MoE forward, written from docs/algorithms.md §1 and the public reference code's
 behaviour, on Hub-named tensors. Slow and obvious: explicit per-head attention, rotary pairs (i, i + d/2),
 and a per-token loop over the token-choice MoE. The native model must match it."""
 

@@ -46,3 +46,4 @@ def test_a_command_and_its_help_run_through_the_launcher(tmp_path):
     bad = subprocess.run([sys.executable, "-c", code, "create-tiny", str(tmp_path / "t"), "--experts", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: --experts 0: must be a whole number of at least 1"
+

@@ -205,7 +205,7 @@ def test_swap_routers_keeps_gate_weights_and_tc_is_identity(tiny_model):
 
 
 def test_default_config_is_llada_moe_7b_a1b_to_the_parameter():
-    """algorithms.md §1: the public checkpoint has exactly 7,356,880,896 parameters, 2.1M of them routers."""
+    """docs/algorithms.md §1: the public checkpoint has exactly 7,356,880,896 parameters, 2.1M of them routers."""
     from retrofit.models.llada_moe import LLaDAMoEConfig
     from retrofit.training.trainable import router_parameter_names
 

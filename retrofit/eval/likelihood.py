@@ -1,4 +1,4 @@
-"""Monte-Carlo log-likelihood of a continuation under a masked diffusion model (algorithms.md §8).
+"""Monte-Carlo log-likelihood of a continuation under a masked diffusion model (docs/algorithms.md §8).
 
 log p(continuation | context) ≈ −mean over samples of (L / l) · Σ CE at the l masked continuation positions,
 with l drawn from 1..L (spread evenly over each batch of samples) and the context kept clean. With a one-token

@@ -1,4 +1,4 @@
-"""The LLaDA sampler (algorithms.md §7): fill ``gen_length`` masks block by block, unmasking the most confident
+"""The LLaDA sampler (docs/algorithms.md §7): fill ``gen_length`` masks block by block, unmasking the most confident
 positions of the current block, an equal share per step."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LLaDA-MoE (inclusionAI/LLaDA-MoE-7B-A1B-*): a native implementation with a swappable router.
 
-Architecture (algorithms.md §1): bidirectional transformer, RMSNorm computed in fp32, rotate-half rotary
+Architecture (docs/algorithms.md §1): bidirectional transformer, RMSNorm computed in fp32, rotate-half rotary
 embeddings over the full head, per-head QK RMSNorm before the rotation, every layer a SwiGLU MoE with no
 shared expert. The router is ``mlp.gate`` (a :class:`retrofit.routers.Router` carrying the checkpoint's
 ``[E, d]`` gate weight), so swapping TC for EC or block routing replaces one module per layer and no tensor.

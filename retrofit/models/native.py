@@ -83,7 +83,7 @@ class Backbone:
         region = valid if maskable is None else maskable.bool() & valid
         counts = None
         if mask_ratio is None:
-            # Observed mask ratio: masked positions / maskable positions of each sequence (algorithms.md §2).
+            # Observed mask ratio: masked positions / maskable positions of each sequence (docs/algorithms.md §2).
             # A prompt is never masked, so counting it would pull r towards 0 with every prompt token.
             counts = ((input_ids == self.config.mask_token_id) & region).sum(-1), region.sum(-1)
             mask_ratio = counts[0].float() / counts[1].clamp(min=1).float()

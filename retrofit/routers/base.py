@@ -4,7 +4,7 @@ A router owns the gate weight of one MoE layer (Hub name ``mlp.gate.weight``, sh
 hidden states into a :class:`Routing`: which (token, expert) pairs run, with which gate. Routers differ only
 in *who chooses*. How the gate's logits become expert scores is the checkpoint's own :class:`Scoring`, which
 the model family supplies (softmax for LLaDA-MoE), so a token-choice checkpoint's gate weights initialise any
-router unchanged (algorithms.md §4).
+router unchanged (docs/algorithms.md §4).
 
 Adding a router is one module plus one registry line (``retrofit/routers/__init__.py``):
 

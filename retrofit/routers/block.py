@@ -1,4 +1,4 @@
-"""Block-level routing (dMoE, algorithms.md §6), adapted to a softmax token-choice checkpoint.
+"""Block-level routing (dMoE, docs/algorithms.md §6), adapted to a softmax token-choice checkpoint.
 
 The positions of a sequence are cut into consecutive blocks of ``block_length`` whose boundaries fall where the
 sampler's denoising blocks begin (``RoutingContext.block_start``, the prompt's length; 0 outside the sampler),
@@ -49,8 +49,8 @@ class BlockSettings(RouterSettings):
 class BlockRouter(Router):
     """Gates are the token's own probabilities on its k chosen experts, raw as the checkpoint's own token
     choice gives them (LLaDA-MoE does not renormalise its top-k gates, so neither does a router that replaces
-    its own); ``renormalize=True`` renormalises them over the k, as dMoE's LLaDA2.0 router does. Measured on
-    the embedded ``tiny`` (held-out nats/token, TC 4.458): guard 2 raw 4.724 vs renormalised 4.786.
+    its own); ``renormalize=True`` renormalises them over the k, as dMoE's LLaDA2.0 router does (the README
+    compares the two on the embedded ``tiny``).
     A block without any valid token (all padding) has an all-zero vote: every expert's cumulative
     vote is 0 ≤ p, so its core set is every expert *(choice: its padding tokens then route like token choice)*.
     Ties in the vote (zero votes, in practice) are broken by the lower expert id (stable sort)."""

@@ -1,4 +1,4 @@
-"""Expert choice (algorithms.md §4, §5; Zhou et al. 2022): each expert picks its top-C tokens.
+"""Expert choice (docs/algorithms.md §4, §5; Zhou et al. 2022): each expert picks its top-C tokens.
 
 Two orders (``ec_order``): ``softmax-then-topk`` ranks each expert's tokens by the token's softmax probability
 over experts and gates with it (the same scores as the checkpoint's token choice; EC-DLM's "softmax first"

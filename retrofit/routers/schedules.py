@@ -1,4 +1,4 @@
-"""Timestep-dependent capacity for expert choice (algorithms.md §5).
+"""Timestep-dependent capacity for expert choice (docs/algorithms.md §5).
 
 Each schedule is a shape s(r) in [0, 1] of the mask ratio r; the experts per token of a sequence are
 k(r) = round(k_min + (k_max - k_min) * s(r)), clamped to [k_min, k_max].
@@ -43,7 +43,7 @@ ScheduleName = Literal[
 
 
 class ScheduleSettings(BaseModel):
-    """Capacity as a function of the mask ratio r (algorithms.md §5).
+    """Capacity as a function of the mask ratio r (docs/algorithms.md §5).
 
     k(r) = round(k_min + (k_max - k_min) * s(r)), clamped to [k_min, k_max]; ``None`` bounds default to the
     checkpoint's top-k. ``constant`` ignores r and uses the checkpoint's top-k.

@@ -1,9 +1,9 @@
 """Routing statistics, gathered cheaply from a :class:`Routing` behind a switch (off by default).
 
 Per MoE layer and forward pass: tokens per expert, the histogram of experts per token, the number of unique
-experts activated (the figure the dMoE paper reports, averaged over (layer, forward) pairs, algorithms.md §6),
-tokens that no expert chose, and EC capacity. Pairs whose token is padding never count: token choice routes
-padding (as the reference does), but it does no useful work.
+experts activated (the figure the dMoE paper reports, averaged over (layer, forward) pairs;
+docs/algorithms.md §6), tokens that no expert chose, and EC capacity. Pairs whose token is padding never
+count: token choice routes padding (as the reference does), but it does no useful work.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Token choice: each token keeps its top-k experts (algorithms.md §3) — what the checkpoints ship with."""
+"""Token choice: each token keeps its top-k experts (docs/algorithms.md §3) — what the checkpoints ship with."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ after a warm-up run), so the tables compare implementations on the same machine 
 1. one MoE layer at LLaDA-MoE size: the reference modeling code's per-expert loop, the grouped token-choice
    path and the batched expert-choice path (time, speed-up, achieved FLOP rate against a dense matmul);
 2. one 32-token denoising block: unique experts touched and layer time of token choice, expert choice and
-   block routing (algorithms.md §6);
+   block routing (docs/algorithms.md §6);
 3. the tiny model end to end: router-only vs full training (throughput, peak memory), likelihood scoring and
    generation;
 4. peak memory of router-only training at LLaDA-MoE layer size;
