@@ -8,10 +8,10 @@ first is the default: on a retrofitted token-choice checkpoint it keeps the gate
 with (the README compares the two on the embedded ``tiny`` after the same router fine-tuning).
 
 Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option)*: C_b = round(L_b · k_b / E ·
-capacity_factor) (``capacity_rounding="floor"``: floor, as EC-DLM's code takes it), clamped to [1, L_b] (0 for a sequence with no valid token), where L_b is the sequence's
-non-pad length and k_b the experts per token its capacity schedule gives for its mask ratio (the checkpoint's
-top-k for the constant schedule). ``round`` is half to even (Python's and torch's). Padding scores −∞, so it
-is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
+capacity_factor) (``capacity_rounding="floor"``: floor, as EC-DLM's code takes it), clamped to [1, L_b] (0 for a
+sequence with no valid token), where L_b is the sequence's non-pad length and k_b the experts per token its
+capacity schedule gives for its mask ratio (the checkpoint's top-k for the constant schedule). ``round`` is half
+to even (Python's and torch's). Padding scores −∞, so it is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
 hurt quality in Zhou et al.). In per-batch mode each expert chooses C = Σ_b C_b tokens among all valid tokens
 of the batch, so the total FLOPs are the same as per sequence but a sequence may get more or less than C_b.
 
