@@ -455,7 +455,11 @@ def evaluate(
         out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
     write_record(record, output)
     if figures:
-        report = _eval_figures(lm, record, names, limit, data_dir, output)
+        from retrofit.inspect.gather import routing_of_evaluation
+        from retrofit.inspect.report import write_inspection
+
+        report = write_inspection(routing_of_evaluation(lm, record, names, limit, data_dir),
+                                  output.with_name(output.stem + "-routing"))
         out_console.print(f"[green]wrote[/] {escape(str(report))}")
     routing = record["routing"]
     out_console.print(f"router {lm.router.describe()}: {routing['unique_experts']:.1f} unique experts per layer "
@@ -498,6 +502,8 @@ def inspect_routing(
     gate mass per layer and mask ratio, for models (or routers) side by side: routing.json, PNG figures and
     report.md. Routes --data at a sweep of mask ratios, or records while --tasks run."""
     from retrofit.inspect.gather import Subject
+    from retrofit.inspect.report import write_inspection
+    from retrofit.routers.flags import settings_per_router
     from retrofit.io.writer import check_writable
 
     from retrofit.errors import at_least_one
@@ -514,36 +520,20 @@ def inspect_routing(
         raise RetrofitError(f"--data {data}: no such file (e.g. ../shared/data/gsm8k/test.jsonl)")
     check_writable(out, "the report into")
     subjects = [Subject(model, router) for model in models or ["tiny"]
-                for router in _inspected_routers(routers or [], router_flags)]
+                for router in settings_per_router(routers or [], router_flags)]
     if task_names:
         sampler = {"gen_length": gen_length, "steps": steps, "denoise_block": denoise_block, "seed": seed}
         record = _inspect_tasks(subjects, task_names, limit, data_dir, sampler)
     else:
         record = _inspect_sweep(subjects, data, [f.strip() for f in fields.split(",") if f.strip()], limit,
                                 seq_len, seed)
-    path = write_inspection(record, out)
+    path = write_inspection(record, out)  # routing.json, the figures and report.md
     block = record["settings"]["block_length"]
     for model in record["models"]:
         layers = [layer for bucket in model["buckets"] for layer in bucket["layers"]]
         unique = sum(layer["unique_experts_per_block"] for layer in layers) / max(len(layers), 1)
         out_console.print(f"{escape(model['label'])}: {unique:.2f} unique experts per {block}-token block")
     out_console.print(f"[green]wrote[/] {escape(str(path))}")
-
-
-def _inspected_routers(routers: list[str], given: dict) -> list:
-    """Router settings of each ``--router`` (each takes the flags that are its own), or [None]: the checkpoint's."""
-    from retrofit.routers.flags import router_flags as all_flags
-    from retrofit.routers.flags import settings_from_flags
-
-    if given and not routers:
-        raise RetrofitError("router flags need --router: name the router(s) they set")
-    flags = {f.dest: f for f in all_flags()}
-    for dest in given:
-        if not set(flags[dest].routers) & set(routers):
-            raise RetrofitError(f"{flags[dest].flag} is a setting of the {'/'.join(flags[dest].routers)} router, "
-                                "which no --router names")
-    return [settings_from_flags(name, {k: v for k, v in given.items() if name in flags[k].routers})
-            for name in routers] or [None]
 
 
 def _inspect_sweep(subjects: list, data: Path, fields: list[str], limit: int, seq_len: int, seed: int) -> dict:
@@ -569,32 +559,6 @@ def _inspect_tasks(subjects: list, tasks: list[str], limit: int, data_dir: Optio
         err_console.print(f"running {escape(', '.join(tasks))} on {escape(model)}", highlight=False)
 
     return gather_sampled(subjects, tasks, limit, data_dir, sampler, announce=announce)
-
-
-def _eval_figures(lm, record: dict, names: list[str], limit: Optional[int], data_dir: Optional[Path],
-                  output: Path) -> Path:
-    """The routing the evaluation recorded, drawn as `retrofit inspect --tasks` draws it: <output>-routing/."""
-    from retrofit.inspect.gather import sampled_entry, sampled_record
-
-    entry = sampled_entry(lm)
-    entry["scores"] = record["results"]
-    routing = sampled_record([entry], names, limit, data_dir, record["settings"]["sampler"],
-                             lm.sampler.denoise_block)
-    return write_inspection(routing, output.with_name(output.stem + "-routing"))
-
-
-def write_inspection(record: dict, out: Path) -> Path:
-    """routing.json, the figures and report.md into ``out``; returns the report's path."""
-    import json
-
-    from retrofit.inspect.figures import draw_all
-    from retrofit.inspect.report import write_report
-    from retrofit.io.writer import atomic_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "routing.json") as tmp:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-    return write_report(record, draw_all(record, out), out)
 
 
 @app.command("study")
@@ -639,7 +603,7 @@ def study(
 
 def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, model: str) -> None:
     """The offline task files, and the lm_eval line that runs them on ``model`` (--model), as printed."""
-    from retrofit.eval.tasks import expand, write_local_tasks
+    from retrofit.eval.tasks import expand, lm_eval_command, write_local_tasks
 
     if data_dir is None:
         raise RetrofitError("--write-tasks needs --data-dir: the task files point lm-eval at local data")
@@ -649,9 +613,7 @@ def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, 
         raise RetrofitError(f"no offline variant for {', '.join(names)}; offline variants exist for mmlu, arc, gsm8k")
     tasks = ",".join(written.values())
     out_console.print(f"[green]wrote[/] {escape(str(folder))}: {escape(tasks)}")
-    line = shlex.join(["lm_eval", "--model", "retrofit", "--model_args", f"pretrained={model}", "--include_path",
-                       str(folder), "--tasks", tasks])
-    out_console.print(f"run: {escape(line)}", highlight=False, soft_wrap=True)
+    out_console.print(f"run: {escape(lm_eval_command(model, folder, tasks))}", highlight=False, soft_wrap=True)
 
 
 def _results_table(record: dict, per_subject: bool = False) -> Table:

@@ -146,3 +146,12 @@ def write_local_tasks(tasks: list[str], data_dir: Path, workdir: Path) -> dict[s
             (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         mapping[task] = configs[-1].get("group") or configs[-1]["task"]
     return mapping
+
+
+def lm_eval_command(model: str, folder: Path, tasks: str) -> str:
+    """The ``lm_eval`` command line that runs the task files written into ``folder`` on ``model``, quoted for a
+    shell: what ``retrofit eval --write-tasks`` prints (a test runs it as printed)."""
+    import shlex
+
+    return shlex.join(["lm_eval", "--model", "retrofit", "--model_args", f"pretrained={model}", "--include_path",
+                       str(folder), "--tasks", tasks])

@@ -148,3 +148,11 @@ def gather_sampled(subjects: list[Subject], tasks: list[str], limit: int, data_d
             entries.append(entry)
     return sampled_record(entries, tasks, limit, data_dir, {"name": lm.sampler.name, **lm.sampler.settings.__dict__},
                           lm.sampler.denoise_block)
+
+
+def routing_of_evaluation(lm, record: dict, tasks: list[str], limit: int | None, data_dir: Path | None) -> dict:
+    """The routing a ``retrofit eval`` run recorded (``lm``, its RetrofitLM) with its scores, as a
+    ``retrofit inspect --tasks`` record, to draw the same figures beside the scores."""
+    entry = sampled_entry(lm)
+    entry["scores"] = record["results"]
+    return sampled_record([entry], tasks, limit, data_dir, record["settings"]["sampler"], lm.sampler.denoise_block)

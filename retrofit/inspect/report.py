@@ -103,3 +103,17 @@ def write_report(data: dict, figures: list[Path], out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_inspection(record: dict, out: Path) -> Path:
+    """``routing.json``, the figures and ``report.md`` into ``out`` (``retrofit inspect``, and the
+    ``<output>-routing/`` folder of ``retrofit eval``); returns the report's path."""
+    import json
+
+    from retrofit.inspect.figures import draw_all
+    from retrofit.io.writer import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "routing.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return write_report(record, draw_all(record, out), out)

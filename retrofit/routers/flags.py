@@ -121,3 +121,19 @@ def settings_from_flags(router: str | None, given: dict[str, Any], base: RouterS
         loc = tuple(str(p) for p in err["loc"])
         where = next((f.flag for f in flags.values() if f.path == loc), ".".join(loc))
         raise RetrofitError(f"invalid {where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def settings_per_router(routers: list[str], given: dict[str, Any]) -> list[RouterSettings | None]:
+    """The settings of each named router (``retrofit inspect --router A --router B``), each taking the flags
+    that are its own; ``[None]`` (the checkpoint's own) when none is named. A flag no named router has, or a
+    flag with no router named, is an error."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not routers:
+        raise RetrofitError("router flags need --router: name the router(s) they set")
+    flags = {f.dest: f for f in router_flags()}
+    for dest in given:
+        if not set(flags[dest].routers) & set(routers):
+            raise RetrofitError(f"{flags[dest].flag} is a setting of the {'/'.join(flags[dest].routers)} router, "
+                                "which no --router names")
+    return [settings_from_flags(name, {k: v for k, v in given.items() if name in flags[k].routers})
+            for name in routers] or [None]
