@@ -23,23 +23,20 @@ from retrofit.errors import RetrofitError
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import load_model
 from retrofit.diffusion import add_noise, block_diffusion_layout, diffusion_loss
-from retrofit.io.model_card import model_card
-from retrofit.io.model_dir import write_model_directory
 from retrofit.io.text_data import TokenBatches, build_sequences
 from retrofit.io.tokenizer_files import load_tokenizer
-from retrofit.io.writer import atomic_entries
 from retrofit.models import family_of
-from retrofit.models.moe import hub_state_dict
+from retrofit.precision import resolve_dtype
 from retrofit.routers import swap_routers
 from retrofit.routers.registry import swap_routers_back
 from retrofit.training.logs import HeldoutProbe, JsonlLog
 from retrofit.training.checkpoints import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from retrofit.training.export import export_run
 from retrofit.training.objective import distillation_kl, load_balancing_loss, router_z_loss
-from retrofit.precision import resolve_dtype
 from retrofit.training.preflight import check_recipe
 from retrofit.training.recipe import Recipe
 from retrofit.training.sharding import whole, whole_optimizer_state, whole_trainable
-from retrofit.training.trainable import make_trainable, router_parameter_names
+from retrofit.training.trainable import make_trainable
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -359,38 +356,8 @@ class Finetune:
             training_curves([json.loads(line) for line in lines], self.output_dir)
 
     def export(self) -> None:
-        """Turn the output directory into a full model directory (plus a peft adapter with LoRA). Every rank
-        gathers the trained tensors (under FSDP each holds a slice); rank 0 writes."""
-        base = self.base
-        routers = set(router_parameter_names(base))
-        masters = {name: whole(p.detach()).float().cpu() for name, p in base.named_parameters() if name in routers}
-        lora = whole_trainable(self.model) if self.recipe.trainable.mode == "routers+lora" else None
-        if not self.main:
-            return
-        trained = hub_state_dict(base) if self.recipe.trainable.mode == "all" else masters
-        # Stored in the checkpoint's own dtype (config.json's torch_dtype stays true); the fp32 masters of the
-        # routers go to router.safetensors.
-        stored = {name: entry.dtype for name, entry in self.ckpt.entries(list(trained)).items()}
-        changed = {name: t.detach().cpu().to(stored[name]) for name, t in trained.items()}
-        config = self.family.converted_config(self.ckpt.config, self.config.mask_token_id,
-                                              self.config.router_settings)
-        # Moved into place with config.json last: the directory only looks complete once everything is there.
-        kept = (f"the model was not exported, the training checkpoints in {checkpoint_dir(self.output_dir)} are "
-                "kept: free space and run the same command with --resume to export it")
-        with atomic_entries(self.output_dir, last="config.json", kept=kept) as partial:
-            write_model_directory(self.ckpt, partial, changed, masters, config, self.model_card(),
-                                  link=self.source.linkable)
-            if lora is not None:  # peft keeps the adapters' tensors of this state dict
-                self.model.save_pretrained(str(partial / "adapter"), state_dict=lora)
-
-    def model_card(self) -> str:
-        mode = self.recipe.trainable.mode
-        body = (f"Router fine-tuning of `{self.source.origin}` by retrofit ({self.config.router_settings.describe()})."
-                f" Trainable: {mode}. Only the router tensors differ from the source; they are also in "
-                f"`router.safetensors`.{' LoRA adapters are in `adapter/`.' if mode != 'routers' else ''}\n\n"
-                f"Recipe:\n\n```yaml\n{self.recipe_text}\n```\n")
-        tags = [self.family.name, f"{self.config.router_settings.type}-routing"]
-        return model_card(self.output_dir.name, body, base_model=self.source.origin, tags=tags)
+        export_run(self.base, self.model, self.ckpt, self.source, self.recipe, self.recipe_text, self.output_dir,
+                   self.main)
 
 
 def _to(noise, device):
