@@ -92,32 +92,51 @@ def _rank_prefix() -> str:
     return "" if is_main() else f"rank {rank()}: "
 
 
-def router_options(command):
-    """Give ``command`` one option per router setting of every registered router (``retrofit.routers.flags``),
-    with the same names and help in every command that takes them; the values the user gave reach the command
-    as one ``router_flags`` dict (name -> value; flags left out are absent)."""
+def flag_options(flags_of, into: str):
+    """A decorator giving a command one option per flag of a registry's settings (``retrofit.flags``), with the
+    same names, help and default in every command that takes them; the values the user gave reach the command as
+    one dict named ``into`` (dest -> value; flags left out are absent)."""
+
+    def decorate(command):
+        flags = flags_of()
+        original = inspect.signature(command)
+        params = [p for p in original.parameters.values() if p.name != into]
+        for flag in flags:
+            names = [f"{flag.flag}/--no-{flag.flag[2:]}"] if flag.kind is bool else [flag.flag]
+            metavar = "<choice>" if flag.choices else None
+            option = typer.Option(None, *names, help=flag.help, metavar=metavar, show_default=False)
+            params.append(inspect.Parameter(flag.dest, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=Optional[flag.kind]))
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            given = {f.dest: kwargs.pop(f.dest) for f in flags if kwargs.get(f.dest) is not None}
+            kwargs.pop(into, None)
+            for f in flags:
+                kwargs.pop(f.dest, None)
+            return command(*args, **{into: given}, **kwargs)
+
+        wrapper.__signature__ = original.replace(parameters=params)
+        return wrapper
+
+    return decorate
+
+
+def _router_flags():
     from retrofit.routers.flags import router_flags
 
-    flags = router_flags()
-    original = inspect.signature(command)
-    params = [p for p in original.parameters.values() if p.name != "router_flags"]
-    for flag in flags:
-        names = [f"{flag.flag}/--no-{flag.flag[2:]}"] if flag.kind is bool else [flag.flag]
-        metavar = "<choice>" if flag.choices else None
-        option = typer.Option(None, *names, help=flag.help, metavar=metavar, show_default=False)
-        params.append(inspect.Parameter(flag.dest, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[flag.kind]))
+    return router_flags()
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        given = {f.dest: kwargs.pop(f.dest) for f in flags if kwargs.get(f.dest) is not None}
-        kwargs.pop("router_flags", None)
-        for f in flags:
-            kwargs.pop(f.dest, None)
-        return command(*args, router_flags=given, **kwargs)
 
-    wrapper.__signature__ = original.replace(parameters=params)
-    return wrapper
+def _sampler_flags():
+    from retrofit.eval.samplers import sampler_flags
+
+    return sampler_flags()
+
+
+# Router settings (convert, eval, inspect) and sampler options (eval, inspect) as flags, from their registries.
+router_options = flag_options(_router_flags, "router_flags")
+sampler_options = flag_options(_sampler_flags, "sampler_options")
 
 
 def _router_names() -> str:
@@ -376,6 +395,7 @@ def validate(
 @app.command("eval")
 @user_errors
 @router_options
+@sampler_options
 def evaluate(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
     model: str = typer.Option("llada-moe", "--model", help=f"Model directory, Hub id or registry name "
@@ -384,18 +404,6 @@ def evaluate(
                                                               "subject for MMLU: 57 subjects)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
     mc_num: int = typer.Option(128, "--mc-num", help="Monte-Carlo samples per likelihood request."),
-    gen_length: int = typer.Option(256, "--gen-length", help="Tokens to generate."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: gen-length)."),
-    denoise_block: Optional[int] = typer.Option(None, "--denoise-block", help="Sampler: tokens per denoising "
-                                                "block, generated left to right (default: gen-length)."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
-    remasking: str = typer.Option("low_confidence", "--remasking", help="low_confidence or random."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="LLaDA2.0 sampler: accept every position "
-                                              "more confident than this at each step (default 0.95)."),
-    sampling: Optional[str] = typer.Option(None, "--sampling", metavar="<choice>",
-                                           help="LLaDA2.0 sampler at temperature 0: reference (draw from the "
-                                                "softmax, as the published generate() does; the default) or "
-                                                "greedy (argmax)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the "
                                                                           "task's; mmlu 5)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local copies of the datasets (offline)."),
@@ -417,22 +425,21 @@ def evaluate(
                                                "--model retrofit --include_path DIR` line that runs them on --model; "
                                                "no model is loaded."),
     router_flags: dict = None,
+    sampler_options: dict = None,
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record
     from retrofit.errors import at_least_one
-    from retrofit.eval.samplers import check_sampler_numbers
+    from retrofit.eval.samplers import check_sampler_options
     from retrofit.io.writer import check_writable
 
-    if remasking not in ("low_confidence", "random"):
-        raise RetrofitError(f"--remasking {remasking!r}: use low_confidence or random")
     if limit is not None and limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1 (leave it out to evaluate every document)")
     if num_fewshot is not None and num_fewshot < 0:
         raise RetrofitError(f"--num-fewshot {num_fewshot}: must be 0 or more")
     at_least_one(mc_num=mc_num, batch_size=batch_size)  # before the tasks are indexed (seconds)
-    check_sampler_numbers(gen_length, steps, denoise_block, temperature, threshold)
+    check_sampler_options(sampler_options)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
@@ -443,10 +450,8 @@ def evaluate(
     check_writable(output.parent, "the results into")
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("loading model"):
-            lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length, steps=steps,
-                            denoise_block=denoise_block, temperature=temperature, remasking=remasking,
-                            threshold=threshold, sampling=sampling, seed=seed,
-                            router=router, dtype=dtype, **router_flags)
+            lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, seed=seed, router=router, dtype=dtype,
+                            **sampler_options, **router_flags)
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
     if record is None:  # another rank of a launched run: rank 0 holds the gathered results and writes them
         return
@@ -471,6 +476,7 @@ def evaluate(
 @user_errors
 @one_process
 @router_options
+@sampler_options
 def inspect_routing(
     models: Optional[list[str]] = typer.Option(None, "--model", metavar="MODEL",
                                                help=f"Model directory, Hub id or registry name ({_model_names()});"
@@ -488,31 +494,27 @@ def inspect_routing(
                                                                      "(offline)."),
     limit: int = typer.Option(64, "--limit", help="Records of --data to use; with --tasks, documents per task."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence (--data)."),
-    gen_length: int = typer.Option(256, "--gen-length", help="With --tasks: tokens to generate."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="With --tasks: denoising steps (default: "
-                                                              "gen-length)."),
-    denoise_block: int = typer.Option(32, "--denoise-block", help="With --tasks: the sampler's denoising block, "
-                                                                  "also the block unique experts are counted in."),
     seed: int = typer.Option(0, "--seed", help="Seed of the masks (the same positions for every model)."),
     out: Path = typer.Option(Path("out/inspect"), "--out", help="Folder for routing.json, the figures and "
                                                                 "report.md."),
     router_flags: dict = None,
+    sampler_options: dict = None,
 ):
     """Routing analytics: expert load, experts per token, tokens no expert took, capacity, unique experts and
     gate mass per layer and mask ratio, for models (or routers) side by side: routing.json, PNG figures and
-    report.md. Routes --data at a sweep of mask ratios, or records while --tasks run."""
+    report.md. Routes --data at a sweep of mask ratios, or records while --tasks run (the sampler options apply
+    there; its denoising block is also the block unique experts are counted in)."""
+    from retrofit.errors import at_least_one
+    from retrofit.eval.samplers import check_sampler_options
     from retrofit.inspect.gather import Subject
     from retrofit.inspect.report import write_inspection
-    from retrofit.routers.flags import settings_per_router
     from retrofit.io.writer import check_writable
-
-    from retrofit.errors import at_least_one
-    from retrofit.eval.samplers import check_sampler_numbers
+    from retrofit.routers.flags import settings_per_router
 
     if limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1")
     at_least_one(seq_len=seq_len)
-    check_sampler_numbers(gen_length, steps, denoise_block)
+    check_sampler_options(sampler_options)
     task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if tasks is not None and not task_names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k --data-dir ../shared/data")
@@ -522,8 +524,7 @@ def inspect_routing(
     subjects = [Subject(model, router) for model in models or ["tiny"]
                 for router in settings_per_router(routers or [], router_flags)]
     if task_names:
-        sampler = {"gen_length": gen_length, "steps": steps, "denoise_block": denoise_block, "seed": seed}
-        record = _inspect_tasks(subjects, task_names, limit, data_dir, sampler)
+        record = _inspect_tasks(subjects, task_names, limit, data_dir, {**sampler_options, "seed": seed})
     else:
         record = _inspect_sweep(subjects, data, [f.strip() for f in fields.split(",") if f.strip()], limit,
                                 seq_len, seed)

@@ -45,13 +45,13 @@ class Flag:
         return f"{'/'.join(self.owners)}: {self.description}.{choices}{default}"
 
     def typed(self, value):
-        """``value`` as this flag's type (lm-eval's model_args arrive as strings)."""
+        """``value`` as this flag's type (lm-eval's model_args arrive as strings; the command line's are typed)."""
         if value is None or isinstance(value, self.kind):
             return value
         try:
             return as_bool(value) if self.kind is bool else self.kind(value)
         except ValueError:
-            raise RetrofitError(f"{self.dest}={value!r}: expected {self.kind.__name__}") from None
+            raise RetrofitError(f"model_args {self.dest}={value!r}: expected {self.kind.__name__}") from None
 
 
 def as_bool(value) -> bool:

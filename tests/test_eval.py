@@ -16,7 +16,7 @@ import retrofit
 from retrofit.cli import app
 from retrofit.eval.adapter import RetrofitLM
 from retrofit.eval.likelihood import mc_loglikelihood, request_seed
-from retrofit.eval.sampler import SamplerSettings, apply_stop, generate, transfer_schedule
+from retrofit.eval.sampler_llada import GenerateArgs, apply_stop, generate, transfer_schedule
 from retrofit.eval.sharded import LockstepModel
 from retrofit.models import FAMILIES
 from retrofit.routers import router_settings
@@ -93,7 +93,7 @@ class CountingModel(torch.nn.Module):
 
 def test_generation_fills_gen_length_with_an_equal_share_per_step(lm):
     prompt = torch.tensor([[72, 105, 33, 32]] * 2)
-    settings = SamplerSettings(gen_length=12, steps=6, denoise_block=6)
+    settings = GenerateArgs(gen_length=12, steps=6, denoise_block=6)
     counting = CountingModel(lm.model, lm.mask_id)
     out = generate(counting, prompt, lm.mask_id, settings)
     assert out.shape == (2, 4 + 12) and torch.equal(out[:, :4], prompt)
@@ -237,7 +237,7 @@ def _full_logits_generate(model, prompt, mask_id, settings):
 
 def test_sampler_scoring_only_the_block_matches_full_logits(lm):
     prompt = torch.tensor([[72, 105, 33, 32, 50], [10, 20, 30, 40, 50]])
-    settings = SamplerSettings(gen_length=16, steps=8, denoise_block=8)
+    settings = GenerateArgs(gen_length=16, steps=8, denoise_block=8)
     ours = generate(lm.model, prompt.clone(), lm.mask_id, settings)
     assert torch.equal(ours, _full_logits_generate(lm.model, prompt.clone(), lm.mask_id, settings))
     ids = torch.cat([prompt, torch.full((2, 6), lm.mask_id)], dim=1)

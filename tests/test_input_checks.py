@@ -83,12 +83,12 @@ def test_an_ec_schedule_past_the_models_experts_is_refused(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value, expected", [
-    ("--gen-length", "0", "--gen-length 0: must be a whole number of at least 1"),
-    ("--steps", "0", "--steps 0: must be a whole number of at least 1"),
-    ("--denoise-block", "0", "--denoise-block 0: must be"),
+    ("--gen-length", "0", "--gen-length 0: input should be greater than or equal to 1"),
+    ("--steps", "0", "--steps 0: input should be greater than or equal to 1"),
+    ("--denoise-block", "0", "--denoise-block 0: input should be greater than or equal to 1"),
     ("--batch-size", "0", "--batch-size 0: must be"),
     ("--mc-num", "0", "--mc-num 0: must be"),
-    ("--temperature", "-1", "--temperature -1.0: must be 0"),
+    ("--temperature", "-1", "--temperature -1.0: input should be greater than or equal to 0"),
     ("--num-fewshot", "-1", "--num-fewshot -1: must be 0 or more"),
 ])
 def test_evaluation_numbers_out_of_range_are_refused(tiny_dir, tmp_path, flag, value, expected):
@@ -103,8 +103,8 @@ def test_lm_eval_model_args_get_the_same_checks(tiny_dir):
 
     with pytest.raises(RetrofitError, match="--gen-length 5000 leaves no room for a prompt in the model's 1024"):
         RetrofitLM(str(tiny_dir), gen_length=5000)
-    with pytest.raises(RetrofitError, match="--steps 0: must be"):
-        RetrofitLM(str(tiny_dir), steps=0)
+    with pytest.raises(RetrofitError, match="--steps 0: input should be greater than or equal to 1"):
+        RetrofitLM(str(tiny_dir), steps="0")
     with pytest.raises(RetrofitError, match="--mc-num 0"):
         RetrofitLM(str(tiny_dir), mc_num="0")
     with pytest.raises(RetrofitError, match="--batch-size -2"):
@@ -257,4 +257,5 @@ def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flag", ["--seq-len", "--gen-length", "--steps", "--denoise-block"])
 def test_inspect_numbers_out_of_range_are_refused(tmp_path, flag):
     line = one_line_error(runner.invoke(app, ["inspect", flag, "0", "--out", str(tmp_path / "i")]))
-    assert f"{flag} 0: must be a whole number of at least 1" in line
+    expected = "must be a whole number of at least 1" if flag == "--seq-len" else "input should be greater than"
+    assert f"{flag} 0: {expected}" in line

@@ -330,7 +330,7 @@ def test_ec_reads_observed_mask_ratio_through_the_model():
 def test_inference_mask_ratio_counts_only_the_maskable_region():
     """A prompt is never masked: the same answer region behind a 10- or a 900-token prompt gets the same
     mask ratio, hence the same experts per token, at every denoising step (issue 10.1)."""
-    from retrofit.eval.sampler import SamplerSettings, generate
+    from retrofit.eval.sampler_llada import GenerateArgs, generate
     from retrofit.tiny import build_tiny_model
 
     settings = router_settings(type="ec", schedule=dict(name="linear-reverse", k_min=1, k_max=4))
@@ -342,7 +342,7 @@ def test_inference_mask_ratio_counts_only_the_maskable_region():
     for prompt_length in (10, 900):
         seen.clear()
         prompt = torch.randint(0, 256, (1, prompt_length), generator=torch.Generator().manual_seed(prompt_length))
-        generate(model, prompt, model.config.mask_token_id, SamplerSettings(gen_length=16, steps=8, denoise_block=16))
+        generate(model, prompt, model.config.mask_token_id, GenerateArgs(gen_length=16, steps=8, denoise_block=16))
         per_prompt.append(list(seen))
     assert per_prompt[0] == per_prompt[1] == [[1 - step / 8] for step in range(8)]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.sampler_llada2 import (LLaDA2SamplerSettings, choose_transfers, generate, sample_tokens,
+from retrofit.eval.sampler_llada2 import (LLaDA2GenerateArgs, choose_transfers, generate, sample_tokens,
                                           transfer_schedule)
 
 VOCAB, MASK, EOS = 16, 15, 2
@@ -59,8 +59,8 @@ class FixedStub(nn.Module):
         return SimpleNamespace(logits=self.logits.unsqueeze(0).repeat(input_ids.shape[0], 1, 1))
 
 
-def settings(**kw) -> LLaDA2SamplerSettings:
-    return LLaDA2SamplerSettings(**{"gen_length": 8, "denoise_block": 4, "steps": 4, **kw})
+def settings(**kw) -> LLaDA2GenerateArgs:
+    return LLaDA2GenerateArgs(**{"gen_length": 8, "denoise_block": 4, "steps": 4, **kw})
 
 
 def cut(row: torch.Tensor, eos_id: int = EOS) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_blocks_count_from_position_zero():
 def test_every_window_ends_at_a_block_boundary(prompt_length, block, gen_length):
     model = ContextStub()
     prompt = torch.randint(0, MASK, (2, prompt_length), generator=torch.Generator().manual_seed(1))
-    s = LLaDA2SamplerSettings(gen_length=gen_length, denoise_block=block, steps=3, threshold=0.9)
+    s = LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=3, threshold=0.9)
     out = generate(model, prompt, MASK, NEVER, s, torch.Generator().manual_seed(0))
     assert out.shape == (2, gen_length) and not (out == MASK).any()
     lengths = [length for length, _, _ in model.calls]
@@ -171,20 +171,20 @@ def flat_logits() -> torch.Tensor:
 
 def test_greedy_is_the_argmax_with_its_probability():
     logits = flat_logits()
-    token, prob = sample_tokens(logits, LLaDA2SamplerSettings(sampling="greedy"), torch.Generator().manual_seed(0))
+    token, prob = sample_tokens(logits, LLaDA2GenerateArgs(sampling="greedy"), torch.Generator().manual_seed(0))
     assert torch.equal(token, logits.argmax(-1))
     assert torch.allclose(prob, logits.softmax(-1).max(-1).values)
 
 
 def test_reference_draws_from_the_untempered_softmax_at_temperature_0():
     logits = flat_logits()
-    zero = LLaDA2SamplerSettings(temperature=0.0)
+    zero = LLaDA2GenerateArgs(temperature=0.0)
     token, prob = sample_tokens(logits, zero, torch.Generator().manual_seed(5))
     expected = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(5))[:, 0]
     assert torch.equal(token, expected)
     assert torch.equal(prob, logits.softmax(-1).gather(-1, token.unsqueeze(-1))[:, 0])
     # Temperature 0 and 1 are the same draw: the logits are divided only for other temperatures.
-    one, _ = sample_tokens(logits, LLaDA2SamplerSettings(temperature=1.0), torch.Generator().manual_seed(5))
+    one, _ = sample_tokens(logits, LLaDA2GenerateArgs(temperature=1.0), torch.Generator().manual_seed(5))
     assert torch.equal(token, one)
     # Over seeds it is not the argmax everywhere: temperature 0 is not greedy in the reference.
     draws = [sample_tokens(logits, zero, torch.Generator().manual_seed(s))[0] for s in range(10)]
@@ -247,7 +247,7 @@ def test_batch_rows_match_single_runs(early, answer_lengths):
     # Greedy draws no random numbers, so each row of a batch must decode exactly as it does alone, stops included.
     # With eos 7 these prompts stop in different blocks, and one row never stops.
     prompts = torch.randint(0, MASK, (4, 6), generator=torch.Generator().manual_seed(0))
-    s = LLaDA2SamplerSettings(gen_length=14, denoise_block=4, steps=3, threshold=0.6, sampling="greedy",
+    s = LLaDA2GenerateArgs(gen_length=14, denoise_block=4, steps=3, threshold=0.6, sampling="greedy",
                               eos_early_stop=early)
     model, singles = ContextStub(seed=4), [ContextStub(seed=4) for _ in prompts]
     together = generate(model, prompts, MASK, 7, s)
@@ -276,7 +276,7 @@ def test_settings_check_rejects_impossible_values(bad, needle):
 
 
 def test_default_settings_are_the_reference_defaults():
-    s = LLaDA2SamplerSettings()
+    s = LLaDA2GenerateArgs()
     s.check()
     assert (s.gen_length, s.denoise_block, s.steps, s.temperature, s.threshold) == (2048, 32, 32, 0.0, 0.95)
     assert (s.top_p, s.top_k, s.minimal_topk, s.eos_early_stop, s.sampling) == (None, None, 1, False, "reference")
@@ -356,7 +356,7 @@ PARITY = [
 
 @pytest.mark.parametrize("config", PARITY)
 def test_parity_with_the_spec_loop(config):
-    s = LLaDA2SamplerSettings(**config)
+    s = LLaDA2GenerateArgs(**config)
     rules, stops = set(), 0
     for seed in range(12):
         prompt = torch.randint(0, MASK, (1, 3 + seed % 6), generator=torch.Generator().manual_seed(100 + seed))

@@ -17,9 +17,10 @@ from rich.progress import Progress
 from retrofit import distributed
 from retrofit.errors import RetrofitError, at_least_one, warn
 from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
-from retrofit.eval.sampler import apply_stop
+from retrofit.eval.sampler_llada import apply_stop
 from retrofit.eval.sharded import shard_for_eval
-from retrofit.eval.samplers import make_sampler
+from retrofit.eval.samplers import make_sampler, sampler_flags
+from retrofit.flags import as_bool
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer
@@ -35,34 +36,23 @@ from retrofit.routers.stats import MASK_RATIOS
 _LM_EVAL_EXTRAS = {"trust_remote_code", "parallelize", "max_batch_size"}
 
 
-def _bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-
-
-def router_fields(fields: dict) -> dict:
-    """The router flags among lm-eval ``model_args`` (strings there, typed here by the flags' own types);
-    anything else left over is named with the closest valid name, so a misspelt setting is never ignored."""
+def split_options(fields: dict) -> tuple[dict, dict]:
+    """The sampler options and the router settings among the keyword arguments (lm-eval's ``model_args`` too,
+    strings there; typed by their flags); anything else is named with the closest valid name, so a misspelt
+    setting is never ignored."""
     import difflib
     import inspect
 
-    flags = {f.dest: f for f in router_flags()}
+    samplers, routers = {f.dest: f for f in sampler_flags()}, {f.dest: f for f in router_flags()}
     for name in fields:
-        if name not in flags:
-            own = [p for p in inspect.signature(RetrofitLM.__init__).parameters
-                   if p not in ("self", "router_flag_values")]
-            close = difflib.get_close_matches(name, [*own, *flags], n=1)
+        if name not in samplers and name not in routers:
+            own = [p for p in inspect.signature(RetrofitLM.__init__).parameters if p not in ("self", "options")]
+            close = difflib.get_close_matches(name, [*own, *samplers, *routers], n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            raise RetrofitError(f"unknown model_args {name!r}; {hint}valid: {', '.join(own)} and the router "
-                                f"settings {', '.join(flags)}")
-    typed = {}
-    for name, value in fields.items():
-        kind = flags[name].kind
-        try:
-            typed[name] = value if value is None or isinstance(value, kind) else (
-                _bool(value) if kind is bool else kind(value))
-        except ValueError:
-            raise RetrofitError(f"model_args {name}={value!r}: expected {kind.__name__}") from None
-    return typed
+            raise RetrofitError(f"unknown model_args {name!r}; {hint}valid: {', '.join(own)}, the sampler options "
+                                f"{', '.join(samplers)} and the router settings {', '.join(routers)}")
+    return ({k: v for k, v in fields.items() if k in samplers},
+            {k: routers[k].typed(v) for k, v in fields.items() if k in routers})
 
 
 def check_blocks(router: RouterSettings, sampler_block: int) -> None:
@@ -95,15 +85,12 @@ def _request_method(method):
 
 @register_model("retrofit")
 class RetrofitLM(LM):
-    def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, gen_length: int = 256,
-                 steps: int | None = None, denoise_block: int | None = None, temperature: float = 0.0,
-                 remasking: str = "low_confidence", threshold: float | None = None, sampling: str | None = None,
-                 seed: int = 1234, router: str | RouterSettings | None = None,
-                 max_length: int = 4096, device: str | None = None, dtype: str = "auto", progress: bool = True,
-                 **router_flag_values):
-        """``denoise_block``: the sampler's block; ``router`` and the router flags (``capacity_factor``,
-        ``block_length``, ``guard_size``, ... as ``retrofit eval`` names them) override the checkpoint's
-        router settings."""
+    def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, seed: int = 1234,
+                 router: str | RouterSettings | None = None, max_length: int = 4096, device: str | None = None,
+                 dtype: str = "auto", progress: bool = True, **options):
+        """``options``: the sampler's options (``gen_length``, ``steps``, ``denoise_block``, ... as ``retrofit eval``
+        names its flags, ``retrofit.eval.samplers``) and the router settings (``capacity_factor``,
+        ``block_length``, ``guard_size``, ...), which override the checkpoint's; ``router`` switches router."""
         super().__init__()
         self.accelerator = None
         if distributed.launched():  # lm-eval's data-parallel path: requests split by rank, results gathered
@@ -117,18 +104,16 @@ class RetrofitLM(LM):
         self.path = source.path
         ckpt = CheckpointDir(source.path)
         at_least_one(mc_num=mc_num, batch_size=None if batch_size == "auto" else batch_size)
-        gen_length = int(gen_length)
         config = checkpoint_config(ckpt)
-        if gen_length >= config.max_position_embeddings:
-            raise RetrofitError(f"--gen-length {gen_length} leaves no room for a prompt in the model's "
+        sampler_options, given = split_options({k: v for k, v in options.items() if k not in _LM_EVAL_EXTRAS})
+        self.sampler = make_sampler(family_of(config).sampler, sampler_options)
+        if self.sampler.gen_length >= config.max_position_embeddings:
+            raise RetrofitError(f"--gen-length {self.sampler.gen_length} leaves no room for a prompt in the model's "
                                 f"{config.max_position_embeddings} positions; generate fewer tokens")
-        self.sampler = make_sampler(family_of(config).sampler, gen_length, steps, denoise_block, temperature,
-                                    remasking, None if threshold is None else float(threshold), sampling)
         base = config.router_settings
         trained_with = family_of(config).hub_routers.get(source.origin)
         if trained_with is not None and base.type == "tc" and "router" not in ckpt.config:  # dmoe-16b's own
             base = router_settings(trained_with)
-        given = router_fields({k: v for k, v in router_flag_values.items() if k not in _LM_EVAL_EXTRAS})
         if isinstance(router, RouterSettings):  # already built (retrofit inspect's subjects)
             self.router = settings_from_flags(None, given, router) or router
         else:
@@ -152,7 +137,7 @@ class RetrofitLM(LM):
         max_length = min(int(max_length), self.model.config.max_position_embeddings)
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
         self.batch_size_ = 8 if batch_size == "auto" else int(batch_size)  # lm-eval's "auto": the default
-        self.show_progress = _bool(progress) and self.rank == 0
+        self.show_progress = as_bool(progress) and self.rank == 0
 
     # ------------------------------------------------------------------------------ helpers
 

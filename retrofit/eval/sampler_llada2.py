@@ -19,11 +19,43 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from retrofit.errors import RetrofitError
+from retrofit.eval.sampler_base import Sampler, SamplerSettings
+
+
+class LLaDA2SamplerSettings(SamplerSettings):
+    """``retrofit eval``'s options of the LLaDA2.0 sampler. ``--steps`` counts the whole generation, as for LLaDA's
+    sampler, and is spread over the blocks."""
+
+    type: Literal["llada2"] = "llada2"
+    threshold: float | None = Field(default=None, gt=0, le=1, description=(
+        "accept every position more confident than this at each step (default 0.95)"))
+    sampling: Literal["reference", "greedy"] | None = Field(default=None, description=(
+        "at temperature 0: reference (draw from the softmax, as the published generate() does; the default) or "
+        "greedy (argmax)"))
+
+
+class LLaDA2Sampler(Sampler):
+    kind = "llada2"
+    display_name = "LLaDA2.0"
+    unsupported = {"remasking": "the LLaDA2.0 sampler remasks by confidence only"}
+    settings_class = LLaDA2SamplerSettings
+
+    def arguments(self, options: LLaDA2SamplerSettings) -> "LLaDA2GenerateArgs":
+        gen_length = options.gen_length
+        block, steps = options.denoise_block or gen_length, options.steps or gen_length
+        chosen = {k: v for k, v in (("threshold", options.threshold), ("sampling", options.sampling)) if v is not None}
+        return LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=max(1, steps * block // gen_length),
+                                  temperature=float(options.temperature), **chosen)
+
+    def generate(self, model, prompt, mask_id, eos_id, generator=None):
+        return generate(model, prompt, mask_id, eos_id, self.settings, generator)
 
 
 @dataclass(frozen=True)
-class LLaDA2SamplerSettings:
+class LLaDA2GenerateArgs:
     """The reference ``generate`` arguments (spec §5.1). ``sampling="reference"`` keeps the Hub code's quirk (§5.3):
     at temperature 0 it still draws from the untempered softmax. ``"greedy"`` takes the argmax at temperature 0.
     The two agree at any temperature above 0."""
@@ -99,7 +131,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return torch.multinomial(flat, 1, generator=generator).to(probs.device).view(probs.shape[:-1])
 
 
-def sample_tokens(logits: torch.Tensor, settings: LLaDA2SamplerSettings,
+def sample_tokens(logits: torch.Tensor, settings: LLaDA2GenerateArgs,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token, probability)`` per position (spec §5.3). Temperature divides only when it is neither 0 nor 1.
     Then come top-k, top-p and the softmax. The token is drawn from that softmax, or taken as its argmax when
@@ -157,7 +189,7 @@ def finish(x: torch.Tensor, prompt_length: int, gen_length: int, eos_id: int, em
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: LLaDA2SamplerSettings,
+def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: LLaDA2GenerateArgs,
              generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
     """``prompt`` ``[batch, P]`` (equal lengths, no padding) → ``[batch, gen_length]`` generated tokens (spec §5.2).
 

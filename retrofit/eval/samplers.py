@@ -1,74 +1,99 @@
-"""The denoising samplers by the name a model family gives (``ModelFamily.sampler``), behind one call.
+"""The sampler registry: a model family names its sampler (``ModelFamily.sampler``), the registry holds each
+sampler's class, and the command line's sampler flags are generated from their settings classes (as the router
+flags are from the routers'), so ``retrofit eval`` and ``retrofit inspect`` take the same flags with one default.
 
-``llada``: LLaDA's sampler (sampler.py): the generation region in ``denoise_block`` blocks after the prompt,
-``steps`` in all, low-confidence (or random) remasking, bidirectional attention. ``llada2``: LLaDA2.0's
-block-diffusion sampler (sampler_llada2.py): blocks counted from position 0, block-causal attention, ``threshold``
-acceptance with the schedule as a fallback. ``--steps`` means the steps of the whole generation for both; the
-LLaDA2.0 sampler spends ``steps · denoise_block / gen_length`` of them on each block.
+``llada``: LLaDA's sampler (sampler_llada.py): the generation region in ``denoise_block`` blocks after the
+prompt, ``steps`` in all, low-confidence (or random) remasking, bidirectional attention. ``llada2``: LLaDA2.0's
+block-diffusion sampler (sampler_llada2.py): blocks counted from position 0, block-causal attention,
+``threshold`` acceptance with the schedule as a fallback. ``--steps`` means the steps of the whole generation
+for both; the LLaDA2.0 sampler spends ``steps · denoise_block / gen_length`` of them on each block.
+
+A new sampler is one module (its settings class and its :class:`~retrofit.eval.sampler_base.Sampler` subclass)
+and one ``register_sampler`` line below; ``tests/test_sampler_seam.py`` proves it with a toy sampler.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import torch
+from pydantic import ValidationError
 
-from retrofit.errors import RetrofitError, at_least_one
-from retrofit.eval import sampler as llada
-from retrofit.eval import sampler_llada2 as llada2
+from retrofit.errors import RetrofitError
+from retrofit.eval.sampler_base import Sampler, SamplerSettings
+from retrofit.eval.sampler_llada import LLaDASampler
+from retrofit.eval.sampler_llada2 import LLaDA2Sampler
+from retrofit.flags import Flag, flag_of, settings_flags
 
-
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    settings: llada.SamplerSettings | llada2.LLaDA2SamplerSettings
-
-    @property
-    def gen_length(self) -> int:
-        return self.settings.gen_length
-
-    @property
-    def denoise_block(self) -> int:
-        return self.settings.denoise_block
-
-    def generate(self, model, prompt: torch.Tensor, mask_id: int, eos_id: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``prompt`` ``[batch, P]`` → ``[batch, gen_length]`` generated tokens."""
-        if self.name == "llada2":
-            return llada2.generate(model, prompt, mask_id, eos_id, self.settings, generator)
-        return llada.generate(model, prompt, mask_id, self.settings, generator)
+SAMPLERS: dict[str, type[Sampler]] = {}
 
 
-def check_sampler_numbers(gen_length, steps=None, denoise_block=None, temperature=0.0, threshold=None) -> None:
-    """Each sampler number in its range (before anything slow starts: the CLI calls this first too)."""
-    at_least_one(gen_length=gen_length, steps=steps, denoise_block=denoise_block)
-    if float(temperature) < 0:
-        raise RetrofitError(f"--temperature {temperature}: must be 0 (greedy) or more")
-    if threshold is not None and not 0 < float(threshold) <= 1:
-        raise RetrofitError(f"--threshold {threshold}: a confidence, above 0 and at most 1 (LLaDA2.0 uses 0.95)")
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Make ``cls`` the sampler of the families that name its ``kind``, with its settings as flags."""
+    declared = cls.settings_class.model_fields["type"].default
+    if not cls.kind or declared != cls.kind:
+        raise ValueError(f"{cls.__name__}: kind {cls.kind!r} and its settings' type default {declared!r} must agree")
+    SAMPLERS[cls.kind] = cls
+    return cls
 
 
-def make_sampler(name: str, gen_length: int, steps: int | None, denoise_block: int | None, temperature: float,
-                 remasking: str = "low_confidence", threshold: float | None = None,
-                 sampling: str | None = None) -> Sampler:
-    """The family's sampler with the evaluation's settings, checked; options of the other sampler are refused."""
-    check_sampler_numbers(gen_length, steps, denoise_block, temperature, threshold)
-    denoise_block = int(denoise_block or gen_length)
-    steps = int(steps or gen_length)
-    if name == "llada":
-        if threshold is not None or sampling is not None:
-            raise RetrofitError("--threshold and --sampling are options of the LLaDA2.0 sampler; this model family "
-                                "samples with LLaDA's")
-        settings = llada.SamplerSettings(gen_length=gen_length, steps=steps, denoise_block=denoise_block,
-                                         temperature=float(temperature), remasking=remasking)
-    elif name == "llada2":
-        if remasking != "low_confidence":
-            raise RetrofitError(f"--remasking {remasking}: the LLaDA2.0 sampler remasks by confidence only")
-        per_block = max(1, steps * denoise_block // gen_length)
-        options = {k: v for k, v in (("threshold", threshold), ("sampling", sampling)) if v is not None}
-        settings = llada2.LLaDA2SamplerSettings(gen_length=gen_length, denoise_block=denoise_block, steps=per_block,
-                                                temperature=float(temperature), **options)
-    else:
-        raise RetrofitError(f"no sampler named {name!r}")
-    settings.check()
-    return Sampler(name, settings)
+register_sampler(LLaDASampler)
+register_sampler(LLaDA2Sampler)
+
+
+def sampler_flags() -> list[Flag]:
+    """Every registered sampler's settings as flags; a name shared by samplers is one flag."""
+    return settings_flags({kind: cls.settings_class for kind, cls in SAMPLERS.items()}, "sampler")
+
+
+def make_sampler(kind: str, given: dict[str, Any] | None = None) -> Sampler:
+    """The ``kind`` sampler with the options a user gave (flag dest → value; None: not given). An option of another
+    sampler is refused in one line, naming whose it is; a value out of range names its flag."""
+    if kind not in SAMPLERS:
+        raise RetrofitError(f"no sampler named {kind!r}; registered: {', '.join(SAMPLERS)}")
+    options = settings_of(kind, given or {})
+    try:
+        return SAMPLERS[kind](options)
+    except ValueError as exc:
+        raise RetrofitError(str(exc)) from None
+
+
+def settings_of(kind: str, given: dict[str, Any]) -> SamplerSettings:
+    flags = {f.dest: f for f in sampler_flags()}
+    data: dict[str, Any] = {"type": kind}
+    for dest, value in given.items():
+        if value is None:
+            continue
+        if dest not in flags:
+            raise RetrofitError(f"unknown sampler option {dest!r}; the samplers' options are {', '.join(flags)}")
+        flag = flags[dest]
+        if kind not in flag.owners:
+            raise RetrofitError(_foreign(kind, flag, value, flags))
+        data[dest] = flag.typed(value)
+    try:
+        return SAMPLERS[kind].settings_class.model_validate(data)
+    except ValidationError as exc:  # named by the flag the user typed
+        err = exc.errors()[0]
+        where = flag_of(list(flags.values()), err["loc"])
+        raise RetrofitError(f"{where} {err.get('input')}: {err['msg'].removeprefix('Value error, ').lower()}") \
+            from None
+
+
+def _foreign(kind: str, flag: Flag, value, flags: dict[str, Flag]) -> str:
+    """Why an option of another sampler does not apply to ``kind``'s: the sampler's own reason where it gives one,
+    else which sampler's options these are."""
+    reason = SAMPLERS[kind].unsupported.get(flag.dest)
+    if reason:
+        return f"{flag.flag} {value}: {reason}"
+    same = [f.flag for f in flags.values() if f.owners == flag.owners]
+    whose = "/".join(SAMPLERS[owner].display_name for owner in flag.owners)
+    verb = "is an option" if len(same) == 1 else "are options"
+    return (f"{' and '.join(same)} {verb} of the {whose} sampler; this model family samples with "
+            f"{SAMPLERS[kind].display_name}'s")
+
+
+def check_sampler_options(given: dict[str, Any]) -> None:
+    """Each given option in its range for every sampler that has it (before any slow work: the model, hence its
+    sampler, is not known yet)."""
+    flags = {f.dest: f for f in sampler_flags()}
+    for kind in SAMPLERS:
+        settings_of(kind, {k: v for k, v in given.items() if v is not None and kind in flags[k].owners})

@@ -40,7 +40,7 @@ from torch import nn
 
 from retrofit.diffusion import add_noise, diffusion_loss
 from retrofit.eval.likelihood import mc_loglikelihood
-from retrofit.eval.sampler import SamplerSettings, generate
+from retrofit.eval.sampler_llada import GenerateArgs, generate
 from retrofit.models.layers import SwiGLU
 from retrofit.models.llada2 import LLADA2, LLaDA2Config
 from retrofit.models.moe import GROUPED_MM as GROUPED_MM_AVAILABLE
@@ -396,7 +396,7 @@ def evaluation_rates(model: nn.Module, repeats: int) -> dict:
     """Likelihood requests/s (a 48-token context, an 8-token continuation, 8 Monte-Carlo samples in one batch)
     and generated tokens/s (one 32-token block after a 48-token prompt, 32 steps, batch 1)."""
     ids, mask_id = random_ids((56,)).tolist(), model.config.mask_token_id
-    settings = SamplerSettings(gen_length=32, steps=32, denoise_block=32)
+    settings = GenerateArgs(gen_length=32, steps=32, denoise_block=32)
     times = median_ms({
         "score": partial(mc_loglikelihood, model, ids[:48], ids[48:], mask_id=mask_id, mc_num=8, batch_size=8,
                          seed=0, device="cpu"),

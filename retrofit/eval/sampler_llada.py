@@ -9,11 +9,39 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
 from retrofit.errors import RetrofitError
+from retrofit.eval.sampler_base import Sampler, SamplerSettings
+
+
+class LLaDASamplerSettings(SamplerSettings):
+    """``retrofit eval``'s options of the LLaDA sampler (flags ``--gen-length``, ``--steps``, ...)."""
+
+    type: Literal["llada"] = "llada"
+    remasking: Literal["low_confidence", "random"] = Field(default="low_confidence", description=(
+        "which masked positions a step unmasks: the most confident, or random ones"))
+
+
+class LLaDASampler(Sampler):
+    kind = "llada"
+    display_name = "LLaDA"
+    settings_class = LLaDASamplerSettings
+
+    def arguments(self, options: LLaDASamplerSettings) -> "GenerateArgs":
+        gen_length = options.gen_length
+        return GenerateArgs(gen_length=gen_length, steps=options.steps or gen_length,
+                            denoise_block=options.denoise_block or gen_length,
+                            temperature=float(options.temperature), remasking=options.remasking)
+
+    def generate(self, model, prompt, mask_id, eos_id, generator=None):
+        return generate(model, prompt, mask_id, self.settings, generator)
 
 
 @dataclass(frozen=True)
-class SamplerSettings:
+class GenerateArgs:
+    """The arguments of :func:`generate`, resolved."""
+
     gen_length: int = 256
     steps: int = 256
     denoise_block: int = 256
@@ -47,7 +75,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, mask_id: int, settings: SamplerSettings,
+def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs,
              generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
     """``prompt`` ``[B, P]`` (equal lengths) → ``[B, P + gen_length]`` with every mask filled."""
     settings.check()

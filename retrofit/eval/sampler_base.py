@@ -1,0 +1,63 @@
+"""What every denoising sampler is: a settings class (the options a user gives, validated; the command line's
+sampler flags are generated from these classes, :mod:`retrofit.eval.samplers`) and a :class:`Sampler` that turns
+them into its algorithm's arguments and generates. A new sampler is one module with its settings class and its
+``Sampler`` subclass, plus one ``register_sampler`` line in ``samplers.py``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplerSettings(BaseModel):
+    """The options every sampler takes; a sampler's own class adds its own. ``None`` leaves a value to the
+    sampler (its default, derived from ``gen_length`` where it says so)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    gen_length: int = Field(default=256, ge=1, description="tokens to generate")
+    steps: int | None = Field(default=None, ge=1, description="denoising steps of the whole generation (default: "
+                                                              "gen-length)")
+    denoise_block: int | None = Field(default=None, ge=1, description="tokens per denoising block, generated left "
+                                                                      "to right (default: gen-length)")
+    temperature: float = Field(default=0.0, ge=0, description="sampling temperature (0: greedy)")
+
+
+class Sampler:
+    """A registered sampler. ``settings`` holds its algorithm's arguments, resolved and checked (they are what an
+    evaluation record names); ``options`` the settings it was made from."""
+
+    kind: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""  # for messages, e.g. "LLaDA2.0"
+    settings_class: ClassVar[type[SamplerSettings]] = SamplerSettings
+    # Why another sampler's option does not apply to this one, where a reason says more than whose option it is.
+    unsupported: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, options: SamplerSettings):
+        self.options = options
+        self.settings = self.arguments(options)
+        self.settings.check()
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def gen_length(self) -> int:
+        return self.settings.gen_length
+
+    @property
+    def denoise_block(self) -> int:
+        return self.settings.denoise_block
+
+    def arguments(self, options: SamplerSettings) -> Any:
+        """The algorithm's own arguments from the user's options."""
+        raise NotImplementedError
+
+    def generate(self, model, prompt: torch.Tensor, mask_id: int, eos_id: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """``prompt`` ``[batch, P]`` → ``[batch, gen_length]`` generated tokens."""
+        raise NotImplementedError
