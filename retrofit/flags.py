@@ -54,6 +54,17 @@ class Flag:
             raise RetrofitError(f"model_args {self.dest}={value!r}: expected {self.kind.__name__}") from None
 
 
+def add_to_registry(registry: dict, cls):
+    """Put a class with a ``kind`` and a ``settings_class`` (a router, a sampler) into its seam's ``registry``,
+    after checking that the kind is the default ``type`` of its settings (the name a recipe or config selects
+    it by)."""
+    declared = cls.settings_class.model_fields["type"].default
+    if not cls.kind or declared != cls.kind:
+        raise ValueError(f"{cls.__name__}: kind {cls.kind!r} and its settings' type default {declared!r} must agree")
+    registry[cls.kind] = cls
+    return cls
+
+
 def as_bool(value) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 

@@ -22,18 +22,14 @@ from retrofit.errors import RetrofitError
 from retrofit.eval.sampler_base import Sampler, SamplerSettings
 from retrofit.eval.sampler_llada import LLaDASampler
 from retrofit.eval.sampler_llada2 import LLaDA2Sampler
-from retrofit.flags import Flag, flag_of, settings_flags
+from retrofit.flags import Flag, add_to_registry, flag_of, settings_flags
 
 SAMPLERS: dict[str, type[Sampler]] = {}
 
 
 def register_sampler(cls: type[Sampler]) -> type[Sampler]:
     """Make ``cls`` the sampler of the families that name its ``kind``, with its settings as flags."""
-    declared = cls.settings_class.model_fields["type"].default
-    if not cls.kind or declared != cls.kind:
-        raise ValueError(f"{cls.__name__}: kind {cls.kind!r} and its settings' type default {declared!r} must agree")
-    SAMPLERS[cls.kind] = cls
-    return cls
+    return add_to_registry(SAMPLERS, cls)
 
 
 register_sampler(LLaDASampler)

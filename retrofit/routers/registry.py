@@ -13,6 +13,7 @@ import torch
 from pydantic import BeforeValidator, SerializeAsAny
 
 from retrofit.errors import RetrofitError
+from retrofit.flags import add_to_registry
 from retrofit.routers.base import SOFTMAX, Router, RouterSettings, Scoring
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -29,11 +30,7 @@ class UnknownRouter(RetrofitError, ValueError):
 
 def register_router(cls: type[Router]) -> type[Router]:
     """Make ``cls`` selectable by its ``kind`` everywhere: settings, config.json, recipes, command-line flags."""
-    declared = cls.settings_class.model_fields["type"].default
-    if not cls.kind or declared != cls.kind:
-        raise ValueError(f"{cls.__name__}: kind {cls.kind!r} and its settings' type default {declared!r} must agree")
-    ROUTERS[cls.kind] = cls
-    return cls
+    return add_to_registry(ROUTERS, cls)
 
 
 def router_settings(data: dict | RouterSettings | None = None, /, *, stored: bool = False,
