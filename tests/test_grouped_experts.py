@@ -91,3 +91,26 @@ def test_forward_and_backward_never_synchronise_with_the_host(family, kind):
         _run(model, ids, "auto")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_the_llada2_sampler_synchronises_once_a_step_and_once_a_block():
+    import warnings
+
+    from retrofit.eval.sampler_llada2 import LLaDA2GenerateArgs, generate
+
+    torch.manual_seed(0)
+    model = _model("llada2", "tc", torch.bfloat16, "cuda")
+    prompt = torch.randint(0, 250, (2, 8), device="cuda")
+    args = LLaDA2GenerateArgs(gen_length=16, denoise_block=8, steps=4, sampling="greedy")
+    generate(model, prompt, 257, 256, args)  # warm-up
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            generate(model, prompt, 257, 256, args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    blocks = 3  # the block holding the prompt's end, then two of generation
+    assert len(syncs) <= blocks * (args.steps + 2), [str(w.message) for w in syncs]

@@ -146,18 +146,28 @@ def sample_tokens(logits: torch.Tensor, settings: LLaDA2GenerateArgs,
     return token, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
-def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int, threshold: float) -> torch.Tensor:
-    """Which positions of each row to unmask this step. If at least ``share`` are confident above ``threshold``
-    (strictly), take all of them. Otherwise take the ``share`` most confident, or every active one if fewer are
-    left. ``torch.topk`` per row keeps the reference's choice among equal confidences."""
+def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int, threshold: float,
+                     active_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Which positions of each row to unmask this step, and how many per row. If at least ``share`` are confident
+    above ``threshold`` (strictly), take all of them. Otherwise take the ``share`` most confident, or every active
+    one if fewer are left. ``torch.topk`` per row keeps the reference's choice among equal confidences.
+
+    The counts the choice depends on come to the host in one transfer (the active counts too, unless the caller
+    keeps them, as :func:`generate` does): one synchronisation per step on a GPU, not two per row."""
     confident = confidence > threshold
+    counts = (confident.sum(1) if active_counts is not None else
+              torch.stack([confident.sum(1), active.sum(1)])).cpu().tolist()
+    confident_counts, active_counts = (counts, active_counts) if active_counts is not None else counts
     chosen = torch.zeros_like(active)
-    for row in range(confidence.shape[0]):
-        if int(confident[row].sum()) >= share:
+    taken = []
+    for row, (sure, left) in enumerate(zip(confident_counts, active_counts)):
+        if sure >= share:
             chosen[row] = confident[row]
+            taken.append(sure)
         else:
-            chosen[row, confidence[row].topk(min(share, int(active[row].sum()))).indices] = True
-    return chosen
+            chosen[row, confidence[row].topk(min(share, left)).indices] = True
+            taken.append(min(share, left))
+    return chosen, taken
 
 
 def early_stopped(window: torch.Tensor, written: torch.Tensor, mask_id: int, eos_id: int,
@@ -207,6 +217,7 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     x[:, :prompt_length] = prompt
     schedule = transfer_schedule(block, steps).tolist()
     stopped = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    stopped_host = [False] * batch  # the same, on the host
     empty = torch.zeros(batch, dtype=torch.bool)
     for current in range(prompt_length // block, blocks):
         end = (current + 1) * block
@@ -215,27 +226,34 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
         # the experts its tokens use (dMoE's expert count).
         current_block = torch.zeros_like(window, dtype=torch.bool)
         current_block[:, end - block:] = True
+        # Masks left per row, kept on the host from here on (one transfer per block): whether a step is needed and
+        # how many positions a row can still give are then known without asking the device.
+        remaining = (tokens == mask_id).sum(1).cpu().tolist()
         for step in range(steps):
-            active = (tokens == mask_id) & ~stopped.unsqueeze(1)
-            if not bool(active.any()):
+            left = [0 if gone else count for gone, count in zip(stopped_host, remaining)]
+            if not any(left):
                 break
+            active = (tokens == mask_id) & ~stopped.unsqueeze(1)
             logits = model(input_ids=window, attention_blocks=block, logits_to_keep=slice(-block, None),
                            maskable=current_block).logits
             candidate, probability = sample_tokens(logits.float(), settings, generator)
             confidence = probability.masked_fill(~active, float("-inf"))
-            chosen = choose_transfers(confidence, active, schedule[step], settings.threshold)
-            tokens[chosen] = candidate[chosen]
+            chosen, taken = choose_transfers(confidence, active, schedule[step], settings.threshold, left)
+            remaining = [count - took for count, took in zip(remaining, taken)]
+            tokens.copy_(torch.where(chosen, candidate, tokens))  # no boolean indexing: no synchronisation
             if on_step:
                 on_step()
             if settings.eos_early_stop:
                 written = candidate.masked_fill(~chosen, mask_id)
                 now, now_empty = early_stopped(window, written, mask_id, eos_id, prompt_length)
                 stopped |= now.to(x.device)
+                stopped_host = [a or b for a, b in zip(stopped_host, now.tolist())]
                 empty |= now_empty
-                if bool(stopped.all()):
+                if all(stopped_host):
                     return finish(x, prompt_length, settings.gen_length, eos_id, empty)
         # The block-level stop looks up to the block's end, which can run past gen_length.
         stopped |= (x[:, prompt_length:end] == eos_id).any(1)
-        if bool(stopped.all()):
+        stopped_host = stopped.cpu().tolist()
+        if all(stopped_host):
             break
     return finish(x, prompt_length, settings.gen_length, eos_id, empty)
