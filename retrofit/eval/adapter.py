@@ -220,7 +220,8 @@ class RetrofitLM(LM):
                 for start in range(0, len(indices), self.batch_size_):
                     chunk = indices[start:start + self.batch_size_]
                     batch = torch.tensor([prompts[i] for i in chunk], device=self.device_)
-                    gen = torch.Generator().manual_seed(request_seed(self.seed, prompts[chunk[0]]))
+                    # On the model's device: a sampler's draws then never copy probabilities to the host.
+                    gen = torch.Generator(device=self.device_).manual_seed(request_seed(self.seed, prompts[chunk[0]]))
                     out = self.sampler.generate(self.model, batch, self.mask_id, self.eos_id, gen)
                     for row, i in enumerate(chunk):
                         text = self.tokenizer.decode(out[row, batch.shape[1]:].tolist(), skip_special_tokens=True)

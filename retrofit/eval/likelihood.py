@@ -45,7 +45,10 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
     gen = torch.Generator().manual_seed(request_seed(seed, context, continuation))
     if length == 1:
         mc_num = 1  # one masked token: the single possible sample is exact
-    total, done = 0.0, 0
+    # The masks are drawn on the host (a seeded CPU stream, the same on every device) and sent over without the
+    # device waiting; the sum stays on the device in float64 (what adding Python floats did) until the end: one
+    # synchronisation per request, not several per forward.
+    total, done = torch.zeros((), dtype=torch.float64, device=device), 0
     while done < mc_num:
         n = min(batch_size, mc_num - done)
         counts = mask_counts(length, n, gen)
@@ -53,14 +56,14 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
         masked = torch.zeros(n, length, dtype=torch.bool)
         for row, count in enumerate(counts.tolist()):
             masked[row, torch.randperm(length, generator=gen)[:count]] = True
-        masked = masked.to(device)
-        noisy[:, len(context):][masked] = mask_id
+        masked = masked.to(device, non_blocking=True)
+        noisy[:, len(context):] = torch.where(masked, mask_id, noisy[:, len(context):])
         logits = continuation_logits(model, noisy, len(context))
         ce = F.cross_entropy(logits.float().transpose(1, 2), target.repeat(n, 1), reduction="none")
-        per_sample = (ce * masked).sum(1) * (length / counts.to(device).float())
-        total += float(per_sample.sum())
+        per_sample = (ce * masked).sum(1) * (length / counts.to(device, non_blocking=True).float())
+        total = total + per_sample.sum().double()
         done += n
-    return -total / mc_num
+    return -float(total) / mc_num
 
 
 @torch.no_grad()

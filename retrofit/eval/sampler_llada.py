@@ -70,7 +70,9 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     if temperature <= 0:
         return logits.argmax(-1)
     # Gumbel-max in float64, as LLaDA does: low precision Gumbel noise skews the sample.
-    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    # Drawn where the generator lives (a CPU generator: the same numbers on every device).
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu").to(logits.device)
     return (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
 
 
@@ -99,7 +101,8 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs,
             if settings.remasking == "low_confidence":
                 confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
             else:
-                confidence = torch.rand(masked.shape, generator=generator).to(x.device)
+                confidence = torch.rand(masked.shape, generator=generator,
+                                        device=generator.device if generator is not None else "cpu").to(x.device)
             confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
             for row in range(batch):
                 count = int(schedule[row, step])
