@@ -63,18 +63,21 @@ def test_every_command_that_loads_a_model_checks_its_config_against_the_weights(
     edited = _edited(tiny_dir, tmp_path, hidden_size=128)
     with pytest.raises(RetrofitError, match="config.json does not match the weights"):
         load_model(edited, check_memory=False)
-    line = one_line_error(runner.invoke(app, ["eval", "--model", str(edited), "--tasks", "gsm8k", "--limit", "1",
-                                              "--output", str(tmp_path / "e.json")]))
-    assert "config.json does not match the weights" in line
+    from retrofit.eval.adapter import RetrofitLM
+
+    with pytest.raises(RetrofitError, match="config.json does not match the weights"):
+        RetrofitLM(str(edited), progress=False)  # what `retrofit eval` builds
 
 
 def test_block_routing_that_keeps_every_expert_is_refused(tiny_dir, tmp_path):
     line = one_line_error(_convert(tiny_dir, tmp_path, router="block"))  # default guard 16 >= 8 experts
     assert "guard_size (16) keeps all 8 experts" in line and "routes exactly like token choice" in line
     assert _convert(tiny_dir, tmp_path, "--guard-size", "2", router="block").exit_code == 0
-    line = one_line_error(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--router", "block", "--tasks",
-                                              "gsm8k", "--output", str(tmp_path / "e.json")]))
-    assert "guard_size (16) keeps all 8 experts" in line
+    from retrofit.errors import RetrofitError
+    from retrofit.eval.adapter import RetrofitLM
+
+    with pytest.raises(RetrofitError, match=r"guard_size \(16\) keeps all 8 experts"):
+        RetrofitLM(str(tiny_dir), router="block", progress=False)  # what `retrofit eval --router block` builds
 
 
 def test_an_ec_schedule_past_the_models_experts_is_refused(tiny_dir, tmp_path):
@@ -250,8 +253,8 @@ def test_convert_refuses_a_source_without_a_tokenizer(tiny_dir, tmp_path):
 def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "tiny-ec").mkdir(parents=True)
-    line = one_line_error(runner.invoke(app, ["eval", "--model", "out/tiny-ecc", "--tasks", "gsm8k"]))
-    assert "--model out/tiny-ecc: no such directory (out/ holds tiny-ec)" in line
+    line = one_line_error(runner.invoke(app, ["convert", "--src", "out/tiny-ecc", "--router", "ec"]))
+    assert "--src out/tiny-ecc: no such directory (out/ holds tiny-ec)" in line
 
 
 @pytest.mark.parametrize("flag", ["--seq-len", "--gen-length", "--steps", "--denoise-block"])
