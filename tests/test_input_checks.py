@@ -262,3 +262,15 @@ def test_inspect_numbers_out_of_range_are_refused(tmp_path, flag):
     line = one_line_error(runner.invoke(app, ["inspect", flag, "0", "--out", str(tmp_path / "i")]))
     expected = "must be a whole number of at least 1" if flag == "--seq-len" else "input should be greater than"
     assert f"{flag} 0: {expected}" in line
+
+
+def test_a_failed_hub_fetch_mentions_a_local_directory_only_for_what_could_be_one():
+    from retrofit.errors import RetrofitError
+    from retrofit.sources import resolve_source
+
+    with pytest.raises(RetrofitError, match="no local directory someorg/some-model either"):
+        resolve_source("someorg/some-model")
+    with pytest.raises(RetrofitError) as registry_name:
+        resolve_source("llada-moe")
+    assert "could not fetch inclusionAI/LLaDA-MoE-7B-A1B-Base" in str(registry_name.value)
+    assert "local directory" not in str(registry_name.value)
