@@ -5,7 +5,6 @@ The registry names are the model families' (``retrofit.models``) plus the tiny m
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,7 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source | Non
         names = ", ".join([*registry, *EMBEDDED, *GENERATED])
         raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
                             f"or a local directory ({flag} PATH)")
-    if download is None:  # a Hub id as typed could also have been a local path: say that none is there either
-        download = functools.partial(hub_snapshot, local_too=src not in registry)
-    path = download(repo_id, flag)
+    path = (download or hub_snapshot)(repo_id, flag)
     if path is None:  # a download function that only looks in the cache found nothing
         return None
     name = src if src in registry else repo_id.split("/")[-1]
@@ -124,7 +121,7 @@ def _generated_path(name: str) -> Path:
     return path
 
 
-def hub_snapshot(repo_id: str, flag: str = "--src", local_too: bool = False) -> Path:
+def hub_snapshot(repo_id: str, flag: str = "--src") -> Path:
     """Download (or reuse the cache of) a Hub snapshot; any failure becomes one line that names ``flag`` PATH."""
     try:
         from huggingface_hub import snapshot_download
@@ -132,7 +129,9 @@ def hub_snapshot(repo_id: str, flag: str = "--src", local_too: bool = False) -> 
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:  # offline, unknown repo, gated repo, auth, disk full: all end the same way
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        local = f", and there is no local directory {repo_id} either" if local_too else ""
+        # An org/name the user typed could also have been a local path (a registry name's Hub id could not).
+        typed = repo_id not in hub_models().values()
+        local = f", and there is no local directory {repo_id} either" if typed else ""
         raise RetrofitError(f"could not fetch {repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
                             f"{reason[:160]}){local}; download it where the Hub is reachable and pass {flag} "
                             "PATH") from None
