@@ -27,8 +27,8 @@ class SamplerSettings(BaseModel):
 
 
 class Sampler:
-    """A registered sampler. ``settings`` holds its algorithm's arguments, resolved and checked (they are what an
-    evaluation record names); ``options`` the settings it was made from."""
+    """A registered sampler. ``settings`` holds its algorithm's arguments, resolved from the user's options and
+    checked (they are what an evaluation record names)."""
 
     kind: ClassVar[str] = ""
     display_name: ClassVar[str] = ""  # for messages, e.g. "LLaDA2.0"
@@ -37,7 +37,6 @@ class Sampler:
     unsupported: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: SamplerSettings):
-        self.options = options
         self.settings = self.arguments(options)
         self.settings.check()
 

@@ -46,11 +46,7 @@ def make_sampler(kind: str, given: dict[str, Any] | None = None) -> Sampler:
     sampler is refused in one line, naming whose it is; a value out of range names its flag."""
     if kind not in SAMPLERS:
         raise RetrofitError(f"no sampler named {kind!r}; registered: {', '.join(SAMPLERS)}")
-    options = settings_of(kind, given or {})
-    try:
-        return SAMPLERS[kind](options)
-    except ValueError as exc:
-        raise RetrofitError(str(exc)) from None
+    return SAMPLERS[kind](settings_of(kind, given or {}))
 
 
 def settings_of(kind: str, given: dict[str, Any]) -> SamplerSettings:

@@ -77,9 +77,7 @@ def load_model(path: str | Path | CheckpointDir, router: RouterSettings | None =
     """
     ckpt = path if isinstance(path, CheckpointDir) else CheckpointDir(path)
     config = checkpoint_config(ckpt, router)
-    with torch.device("meta"):
-        model = family_of(config).model_class(config)
-    placements(model, ckpt, list(ckpt.weight_map))  # a config.json that disagrees with its weights: named now
+    model = check_weights_fit(ckpt, config)  # on the meta device; a config.json that disagrees is named now
     model.to(dtype)
     if router_dtype is not None:
         for block in model.moe_blocks():
@@ -162,7 +160,7 @@ def placements(module: torch.nn.Module, ckpt: CheckpointDir, names: list[str],
         for name in shard_names:
             if name not in entries:
                 raise RetrofitError(f"shard {shard} lacks tensor {name} that the index promises")
-            target, slot = _destination(rename(name), params, experts, config, ckpt)
+            target, slot = _destination(rename(name), params, experts, ckpt)
             if tuple(slot.shape) != entries[name].shape:
                 raise RetrofitError(_shape_mismatch(ckpt, name, entries[name].shape, tuple(slot.shape), config))
             out.setdefault(shard, []).append((name, entries[name], slot))
@@ -176,7 +174,7 @@ def placements(module: torch.nn.Module, ckpt: CheckpointDir, names: list[str],
     return out
 
 
-def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int, config=None,
+def _destination(name: str, params: dict[str, torch.nn.Parameter], experts: int,
                  ckpt: CheckpointDir | None = None) -> tuple[str, torch.Tensor]:
     """The parameter a Hub-named tensor belongs to, and the view of it the tensor fills."""
     parsed = parse_expert_key(name)

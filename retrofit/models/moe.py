@@ -50,6 +50,18 @@ class StackedExperts(nn.Module):
             return self._token_major_slot_sum(x, routing.indices, routing.gates)
         return self._token_major(x, routing.indices, routing.gates)
 
+    def pair_order(self, experts: torch.Tensor) -> torch.Tensor:
+        """The flat (token · k + slot) positions of the routed pairs sorted by expert, as each family's reference
+        runs them: LLaDA2.0 (``slot_sum_fp32``) by (token, slot) within an expert; LLaDA-MoE by slot, then token
+        (the order torch.where gives its reference's [E, k, T] expert mask)."""
+        num_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        if self.slot_sum_fp32:
+            return torch.argsort(flat, stable=True)
+        slot = torch.arange(k, device=experts.device).repeat(num_tokens)
+        token = torch.arange(num_tokens, device=experts.device).repeat_interleave(k)
+        return torch.argsort((flat * k + slot) * num_tokens + token)
+
     def uses_grouped(self, x: torch.Tensor) -> bool:
         """Whether this forward runs the grouped GEMMs. On a CPU the loop stays the default: it is the reference's
         order, and measured at LLaDA-MoE size neither is faster there (README, `make bench`)."""
@@ -68,12 +80,7 @@ class StackedExperts(nn.Module):
         # group and reads no weight.
         num_tokens, k = experts.shape
         flat = experts.reshape(-1)
-        if self.slot_sum_fp32:  # LLaDA2.0: rows in (token, slot) order within an expert, summed per slot in fp32
-            order = torch.argsort(flat, stable=True)
-        else:
-            slot = torch.arange(k, device=x.device).repeat(num_tokens)
-            token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
-            order = torch.argsort((flat * k + slot) * num_tokens + token)
+        order = self.pair_order(experts)
         ends = torch.searchsorted(flat[order], torch.arange(self.gate_proj.shape[0], device=x.device), right=True)
         ends = ends.to(torch.int32)
         token_of = order // k
@@ -106,7 +113,7 @@ class StackedExperts(nn.Module):
         # place, then out = Σ_slots fp32(output) · fp32(gate), in slot order, cast to the activations' dtype.
         num_tokens, k = experts.shape
         flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = self.pair_order(experts)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
         rows = x.index_select(0, order // k)
         outputs = []
@@ -125,13 +132,11 @@ class StackedExperts(nn.Module):
         # torch.where gives the reference's [E, k, T] expert mask), down_proj first and then the gate (cast to
         # the activations' dtype), added in place. One gather split into per-expert views, so the backward
         # builds the gradient of the gathered rows once and no [T·k, d] concatenation is allocated.
-        num_tokens, k = experts.shape
+        k = experts.shape[1]
         flat = experts.reshape(-1)
-        slot = torch.arange(k, device=x.device).repeat(num_tokens)
-        token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
-        order = torch.argsort((flat * k + slot) * num_tokens + token)
+        order = self.pair_order(experts)
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        token_of = token[order]
+        token_of = order // k
         gate_of = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         out = torch.zeros_like(x)
         runs = zip(x.index_select(0, token_of).split(counts), token_of.split(counts), gate_of.split(counts))

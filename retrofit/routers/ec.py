@@ -11,7 +11,8 @@ Per sequence *(choose: per sequence first; per batch as the ``per_batch`` option
 capacity_factor) (``capacity_rounding="floor"``: floor, as EC-DLM's code takes it), clamped to [1, L_b] (0 for a
 sequence with no valid token), where L_b is the sequence's non-pad length and k_b the experts per token its
 capacity schedule gives for its mask ratio (the checkpoint's top-k for the constant schedule). ``round`` is half
-to even (Python's and torch's). Padding scores −∞, so it is never chosen. A token may be chosen by any number of experts, including none; nothing caps that (capping
+to even (Python's and torch's). Padding scores −∞, so it is never chosen. A token may be chosen by any number of
+experts, including none; nothing caps that (capping
 hurt quality in Zhou et al.). In per-batch mode each expert chooses C = Σ_b C_b tokens among all valid tokens
 of the batch, so the total FLOPs are the same as per sequence but a sequence may get more or less than C_b.
 
@@ -116,10 +117,9 @@ class ExpertChoiceRouter(Router):
         the lengths (and, for a schedule, the mask ratios) come to the host, once per forward for all layers;
         without padding and with constant capacity nothing is read from the device."""
         lengths = ctx.lengths_on_host()
-        counts = None if self.schedule.name == "constant" else ctx.mask_counts_on_host()
         if self.schedule.name == "constant":
             k = torch.full_like(lengths, self.top_k)
-        elif counts is not None:  # an observed ratio: k rounded exactly from the counts
+        elif (counts := ctx.mask_counts_on_host()) is not None:  # an observed ratio: k rounded exactly from them
             k = experts_per_token_counted(self.schedule, self.top_k, *counts)
         else:
             k = experts_per_token(self.schedule, self.top_k, ctx.mask_ratio_on_host())
