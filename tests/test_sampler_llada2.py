@@ -30,7 +30,7 @@ class ContextStub(nn.Module):
         self.register_buffer("head", torch.randn(dim, VOCAB, generator=g) * scale)
         self.calls: list[tuple[int, int, torch.Tensor]] = []
 
-    def forward(self, input_ids, attention_blocks, logits_to_keep, maskable=None):
+    def forward(self, input_ids, attention_blocks, logits_to_keep, maskable=None, attention_mask=None, position_ids=None):
         self.calls.append((input_ids.shape[1], attention_blocks, input_ids.clone()))
         length = input_ids.shape[1]
         block_of = torch.arange(length) // attention_blocks
@@ -54,7 +54,7 @@ class FixedStub(nn.Module):
         self.register_buffer("logits", probs.log())
         self.calls: list[tuple[int, int, torch.Tensor]] = []
 
-    def forward(self, input_ids, attention_blocks, logits_to_keep, maskable=None):
+    def forward(self, input_ids, attention_blocks, logits_to_keep, maskable=None, attention_mask=None, position_ids=None):
         self.calls.append((input_ids.shape[1], attention_blocks, input_ids.clone()))
         return SimpleNamespace(logits=self.logits.unsqueeze(0).repeat(input_ids.shape[0], 1, 1))
 

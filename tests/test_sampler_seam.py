@@ -40,13 +40,16 @@ class LeftToRight(Sampler):
     def arguments(self, options: LeftToRightSettings) -> LeftToRightArgs:
         return LeftToRightArgs(options.gen_length, options.denoise_block or options.gen_length, options.toy_stride)
 
-    def generate(self, model, prompt, mask_id, eos_id, generator=None):
+    def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         calls.append(self.settings.stride)
-        x = torch.cat([prompt, torch.full((prompt.shape[0], self.gen_length), mask_id, dtype=prompt.dtype)], 1)
-        for lo in range(prompt.shape[1], x.shape[1], self.settings.stride):
-            hi = min(lo + self.settings.stride, x.shape[1])
-            x[:, lo:hi] = model(input_ids=x).logits[:, lo:hi].argmax(-1)
-        return x
+        out = []
+        for prompt in prompts:  # one at a time: a toy needs no padding
+            x = torch.tensor([prompt + [mask_id] * self.gen_length], device=device)
+            for lo in range(len(prompt), x.shape[1], self.settings.stride):
+                hi = min(lo + self.settings.stride, x.shape[1])
+                x[:, lo:hi] = model(input_ids=x).logits[:, lo:hi].argmax(-1)
+            out.append(x[0, len(prompt):])
+        return torch.stack(out)
 
 
 calls: list[int] = []
@@ -86,5 +89,5 @@ def test_a_family_that_names_the_toy_generates_with_it(toy_sampler, tiny_dir, tm
     # Another sampler's option is refused by name, and the toy's own is refused for the others' families.
     refused = runner.invoke(toy_sampler, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--threshold", "0.9",
                                           "--output", str(out)])
-    assert refused.exit_code == 1 and "--threshold and --sampling are options of the LLaDA2.0 sampler" in \
+    assert refused.exit_code == 1 and "--threshold is an option of the LLaDA/LLaDA2.0 sampler" in \
         refused.output and "samples with left-to-right's" in refused.output

@@ -211,23 +211,24 @@ class RetrofitLM(LM):
         prompts = [self.tokenizer(req.args[0])["input_ids"][-(self.max_length - self.sampler.gen_length):]
                    for req in requests]
         results: list[str | None] = [None] * len(requests)
-        by_length = defaultdict(list)  # equal prompt lengths batch exactly (no padding shifts the blocks)
-        for i, prompt in enumerate(prompts):
-            by_length[len(prompt)].append(i)
+        # Longest first (a batch that does not fit fails at once, as in lm-eval), and neighbours of similar
+        # length share a batch, so little of it is padding. Each row is seeded by its own prompt: its output
+        # depends neither on its batch nor on the order of the requests.
+        order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
         progress, advance = self._progress(len(requests), "generate")
         with progress:
-            for indices in by_length.values():
-                for start in range(0, len(indices), self.batch_size_):
-                    chunk = indices[start:start + self.batch_size_]
-                    batch = torch.tensor([prompts[i] for i in chunk], device=self.device_)
-                    # On the model's device: a sampler's draws then never copy probabilities to the host.
-                    gen = torch.Generator(device=self.device_).manual_seed(request_seed(self.seed, prompts[chunk[0]]))
-                    out = self.sampler.generate(self.model, batch, self.mask_id, self.eos_id, gen)
-                    for row, i in enumerate(chunk):
-                        text = self.tokenizer.decode(out[row, batch.shape[1]:].tolist(), skip_special_tokens=True)
-                        until = requests[i].args[1].get("until") or []
-                        results[i] = apply_stop(text, [until] if isinstance(until, str) else list(until))
-                        advance()
+            for start in range(0, len(order), self.batch_size_):
+                chunk = order[start:start + self.batch_size_]
+                # On the model's device: a sampler's draws then never copy probabilities to the host.
+                generators = [torch.Generator(device=self.device_).manual_seed(request_seed(self.seed, prompts[i]))
+                              for i in chunk]
+                out = self.sampler.generate(self.model, [prompts[i] for i in chunk], self.mask_id, self.eos_id,
+                                            generators, self.device_).tolist()
+                for row, i in enumerate(chunk):
+                    text = self.tokenizer.decode(out[row], skip_special_tokens=True)
+                    until = requests[i].args[1].get("until") or []
+                    results[i] = apply_stop(text, [until] if isinstance(until, str) else list(until))
+                    advance()
         return results
 
     # ------------------------------------------------------------------------------ reporting

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from retrofit.eval.padding import lay_out
+
 
 class SamplerSettings(BaseModel):
     """The options every sampler takes; a sampler's own class adds its own. ``None`` leaves a value to the
@@ -56,7 +58,18 @@ class Sampler:
         """The algorithm's own arguments from the user's options."""
         raise NotImplementedError
 
-    def generate(self, model, prompt: torch.Tensor, mask_id: int, eos_id: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """``prompt`` ``[batch, P]`` → ``[batch, gen_length]`` generated tokens."""
+    def generate(self, model, prompts: list[list[int]], mask_id: int, eos_id: int,
+                 generators: list[torch.Generator] | None = None, device="cpu") -> torch.Tensor:
+        """The ``gen_length`` tokens generated after each prompt, ``[batch, gen_length]`` on ``device``. Prompts of
+        any lengths run as one batch (:func:`left_pad`), each row computing what it would alone; ``generators``
+        holds one per prompt, so a row's draws never depend on its batch either."""
         raise NotImplementedError
+
+
+def left_pad(prompts: list[list[int]], fill: int, device) -> tuple[torch.Tensor, list[int] | None]:
+    """``[batch, longest]`` with each prompt at the right end of its row, and the prompts' lengths (None when
+    they are all equal, so an unpadded batch runs exactly as before: no attention mask, no positions)."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    ids = lay_out(prompts, [width - n for n in lengths], width, fill, device)
+    return ids, None if len(set(lengths)) == 1 else lengths

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.sampler_base import Sampler, SamplerSettings
+from retrofit.eval.padding import RowLayout, forward_rows, row_generators
+from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
 
 
 class LLaDASamplerSettings(SamplerSettings):
@@ -21,6 +22,11 @@ class LLaDASamplerSettings(SamplerSettings):
     type: Literal["llada"] = "llada"
     remasking: Literal["low_confidence", "random"] = Field(default="low_confidence", description=(
         "which masked positions a step unmasks: the most confident, or random ones"))
+    # The flag's help is this description: it speaks for LLaDA2.0's threshold too.
+    threshold: float | None = Field(default=None, gt=0, le=1, description=(
+        "parallel decoding: each step accepts every masked position of the current block at least this confident "
+        "(llada2: above it), at least one (default: llada none, each step its equal share; llada2 0.95, with the "
+        "schedule's share when fewer are confident)"))
 
 
 class LLaDASampler(Sampler):
@@ -30,12 +36,17 @@ class LLaDASampler(Sampler):
 
     def arguments(self, options: LLaDASamplerSettings) -> "GenerateArgs":
         gen_length = options.gen_length
+        if options.threshold is not None and options.steps is not None:
+            raise RetrofitError(f"--steps {options.steps} has no effect with --threshold on the LLaDA sampler (each "
+                                "block is decoded until done, at least one position per step); give one of them")
         return GenerateArgs(gen_length=gen_length, steps=options.steps or gen_length,
                             denoise_block=options.denoise_block or gen_length,
-                            temperature=float(options.temperature), remasking=options.remasking)
+                            temperature=float(options.temperature), remasking=options.remasking,
+                            threshold=options.threshold)
 
-    def generate(self, model, prompt, mask_id, eos_id, generator=None):
-        return generate(model, prompt, mask_id, self.settings, generator)
+    def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
+        ids, lengths = left_pad(prompts, mask_id, device)
+        return generate(model, ids, mask_id, self.settings, generators, lengths=lengths)[:, ids.shape[1]:]
 
 
 @dataclass(frozen=True)
@@ -47,11 +58,14 @@ class GenerateArgs:
     denoise_block: int = 256
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
+    threshold: float | None = None  # None: the schedule; else Fast-dLLM's parallel decoding (steps unused)
 
     def check(self) -> None:
         if self.gen_length % self.denoise_block:
             raise RetrofitError(f"gen_length ({self.gen_length}) must be a multiple of the denoising block "
                                 f"({self.denoise_block})")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise RetrofitError(f"threshold ({self.threshold}) must be in (0, 1]")
         blocks = self.gen_length // self.denoise_block
         if self.steps % blocks or self.steps < blocks:
             raise RetrofitError(f"steps ({self.steps}) must be a positive multiple of the number of blocks ({blocks})")
@@ -66,52 +80,91 @@ def transfer_schedule(masked_count: torch.Tensor, steps: int) -> torch.Tensor:
     return schedule
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def uniform(shape, generator, dtype=torch.float32) -> torch.Tensor:
+    """Uniform draws of ``shape`` on the generator's device (a CPU generator: the same numbers on every device);
+    with one generator per row (a list), each row's from its own, so a row draws what it would alone."""
+    if isinstance(generator, list):
+        return torch.stack([uniform(shape[1:], g, dtype) for g in generator])
+    return torch.rand(shape, generator=generator, dtype=dtype, device=generator.device if generator is not None else "cpu")
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     # Gumbel-max in float64, as LLaDA does: low precision Gumbel noise skews the sample.
-    # Drawn where the generator lives (a CPU generator: the same numbers on every device).
-    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64,
-                       device=generator.device if generator is not None else "cpu").to(logits.device)
+    noise = uniform(logits.shape, generator, torch.float64).to(logits.device)
     return (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
 
 
+def threshold_transfers(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM's parallel decoding: every masked position at least ``threshold`` confident, and each row's most
+    confident masked position whatever its confidence (at least one per step)."""
+    best = torch.zeros_like(masked).scatter(-1, confidence.argmax(-1, keepdim=True), True)
+    return masked & (best | (confidence >= threshold))
+
+
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs,
-             generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
-    """``prompt`` ``[B, P]`` (equal lengths) → ``[B, P + gen_length]`` with every mask filled."""
+def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs, generator=None, on_step=None,
+             lengths: list[int] | None = None) -> torch.Tensor:
+    """``prompt`` ``[B, P]`` → ``[B, P + gen_length]`` with every mask filled. ``lengths``: each row's prompt
+    length when the rows are left-padded to P (row b's prompt is its last ``lengths[b]`` columns); every row
+    then generates what it would alone. ``generator``: one, or a list of one per row."""
     settings.check()
     batch, start = prompt.shape
     x = torch.cat([prompt, torch.full((batch, settings.gen_length), mask_id, dtype=prompt.dtype,
                                       device=prompt.device)], dim=1)
+    layout = RowLayout(tuple(start - n for n in lengths) if lengths is not None else (0,) * batch)
+    generators = row_generators(generator, batch)
     blocks = settings.gen_length // settings.denoise_block
     steps_per_block = settings.steps // blocks
+    # The mask ratio counts the generation region only (a prompt is never masked), and block routing cuts its
+    # blocks where the denoising blocks begin.
     maskable = torch.zeros_like(x, dtype=torch.bool)
     maskable[:, start:] = True
-    for block in range(blocks):
-        lo, hi = start + block * settings.denoise_block, start + (block + 1) * settings.denoise_block
-        schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
-        for step in range(steps_per_block):
-            # Only the current block's positions can be unmasked at this step: score just those.
-            masked = x[:, lo:hi] == mask_id
-            # The mask ratio counts the generation region only (a prompt is never masked), and block routing
-            # cuts its blocks where the denoising blocks begin.
-            logits = model(input_ids=x, logits_to_keep=slice(lo, hi), maskable=maskable, block_start=start).logits
-            candidate = gumbel_argmax(logits, settings.temperature, generator)
-            if settings.remasking == "low_confidence":
-                confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
-            else:
-                confidence = torch.rand(masked.shape, generator=generator,
-                                        device=generator.device if generator is not None else "cpu").to(x.device)
-            confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
-            for row in range(batch):
-                count = int(schedule[row, step])
-                if count:
-                    chosen = confidence[row].topk(count).indices
-                    x[row, lo + chosen] = candidate[row, chosen]
-            if on_step:
-                on_step()
+
+    def step(lo: int, hi: int, rows: list[int] | None, choose) -> None:
+        # Only the current block's positions can be unmasked at this step: score just those.
+        picked = x if rows is None else x[rows]
+        masked = picked[:, lo:hi] == mask_id
+        logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(lo, hi),
+                              block_start=start)
+        draws = generators if rows is None or generators is None else [generators[r] for r in rows]
+        candidate = gumbel_argmax(logits, settings.temperature, draws if draws is not None else generator)
+        if settings.remasking == "low_confidence":
+            confidence = F.softmax(logits.float(), dim=-1).gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
+        else:
+            confidence = uniform(masked.shape, draws if draws is not None else generator).to(x.device)
+        confidence = torch.where(masked, confidence, torch.full_like(confidence, float("-inf")))
+        chosen = choose(confidence, masked)
+        block = torch.where(chosen, candidate, picked[:, lo:hi])
+        if rows is None:
+            x[:, lo:hi] = block
+        else:
+            x[rows, lo:hi] = block
+        if on_step:
+            on_step()
+
+    for b in range(blocks):
+        lo, hi = start + b * settings.denoise_block, start + (b + 1) * settings.denoise_block
+        if settings.threshold is None:
+            schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
+            for s in range(steps_per_block):
+                step(lo, hi, None, lambda confidence, masked, s=s: scheduled_transfers(confidence, schedule[:, s]))
+        else:
+            # Until the block is decoded, at least one position per step; rows already done sit out.
+            while rows := [r for r, left in enumerate((x[:, lo:hi] == mask_id).any(1).tolist()) if left]:
+                step(lo, hi, None if len(rows) == batch else rows,
+                     lambda confidence, masked: threshold_transfers(confidence, masked, settings.threshold))
     return x
+
+
+def scheduled_transfers(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The ``counts[b]`` most confident positions of each row b (LLaDA's schedule)."""
+    chosen = torch.zeros_like(confidence, dtype=torch.bool)
+    for row, count in enumerate(counts.tolist()):
+        if count:
+            chosen[row, confidence[row].topk(count).indices] = True
+    return chosen
 
 
 def apply_stop(text: str, stops: list[str]) -> str:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.sampler_base import Sampler, SamplerSettings
+from retrofit.eval.padding import RowLayout, forward_rows, lay_out, row_generators
+from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
 
 
 class LLaDA2SamplerSettings(SamplerSettings):
@@ -50,8 +51,9 @@ class LLaDA2Sampler(Sampler):
         return LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=max(1, steps * block // gen_length),
                                   temperature=float(options.temperature), **chosen)
 
-    def generate(self, model, prompt, mask_id, eos_id, generator=None):
-        return generate(model, prompt, mask_id, eos_id, self.settings, generator)
+    def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
+        ids, lengths = left_pad(prompts, mask_id, device)
+        return generate(model, ids, mask_id, eos_id, self.settings, generators, lengths=lengths)
 
 
 @dataclass(frozen=True)
@@ -121,18 +123,19 @@ def keep_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(torch.zeros_like(beyond).scatter(-1, order, beyond), float("-inf"))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One ``torch.multinomial`` draw per row of ``probs``. The draw runs on the generator's device: a CPU
+def draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One ``torch.multinomial`` draw per row of ``probs`` (``generator``: one, or a list of one per batch row). The draw runs on the generator's device: a CPU
     generator cannot drive a CUDA multinomial. ``generator=None`` after ``torch.manual_seed`` draws from the global
     RNG of ``probs``' device, as the reference does."""
+    if isinstance(generator, list):  # one generator per row: each row draws what it would alone
+        return torch.stack([draw(row, g) for row, g in zip(probs, generator)])
     flat = probs.reshape(-1, probs.shape[-1])
     if generator is not None and generator.device != flat.device:
         flat = flat.to(generator.device)
     return torch.multinomial(flat, 1, generator=generator).to(probs.device).view(probs.shape[:-1])
 
 
-def sample_tokens(logits: torch.Tensor, settings: LLaDA2GenerateArgs,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, settings: LLaDA2GenerateArgs, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token, probability)`` per position (spec §5.3). Temperature divides only when it is neither 0 nor 1.
     Then come top-k, top-p and the softmax. The token is drawn from that softmax, or taken as its argmax when
     ``sampling="greedy"`` and the temperature is 0. The probability is the token's confidence."""
@@ -171,28 +174,30 @@ def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int,
 
 
 def early_stopped(window: torch.Tensor, written: torch.Tensor, mask_id: int, eos_id: int,
-                  prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  starts: list[int], prompt_ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows that meet the reference's eos early stop (spec §5.2 step 4), and which of them stop with no answer.
-    A row meets it when this step wrote an eos and every position from the prompt's end to the first eos of the
-    window is decoded. The reference looks for that eos in the whole window, the prompt included. When the prompt
-    holds an eos, the decoded check is vacuous and the reference returns only the prompt, an empty answer."""
+    Row b's tokens start at column ``starts[b]`` and its prompt ends at ``prompt_ends[b]``. A row meets the stop
+    when this step wrote an eos and every position from the prompt's end to the first eos of the window is
+    decoded. The reference looks for that eos in the whole window, the prompt included. When the prompt holds an
+    eos, the decoded check is vacuous and the reference returns only the prompt, an empty answer."""
     batch = window.shape[0]
     stopped = torch.zeros(batch, dtype=torch.bool)
     empty = torch.zeros(batch, dtype=torch.bool)
     for row in range(batch):
         if not bool((written[row] == eos_id).any()):
             continue
-        first = int((window[row] == eos_id).nonzero()[0, 0])
-        if bool((window[row, prompt_length:first] != mask_id).all()):
-            stopped[row], empty[row] = True, first < prompt_length
+        first = starts[row] + int((window[row, starts[row]:] == eos_id).nonzero()[0, 0])
+        if bool((window[row, prompt_ends[row]:first] != mask_id).all()):
+            stopped[row], empty[row] = True, first < prompt_ends[row]
     return stopped, empty
 
 
-def finish(x: torch.Tensor, prompt_length: int, gen_length: int, eos_id: int, empty: torch.Tensor) -> torch.Tensor:
-    """The first ``gen_length`` generated tokens of each row, with everything after the first eos set to eos.
-    The reference instead cuts its single row just after that eos. Filling with eos keeps a batch rectangular, and
-    cutting at the first eos gives back the reference's answer. Rows that stopped with an empty answer are all eos."""
-    out = x[:, prompt_length:prompt_length + gen_length].clone()
+def finish(x: torch.Tensor, prompt_ends: list[int], gen_length: int, eos_id: int, empty: torch.Tensor) -> torch.Tensor:
+    """The first ``gen_length`` generated tokens of each row (from its prompt's end), everything after the first
+    eos set to eos. The reference instead cuts its single row just after that eos. Filling with eos keeps a batch
+    rectangular, and cutting at the first eos gives back the reference's answer. Rows that stopped with an empty
+    answer are all eos."""
+    out = torch.stack([x[row, end:end + gen_length] for row, end in enumerate(prompt_ends)])
     out = out.masked_fill((out == eos_id).cumsum(1) > 0, eos_id)
     out[empty.to(out.device)] = eos_id
     return out
@@ -200,28 +205,41 @@ def finish(x: torch.Tensor, prompt_length: int, gen_length: int, eos_id: int, em
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: LLaDA2GenerateArgs,
-             generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
-    """``prompt`` ``[batch, P]`` (equal lengths, no padding) → ``[batch, gen_length]`` generated tokens (spec §5.2).
+             generator=None, on_step=None, lengths: list[int] | None = None) -> torch.Tensor:
+    """``prompt`` ``[batch, P]`` → ``[batch, gen_length]`` generated tokens (spec §5.2). ``lengths``: each row's
+    prompt length when the rows are left-padded to P (row b's prompt is its last ``lengths[b]`` columns);
+    ``generator``: one, or a list of one per row (each row then draws what it would alone).
 
     The model builds the block-causal mask itself from ``attention_blocks``, with blocks counted from position 0.
-    So the prompt is not padded: the first denoised block holds the prompt's last ``P mod B`` tokens, and they
-    attend both ways with the first generated tokens, as in the reference. A row stops at the eos early stop
-    (``eos_early_stop``), or after a block that leaves an eos in its generated region. A stopped row keeps its tokens
-    and is no longer written; its answer cannot change, since every position before its eos is decoded. The batch
-    stops when every row has stopped, like the reference's single row."""
+    So a prompt is not padded into whole blocks: the first denoised block holds the prompt's last ``P mod B``
+    tokens, and they attend both ways with the first generated tokens, as in the reference. A row stops at the eos
+    early stop (``eos_early_stop``), or after a block that leaves an eos in its generated region. A stopped row
+    keeps its tokens and sits out the next forwards; its answer cannot change, since every position before its eos
+    is decoded. The batch stops when every row has stopped, like the reference's single row."""
     settings.check()
-    batch, prompt_length = prompt.shape
+    batch, width = prompt.shape
     block, steps = settings.denoise_block, settings.block_steps
-    blocks = -(-(prompt_length + settings.gen_length) // block)
-    x = torch.full((batch, blocks * block), mask_id, dtype=torch.long, device=prompt.device)
-    x[:, :prompt_length] = prompt
+    lengths = [width] * batch if lengths is None else list(lengths)
+    # A row's blocks count from its own first token. Padding each row by whole blocks, so that every row's first
+    # denoised block (the one holding its prompt's end) starts at the same column, keeps the block boundaries at
+    # the same columns in every row: one window and one current block serve the whole batch.
+    firsts = [n // block * block for n in lengths]
+    start = max(firsts)
+    pads = [start - first for first in firsts]
+    rounds = [-(-(n + settings.gen_length) // block) - n // block for n in lengths]  # blocks each row denoises
+    host = prompt.tolist()
+    x = lay_out([row[width - n:] for row, n in zip(host, lengths)], pads, start + max(rounds) * block, mask_id, prompt.device)
+    layout = RowLayout(tuple(pads))
+    prompt_ends = [pad + n for pad, n in zip(pads, lengths)]
+    generated = torch.arange(x.shape[1], device=x.device) >= torch.tensor(prompt_ends, device=x.device).unsqueeze(1)
+    generators = row_generators(generator, batch)
     schedule = transfer_schedule(block, steps).tolist()
-    stopped = torch.zeros(batch, dtype=torch.bool, device=x.device)
-    stopped_host = [False] * batch  # the same, on the host
+    stopped = [False] * batch
     empty = torch.zeros(batch, dtype=torch.bool)
-    for current in range(prompt_length // block, blocks):
-        end = (current + 1) * block
+    for current in range(max(rounds)):
+        end = start + (current + 1) * block
         window, tokens = x[:, :end], x[:, end - block:end]  # views: writes land in x
+        stopped = [gone or current >= count for gone, count in zip(stopped, rounds)]  # past its last block
         # The block being denoised: its mask ratio is what capacity schedules read, and routing statistics count
         # the experts its tokens use (dMoE's expert count).
         current_block = torch.zeros_like(window, dtype=torch.bool)
@@ -230,30 +248,39 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
         # how many positions a row can still give are then known without asking the device.
         remaining = (tokens == mask_id).sum(1).cpu().tolist()
         for step in range(steps):
-            left = [0 if gone else count for gone, count in zip(stopped_host, remaining)]
-            if not any(left):
+            rows = [b for b in range(batch) if not stopped[b] and remaining[b]]
+            if not rows:
                 break
-            active = (tokens == mask_id) & ~stopped.unsqueeze(1)
-            logits = model(input_ids=window, attention_blocks=block, logits_to_keep=slice(-block, None),
-                           maskable=current_block).logits
-            candidate, probability = sample_tokens(logits.float(), settings, generator)
+            some = None if len(rows) == batch else rows
+            active = tokens == mask_id if some is None else tokens[rows] == mask_id
+            logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
+                                  logits_to_keep=slice(-block, None))
+            draws = generator if generators is None else [generators[b] for b in rows]
+            candidate, probability = sample_tokens(logits.float(), settings, draws)
             confidence = probability.masked_fill(~active, float("-inf"))
-            chosen, taken = choose_transfers(confidence, active, schedule[step], settings.threshold, left)
-            remaining = [count - took for count, took in zip(remaining, taken)]
-            tokens.copy_(torch.where(chosen, candidate, tokens))  # no boolean indexing: no synchronisation
+            chosen, taken = choose_transfers(confidence, active, schedule[step], settings.threshold,
+                                             [remaining[b] for b in rows])
+            for b, took in zip(rows, taken):
+                remaining[b] -= took
+            decoded = torch.where(chosen, candidate, tokens if some is None else tokens[rows])
+            if some is None:
+                tokens.copy_(decoded)  # no boolean indexing: no synchronisation
+            else:
+                tokens[rows] = decoded
             if on_step:
                 on_step()
             if settings.eos_early_stop:
                 written = candidate.masked_fill(~chosen, mask_id)
-                now, now_empty = early_stopped(window, written, mask_id, eos_id, prompt_length)
-                stopped |= now.to(x.device)
-                stopped_host = [a or b for a, b in zip(stopped_host, now.tolist())]
-                empty |= now_empty
-                if all(stopped_host):
-                    return finish(x, prompt_length, settings.gen_length, eos_id, empty)
+                now, now_empty = early_stopped(window[rows], written, mask_id, eos_id, [pads[b] for b in rows],
+                                               [prompt_ends[b] for b in rows])
+                for b, hit, none in zip(rows, now.tolist(), now_empty.tolist()):
+                    stopped[b] = stopped[b] or hit
+                    empty[b] = bool(empty[b]) or none
+                if all(stopped):
+                    return finish(x, prompt_ends, settings.gen_length, eos_id, empty)
         # The block-level stop looks up to the block's end, which can run past gen_length.
-        stopped |= (x[:, prompt_length:end] == eos_id).any(1)
-        stopped_host = stopped.cpu().tolist()
-        if all(stopped_host):
+        ended = ((window == eos_id) & generated[:, :end]).any(1).cpu().tolist()
+        stopped = [gone or hit for gone, hit in zip(stopped, ended)]
+        if all(stopped):
             break
-    return finish(x, prompt_length, settings.gen_length, eos_id, empty)
+    return finish(x, prompt_ends, settings.gen_length, eos_id, empty)

@@ -36,8 +36,12 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.frequencies(positions.device)[None, :]
+        """``positions`` ``[L]`` → tables ``[L, dims]``; per-row positions ``[B, L]`` (a left-padded batch) →
+        ``[B, 1, L, dims]``, broadcasting over the heads."""
+        freqs = positions.float()[..., None] * self.frequencies(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb.unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -63,6 +63,10 @@ def attention_bias(valid: torch.Tensor, blocks: int | None, dtype: torch.dtype,
         allowed = allowed & (block[None, :] <= block[:, None])[None, None]  # [query, key]: key's block ≤ query's
     if allowed_pairs is not None:
         allowed = allowed & allowed_pairs.to(valid.device)[None, None]
+    if (blocks is not None or allowed_pairs is not None) and padded:
+        # A padding query may find no key it is allowed (left padding before a row's first block): let it see
+        # itself, so that no row of the softmax is all hidden. Valid queries are unchanged.
+        allowed = allowed | ((~valid)[:, None, :, None] & torch.eye(length, dtype=torch.bool, device=valid.device))
     if blocks is None and allowed_pairs is None and bool(valid.all()):
         return None
     bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)

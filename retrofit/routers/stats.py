@@ -49,9 +49,12 @@ class RoutingStats:
         tokens, experts = tokens[keep], experts[keep]
         self.gate_mass_total += float(gates[keep].float().sum())
         self._count_blocks(tokens, experts, valid, block_start)
-        if focus is not None:  # dMoE's "expert count": distinct experts the current block's tokens use
-            self.focus_experts_total += int(torch.unique(experts[focus.reshape(-1)[tokens]]).numel())
-            self.focus_routings += 1
+        if focus is not None:  # dMoE's "expert count": distinct experts the current block's tokens use, per row
+            # (a batch's union would grow with the batch size)
+            chosen = focus.reshape(-1)[tokens]
+            row = tokens[chosen] // valid.shape[-1]
+            self.focus_experts_total += int(torch.unique(row * self.num_experts + experts[chosen]).numel())
+            self.focus_routings += int((focus & valid).any(-1).sum())
         # Count on the device, bring back only the [E] and [E + 1] results.
         load = torch.bincount(experts, minlength=self.num_experts)
         per_token = torch.bincount(tokens, minlength=flat_valid.numel())[flat_valid]
@@ -107,8 +110,8 @@ class RoutingStats:
 
     @property
     def unique_experts_current_block(self) -> float | None:
-        """dMoE's expert count: unique experts the denoised block's tokens activate, per MoE layer and denoising
-        forward, averaged (None when no forward named its current block)."""
+        """dMoE's expert count: unique experts the denoised block's tokens activate, per MoE layer, denoising
+        forward and sequence, averaged (None when no forward named its current block)."""
         return self.focus_experts_total / self.focus_routings if self.focus_routings else None
 
     @property

@@ -1,0 +1,76 @@
+"""Batches of unequal sequences. Each row sits at its own column offset (left padding), its positions count from
+its own first token, and the padding is hidden from attention and from routing (``attention_mask``), so every
+row computes what it would alone: the padded-batch tests hold each row of a batch to its unbatched output.
+
+A sampler or the likelihood scorer lays its rows out (:func:`lay_out`), keeps a :class:`RowLayout`, and runs the
+model on some or all rows (:func:`forward_rows`): rows that have finished are left out of a forward rather than
+computed and thrown away, so the routing statistics count only what a row alone would have run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row's tokens sit: ``pads[b]`` columns of padding, then its tokens up to ``ends[b]`` (None:
+    to the last column)."""
+
+    pads: tuple[int, ...]
+    ends: tuple[int, ...] | None = None
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pads) or self.ends is not None
+
+    def attention_mask(self, width: int, device) -> torch.Tensor | None:
+        """``[B, width]`` bool, False at padding; None when no row is padded (the model then never asks)."""
+        if not self.padded:
+            return None
+        columns = torch.arange(width)
+        mask = columns >= torch.tensor(self.pads).unsqueeze(1)
+        if self.ends is not None:
+            mask &= columns < torch.tensor(self.ends).unsqueeze(1)
+        return mask.to(device, non_blocking=True)
+
+    def position_ids(self, width: int, device) -> torch.Tensor | None:
+        """``[B, width]``: each row's positions from its first token (padding at 0); None when unpadded."""
+        if not any(self.pads):
+            return None
+        positions = (torch.arange(width) - torch.tensor(self.pads).unsqueeze(1)).clamp(min=0)
+        return positions.to(device, non_blocking=True)
+
+
+def lay_out(rows: list[list[int]], pads: list[int], width: int, fill: int, device) -> torch.Tensor:
+    """``[B, width]`` long: row b's tokens from column ``pads[b]``, ``fill`` elsewhere. Built on the host and sent
+    in one copy."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for b, (row, pad) in enumerate(zip(rows, pads)):
+        out[b, pad:pad + len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+def forward_rows(model, input_ids: torch.Tensor, layout: RowLayout, rows: list[int] | None = None,
+                 maskable: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The model's logits for ``rows`` of the batch (None: all), each row with its own padding and positions;
+    ``maskable`` is per row like ``input_ids``, other keyword arguments go to the model unchanged."""
+    width, device = input_ids.shape[1], input_ids.device
+    mask, positions = layout.attention_mask(width, device), layout.position_ids(width, device)
+    if rows is not None and len(rows) < input_ids.shape[0]:
+        index = torch.tensor(rows).to(device, non_blocking=True)
+        input_ids, mask, positions, maskable = (None if t is None else t.index_select(0, index)
+                                                for t in (input_ids, mask, positions, maskable))
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, maskable=maskable,
+                 **kwargs).logits
+
+
+def row_generators(generator, batch: int) -> list | None:
+    """One generator per row (a list given), or None where one generator (or none) serves the whole batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} rows")
+        return list(generator)
+    return None
