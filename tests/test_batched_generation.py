@@ -14,7 +14,7 @@ from retrofit.routers import router_settings
 from retrofit.tiny import build_tiny_model
 
 PROMPT_LENGTHS = (3, 11, 6, 1)
-ROUTERS = {"tc": {"type": "tc"}, "ec": {"type": "ec"}, "block": {"type": "block", "block_length": 4},
+ROUTERS = {"tc": {"type": "tc"}, "ec": {"type": "ec"}, "block": {"type": "block", "block_length": 4, "guard_size": 4},
            "ec-scheduled": {"type": "ec", "schedule": {"name": "linear", "k_min": 1, "k_max": 3}}}
 FAMILY_OPTIONS = {  # each family's own sampler; small blocks so that prompts end inside, before and across them
     "llada-moe": {"gen_length": 8, "steps": 8, "denoise_block": 4},
@@ -47,9 +47,9 @@ def _generators(count: int, seed: int = 7) -> list[torch.Generator]:
 def _counts(stats) -> dict:
     """The statistics a row alone contributes the same of (per-forward totals are per batch by nature)."""
     d = stats.as_dict()
-    keep = ("tokens", "tokens_per_expert", "experts_per_token", "unique_experts_per_block",
+    keep = ("tokens", "tokens_per_expert", "experts_per_token_histogram", "unique_experts_per_block",
             "unique_experts_current_block", "tokens_with_zero_experts")
-    return {k: d[k] for k in keep if k in d}
+    return {k: d[k] for k in keep}
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
@@ -74,14 +74,15 @@ def test_each_row_of_a_padded_batch_generates_what_it_generates_alone(family, ro
 @pytest.mark.parametrize("family", sorted(FAMILY_OPTIONS))
 def test_padding_is_invisible_to_the_logits(family):
     """The forward itself (fp64): a left-padded row's logits at its own positions equal its unpadded forward's,
-    with positions counted from its first token; block-causal attention (LLaDA2.0's sampling) included when the
-    padding is whole blocks."""
-    model = _model(family, {"type": "block", "block_length": 4})
+    with positions counted from its first token; block-causal attention (LLaDA2.0's sampling) included."""
+    model = _model(family, ROUTERS["block"])
     from retrofit.eval.padding import RowLayout, forward_rows, lay_out
 
     prompts = _prompts(model)
     blocks = 4 if family == "llada2" else None
-    pads = [12 - n for n in PROMPT_LENGTHS] if blocks is None else [4 * (3 - -(-n // 4)) for n in PROMPT_LENGTHS]
+    # Whole blocks of padding: routing blocks (and LLaDA2.0's attention blocks) count from column 0 here, and
+    # from each row's first token alone (the samplers align them at the prompt's end instead).
+    pads = [4 * (3 - -(-n // 4)) for n in PROMPT_LENGTHS]
     width = max(p + n for p, n in zip(pads, PROMPT_LENGTHS))
     ids = lay_out(prompts, pads, width, model.config.mask_token_id, "cpu")
     layout = RowLayout(tuple(pads), tuple(p + n for p, n in zip(pads, PROMPT_LENGTHS)))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+from functools import partial
 from collections import defaultdict
 
 import torch
@@ -16,7 +17,8 @@ from rich.progress import Progress
 
 from retrofit import distributed
 from retrofit.errors import RetrofitError, at_least_one, warn
-from retrofit.eval.likelihood import greedy_match, mc_loglikelihood, request_seed, single_token_scores
+from retrofit.eval.likelihood import (ScoreJob, greedy_row, mc_estimate, mc_rows, request_seed, score_jobs,
+                                      single_token_row)
 from retrofit.eval.sampler_llada import apply_stop
 from retrofit.eval.sharded import shard_for_eval
 from retrofit.eval.samplers import make_sampler, sampler_flags
@@ -173,37 +175,57 @@ class RetrofitLM(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         encoded = [self.encode_pair(*req.args) for req in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        shared = defaultdict(list)  # one-token continuations with the same context share one forward
+        shared = defaultdict(list)  # one-token continuations with the same context share one row
         for i, (ctx, cont) in enumerate(encoded):
             if len(cont) == 1 and ctx:
                 shared[tuple(ctx)].append(i)
+        single = {indices[0]: indices for indices in shared.values()}
+        alone = [i for i, (ctx, cont) in enumerate(encoded) if not (len(cont) == 1 and ctx)]
+
+        def jobs():
+            # Longest first: the rows sharing a forward are of similar lengths, so little of it is padding.
+            for i in sorted([*single, *alone], key=lambda i: -sum(map(len, encoded[i]))):
+                ctx, cont = encoded[i]
+                if i in single:
+                    indices = single[i]
+                    yield ScoreJob([single_token_row(ctx, [encoded[j][1][0] for j in indices], self.mask_id)],
+                                   partial(self._single_results, results, indices, encoded), len(indices))
+                else:
+                    rows = mc_rows(ctx, cont, self.mask_id, self.mc_num, self.seed)
+                    yield ScoreJob([*rows, greedy_row(ctx, cont, self.mask_id)],
+                                   partial(self._mc_result, results, i))
+
         progress, advance = self._progress(len(requests), "loglikelihood")
         with progress:
-            for ctx, indices in shared.items():
-                scores = single_token_scores(self.model, list(ctx), [encoded[i][1][0] for i in indices],
-                                             self.mask_id, self.device_)
-                for i, score in zip(indices, scores):
-                    results[i] = score
-                    advance()
-            for i, (ctx, cont) in enumerate(encoded):
-                if results[i] is None:
-                    ll = mc_loglikelihood(self.model, ctx, cont, self.mask_id, self.mc_num, self.batch_size_,
-                                          self.seed, self.device_)
-                    results[i] = (ll, greedy_match(self.model, ctx, cont, self.mask_id, self.device_))
-                    advance()
+            score_jobs(self.model, jobs(), self.batch_size_, self.mask_id, self.device_, advance)
         return results
+
+    @staticmethod
+    def _single_results(results: list, indices: list[int], encoded: list, values: list[torch.Tensor]) -> None:
+        *logprobs, best = values[0].tolist()
+        for i, logprob in zip(indices, logprobs):
+            results[i] = (logprob, encoded[i][1][0] == int(best))
+
+    @staticmethod
+    def _mc_result(results: list, i: int, values: list[torch.Tensor]) -> None:
+        *samples, greedy = values
+        results[i] = (mc_estimate(samples), bool(greedy.item()))
 
     @_request_method
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        out = []
-        for req in requests:
-            tokens = self.tokenizer(req.args[0])["input_ids"]
-            total = 0.0
-            for start in range(0, len(tokens), self.max_length):  # independent windows, no context carried
-                window = tokens[start:start + self.max_length]
-                total += mc_loglikelihood(self.model, [], window, self.mask_id, self.mc_num, self.batch_size_,
-                                          self.seed, self.device_)
-            out.append(total)
+        out = [0.0] * len(requests)
+
+        def add(i: int, values: list[torch.Tensor]) -> None:
+            out[i] += mc_estimate(values)
+
+        def jobs():
+            for i, req in enumerate(requests):
+                tokens = self.tokenizer(req.args[0])["input_ids"]
+                for start in range(0, len(tokens), self.max_length):  # independent windows, no context carried
+                    window = tokens[start:start + self.max_length]
+                    yield ScoreJob(mc_rows([], window, self.mask_id, self.mc_num, self.seed), partial(add, i), 0)
+
+        score_jobs(self.model, jobs(), self.batch_size_, self.mask_id, self.device_)
         return out
 
     @_request_method

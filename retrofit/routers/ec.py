@@ -141,8 +141,8 @@ class ExpertChoiceRouter(Router):
     @staticmethod
     def _choose_per_batch(scores: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert's top-``total`` tokens over the whole batch (``total`` ≤ valid tokens, so no padding)."""
-        gates, tokens = scores.reshape(-1, scores.shape[-1]).T.topk(total, dim=-1)
-        return tokens, gates
+        gates, tokens = scores.reshape(-1, scores.shape[-1]).T.sort(dim=-1, descending=True, stable=True)
+        return tokens[:, :total], gates[:, :total]  # ties to the earlier token, as per sequence
 
     @staticmethod
     def _choose_per_sequence(scores: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +151,11 @@ class ExpertChoiceRouter(Router):
         batch, length, num_experts = scores.shape
         device = scores.device
         c_max = int(capacity.max()) if batch else 0
-        top, idx = scores.transpose(1, 2).topk(c_max, dim=-1)  # [B, E, C_max]
+        # A stable sort, not topk: equal scores (tokens whose hidden states are identical, e.g. an all-mask row
+        # with no context) go to the earlier token, so a row picks the same tokens at any column offset (left
+        # padding) and in any batch; topk leaves the order of ties to the kernel.
+        top, idx = scores.transpose(1, 2).sort(dim=-1, descending=True, stable=True)
+        top, idx = top[..., :c_max], idx[..., :c_max]  # [B, E, C_max]
         # Which of the B * C_max columns to keep, worked out on the host so the device never synchronises.
         keep = (torch.arange(c_max) < capacity.unsqueeze(-1)).reshape(-1).nonzero().squeeze(1)
         keep = keep.to(device, non_blocking=True)  # a host-to-device copy the device need not wait for
