@@ -89,5 +89,5 @@ def test_a_family_that_names_the_toy_generates_with_it(toy_sampler, tiny_dir, tm
     # Another sampler's option is refused by name, and the toy's own is refused for the others' families.
     refused = runner.invoke(toy_sampler, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--threshold", "0.9",
                                           "--output", str(out)])
-    assert refused.exit_code == 1 and "--threshold is an option of the LLaDA/LLaDA2.0 sampler" in \
+    assert refused.exit_code == 1 and "--cache, --cache-refresh and --threshold are options of the LLaDA/LLaDA2.0 sampler" in \
         refused.output and "samples with left-to-right's" in refused.output

@@ -59,6 +59,8 @@ def forward_rows(model, input_ids: torch.Tensor, layout: RowLayout, rows: list[i
     ``maskable`` is per row like ``input_ids``, other keyword arguments go to the model unchanged."""
     width, device = input_ids.shape[1], input_ids.device
     mask, positions = layout.attention_mask(width, device), layout.position_ids(width, device)
+    if kwargs.get("kv_cache") is not None:
+        kwargs["kv_cache"].select(rows if rows is not None else range(input_ids.shape[0]))
     if rows is not None and len(rows) < input_ids.shape[0]:
         index = torch.tensor(rows).to(device, non_blocking=True)
         input_ids, mask, positions, maskable = (None if t is None else t.index_select(0, index)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
+from retrofit.models.kv_cache import BlockCache
 from retrofit.eval.padding import RowLayout, forward_rows, row_generators
 from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
 
@@ -22,7 +23,13 @@ class LLaDASamplerSettings(SamplerSettings):
     type: Literal["llada"] = "llada"
     remasking: Literal["low_confidence", "random"] = Field(default="low_confidence", description=(
         "which masked positions a step unmasks: the most confident, or random ones"))
-    # The flag's help is this description: it speaks for LLaDA2.0's threshold too.
+    # The flags' help is these descriptions: they speak for LLaDA2.0's threshold and cache too.
+    cache: Literal["none", "prefix", "dual"] = Field(default="none", description=(
+        "key/value cache, refreshed at each block's start: none (exact; every step runs the whole sequence), prefix "
+        "(Fast-dLLM: a step runs the current block and what follows it), dual (a step runs the current block "
+        "only); llada2's block-causal attention needs no suffix, so both run the block there"))
+    cache_refresh: int = Field(default=0, ge=0, description=(
+        "with a cache, also refresh it every this many steps inside a block (0: only at the block's start)"))
     threshold: float | None = Field(default=None, gt=0, le=1, description=(
         "parallel decoding: each step accepts every masked position of the current block at least this confident "
         "(llada2: above it), at least one (default: llada none, each step its equal share; llada2 0.95, with the "
@@ -42,7 +49,7 @@ class LLaDASampler(Sampler):
         return GenerateArgs(gen_length=gen_length, steps=options.steps or gen_length,
                             denoise_block=options.denoise_block or gen_length,
                             temperature=float(options.temperature), remasking=options.remasking,
-                            threshold=options.threshold)
+                            threshold=options.threshold, cache=options.cache, cache_refresh=options.cache_refresh)
 
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)
@@ -59,6 +66,12 @@ class GenerateArgs:
     temperature: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
     threshold: float | None = None  # None: the schedule; else Fast-dLLM's parallel decoding (steps unused)
+    cache: Literal["none", "prefix", "dual"] = "none"
+    cache_refresh: int = 0  # steps between refreshes inside a block (0: at the block's start only)
+
+    def refreshes(self, step: int) -> bool:
+        """Whether step ``step`` of a block (from 0) runs the whole sequence and records the cache."""
+        return self.cache == "none" or step == 0 or (self.cache_refresh > 0 and step % self.cache_refresh == 0)
 
     def check(self) -> None:
         if self.gen_length % self.denoise_block:
@@ -122,12 +135,20 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs, 
     maskable = torch.zeros_like(x, dtype=torch.bool)
     maskable[:, start:] = True
 
-    def step(lo: int, hi: int, rows: list[int] | None, choose) -> None:
+    cache = BlockCache() if settings.cache != "none" else None
+
+    def step(lo: int, hi: int, rows: list[int] | None, choose, index: int) -> None:
         # Only the current block's positions can be unmasked at this step: score just those.
         picked = x if rows is None else x[rows]
         masked = picked[:, lo:hi] == mask_id
-        logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(lo, hi),
-                              block_start=start)
+        if settings.refreshes(index):
+            cached = {} if cache is None else {"kv_cache": cache}
+            logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(lo, hi),
+                                  block_start=start, **cached)
+        else:  # the current block (and, under the prefix cache, what follows it) against the cached keys
+            span = slice(lo, hi if settings.cache == "dual" else x.shape[1])
+            logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(0, hi - lo),
+                                  block_start=start, kv_cache=cache, compute=span)
         draws = generators if rows is None or generators is None else [generators[r] for r in rows]
         candidate = gumbel_argmax(logits, settings.temperature, draws if draws is not None else generator)
         if settings.remasking == "low_confidence":
@@ -149,12 +170,14 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs, 
         if settings.threshold is None:
             schedule = transfer_schedule((x[:, lo:hi] == mask_id).sum(1).cpu(), steps_per_block)
             for s in range(steps_per_block):
-                step(lo, hi, None, lambda confidence, masked, s=s: scheduled_transfers(confidence, schedule[:, s]))
+                step(lo, hi, None, lambda confidence, masked, s=s: scheduled_transfers(confidence, schedule[:, s]), s)
         else:
             # Until the block is decoded, at least one position per step; rows already done sit out.
+            s = 0
             while rows := [r for r, left in enumerate((x[:, lo:hi] == mask_id).any(1).tolist()) if left]:
                 step(lo, hi, None if len(rows) == batch else rows,
-                     lambda confidence, masked: threshold_transfers(confidence, masked, settings.threshold))
+                     lambda confidence, masked: threshold_transfers(confidence, masked, settings.threshold), s)
+                s += 1
     return x
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
+from retrofit.models.kv_cache import BlockCache
 from retrofit.eval.padding import RowLayout, forward_rows, lay_out, row_generators
 from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
 
@@ -33,6 +34,10 @@ class LLaDA2SamplerSettings(SamplerSettings):
     type: Literal["llada2"] = "llada2"
     threshold: float | None = Field(default=None, gt=0, le=1, description=(
         "accept every position more confident than this at each step (default 0.95)"))
+    cache: Literal["none", "prefix", "dual"] = Field(default="none", description=(
+        "key/value cache of the finished blocks (exact under block-causal attention): prefix and dual both run "
+        "the current block only"))
+    cache_refresh: int = Field(default=0, ge=0, description="also refresh the cache every this many steps")
     sampling: Literal["reference", "greedy"] | None = Field(default=None, description=(
         "at temperature 0: reference (draw from the softmax, as the published generate() does; the default) or "
         "greedy (argmax)"))
@@ -49,7 +54,8 @@ class LLaDA2Sampler(Sampler):
         block, steps = options.denoise_block or gen_length, options.steps or gen_length
         chosen = {k: v for k, v in (("threshold", options.threshold), ("sampling", options.sampling)) if v is not None}
         return LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=max(1, steps * block // gen_length),
-                                  temperature=float(options.temperature), **chosen)
+                                  temperature=float(options.temperature), cache=options.cache,
+                                  cache_refresh=options.cache_refresh, **chosen)
 
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)
@@ -71,6 +77,12 @@ class LLaDA2GenerateArgs:
     minimal_topk: int = 1
     eos_early_stop: bool = False
     sampling: Literal["reference", "greedy"] = "reference"
+    cache: Literal["none", "prefix", "dual"] = "none"  # prefix and dual: the same here (no suffix in the window)
+    cache_refresh: int = 0
+
+    def refreshes(self, step: int) -> bool:
+        """Whether step ``step`` of a block (from 0) runs the whole window and records the cache."""
+        return self.cache == "none" or step == 0 or (self.cache_refresh > 0 and step % self.cache_refresh == 0)
 
     def check(self) -> None:
         for name in ("gen_length", "denoise_block", "steps", "minimal_topk"):
@@ -234,6 +246,7 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     generated = torch.arange(x.shape[1], device=x.device) >= torch.tensor(prompt_ends, device=x.device).unsqueeze(1)
     generators = row_generators(generator, batch)
     schedule = transfer_schedule(block, steps).tolist()
+    cache = BlockCache() if settings.cache != "none" else None
     stopped = [False] * batch
     empty = torch.zeros(batch, dtype=torch.bool)
     for current in range(max(rounds)):
@@ -253,8 +266,13 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
                 break
             some = None if len(rows) == batch else rows
             active = tokens == mask_id if some is None else tokens[rows] == mask_id
-            logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
-                                  logits_to_keep=slice(-block, None))
+            if settings.refreshes(step):
+                cached = {} if cache is None else {"kv_cache": cache}
+                logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
+                                      logits_to_keep=slice(-block, None), **cached)
+            else:  # the current block against the finished blocks' cached keys
+                logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
+                                      kv_cache=cache, compute=slice(end - block, end))
             draws = generator if generators is None else [generators[b] for b in rows]
             candidate, probability = sample_tokens(logits.float(), settings, draws)
             confidence = probability.masked_fill(~active, float("-inf"))

@@ -79,7 +79,8 @@ def _foreign(kind: str, flag: Flag, value, flags: dict[str, Flag]) -> str:
     same = [f.flag for f in flags.values() if f.owners == flag.owners]
     whose = "/".join(SAMPLERS[owner].display_name for owner in flag.owners)
     verb = "is an option" if len(same) == 1 else "are options"
-    return (f"{' and '.join(same)} {verb} of the {whose} sampler; this model family samples with "
+    named = same[0] if len(same) == 1 else f"{', '.join(same[:-1])} and {same[-1]}"
+    return (f"{named} {verb} of the {whose} sampler; this model family samples with "
             f"{SAMPLERS[kind].display_name}'s")
 
 

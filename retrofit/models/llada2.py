@@ -33,6 +33,7 @@ from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate_half
 from retrofit.models.moe import SparseMoeBlock
+from retrofit.models.kv_cache import BlockCache
 from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, init_weights
 from retrofit.routers import RouterSettings, RoutingContext, Scoring, router_settings
 
@@ -272,7 +273,8 @@ class Attention(nn.Module):
         turned, kept = t[..., :self.rotary_dims], t[..., self.rotary_dims:]
         return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn_bias: torch.Tensor | None):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn_bias: torch.Tensor | None,
+                cache: BlockCache | None = None):
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
@@ -280,6 +282,8 @@ class Attention(nn.Module):
         q, k = self.query_layernorm(q), self.key_layernorm(k)
         cos, sin = rope
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.attend(self, k, v)
         # KV heads repeated as the reference does (each serves a contiguous run of query heads).
         group = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -308,8 +312,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x, rope, attn_bias, ctx: RoutingContext):
-        x = x + self.attention(self.input_layernorm(x), rope, attn_bias)
+    def forward(self, x, rope, attn_bias, ctx: RoutingContext, cache: BlockCache | None = None):
+        x = x + self.attention(self.input_layernorm(x), rope, attn_bias, cache)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 

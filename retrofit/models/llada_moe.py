@@ -24,6 +24,7 @@ from retrofit.errors import RetrofitError
 from retrofit.models.family import ModelFamily, family_of
 from retrofit.models.layers import RMSNorm, RotaryEmbedding, rotate_half
 from retrofit.models.moe import SparseMoeBlock
+from retrofit.models.kv_cache import BlockCache
 from retrofit.models.native import Backbone, MaskedDiffusionLM, StreamedParts, init_weights
 from retrofit.routers import RouterSettings, RoutingContext, router_settings
 
@@ -202,7 +203,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], key_bias: torch.Tensor | None):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], key_bias: torch.Tensor | None,
+                cache: BlockCache | None = None):
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
@@ -215,6 +217,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.attend(self, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_bias, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -230,8 +234,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, key_bias, ctx: RoutingContext):
-        x = x + self.self_attn(self.input_layernorm(x), rope, key_bias)
+    def forward(self, x, rope, key_bias, ctx: RoutingContext, cache: BlockCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, key_bias, cache)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 

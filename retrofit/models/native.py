@@ -16,6 +16,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
+from retrofit.models.kv_cache import BlockCache
 from retrofit.models.layers import RMSNorm
 from retrofit.models.moe import SparseMoeBlock, StackedExperts
 from retrofit.routers import Router, RoutingContext, RoutingStats, StatsByMaskRatio
@@ -96,22 +97,37 @@ class Backbone:
                               padded=attention_mask is not None, mask_counts=counts)
 
     def prepare(self, input_ids, attention_mask=None, mask_ratio=None, embeds=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None):
+                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None,
+                kv_cache: BlockCache | None = None, compute: slice | None = None):
         """The embeddings (``embeds`` when given) and everything the layers need besides them: rotary tables (at
         ``position_ids``, default 0..L−1), the attention bias (padding; block-causal or ``allowed_pairs`` when
-        asked), the routing context."""
+        asked), the routing context and the key/value cache. ``compute``: only these columns run, attending to
+        the cache's keys elsewhere (a cached denoising step); the masks and the mask ratio still come from the
+        whole ``input_ids``."""
         ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start,
                                    focus=self.focus_on_maskable)
-        x = getattr(self, self.embedding_name)(input_ids) if embeds is None else embeds
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
+        valid = ctx.valid
+        if compute is not None:
+            input_ids, positions, ctx = input_ids[:, compute], positions[..., compute], ctx.narrowed(compute)
+        x = getattr(self, self.embedding_name)(input_ids) if embeds is None else embeds
         rope = self.rotary_emb(positions, x.dtype)
-        return x, (rope, attention_bias(ctx.valid, attention_blocks, x.dtype, allowed_pairs, ctx.padded), ctx)
+        bias = attention_bias(valid, attention_blocks, x.dtype, allowed_pairs, ctx.padded)
+        if compute is not None and bias is not None and bias.shape[-2] > 1:
+            bias = bias[:, :, compute]  # the computed queries' rows; every key stays
+        return x, (rope, bias, ctx, kv_cache)
 
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, maskable=None, block_start=0,
-                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None) -> torch.Tensor:
+                attention_blocks: int | None = None, position_ids=None, allowed_pairs=None,
+                kv_cache: BlockCache | None = None, compute: slice | None = None) -> torch.Tensor:
+        if compute is not None:  # explicit ends (slice(8, None) → slice(8, L)): the cache splices at both
+            compute = slice(*compute.indices(input_ids.shape[1])[:2])
+        if kv_cache is not None:
+            kv_cache.start(compute, input_ids.shape[0])
         x, layer_args = self.prepare(input_ids, attention_mask, mask_ratio, maskable=maskable,
                                      block_start=block_start, attention_blocks=attention_blocks,
-                                     position_ids=position_ids, allowed_pairs=allowed_pairs)
+                                     position_ids=position_ids, allowed_pairs=allowed_pairs, kv_cache=kv_cache,
+                                     compute=compute)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 # Recompute each layer in the backward pass instead of keeping its activations.
@@ -130,17 +146,21 @@ class MaskedDiffusionLM:
 
     def forward(self, input_ids, attention_mask=None, mask_ratio=None, logits_to_keep: slice | None = None,
                 maskable=None, block_start: int = 0, attention_blocks: int | None = None, position_ids=None,
-                allowed_pairs=None, **unused) -> MaskedLMOutput:
+                allowed_pairs=None, kv_cache: BlockCache | None = None, compute: slice | None = None,
+                **unused) -> MaskedLMOutput:
         """``logits_to_keep``: the positions whose logits are wanted (all by default). The output head is the
         largest single matmul (157k rows at 7B) and its logits the largest tensor, so callers that read a few
         positions (the sampler's current block, a continuation) ask for just those. ``maskable`` (``[B, L]``
         bool) and ``block_start``: see :class:`retrofit.routers.RoutingContext`. ``attention_blocks``:
         block-causal attention with blocks of that many positions from position 0 (LLaDA2.0's sampling); None:
         bidirectional. ``position_ids`` and ``allowed_pairs``: rotary positions and exactly which (query, key)
-        pairs attend, for layouts such as LLaDA2.0's block-diffusion training (``retrofit.diffusion``)."""
+        pairs attend, for layouts such as LLaDA2.0's block-diffusion training (``retrofit.diffusion``).
+        ``kv_cache`` and ``compute``: a refresh (``compute`` None) records every layer's keys and values; a cached
+        step computes the columns ``compute`` only (:mod:`retrofit.models.kv_cache`), and ``logits_to_keep`` then
+        counts from the span's first column."""
         hidden = self.model(input_ids, attention_mask=attention_mask, mask_ratio=mask_ratio, maskable=maskable,
                             block_start=block_start, attention_blocks=attention_blocks, position_ids=position_ids,
-                            allowed_pairs=allowed_pairs)
+                            allowed_pairs=allowed_pairs, kv_cache=kv_cache, compute=compute)
         if logits_to_keep is not None:
             hidden = hidden[:, logits_to_keep]
         return MaskedLMOutput(logits=self.lm_head(hidden))

@@ -122,6 +122,14 @@ class RoutingContext:
             padded=False,
         )
 
+    def narrowed(self, span: slice) -> "RoutingContext":
+        """The context of the columns ``span`` only (a cached denoising step computes just those): their padding
+        and focus, the block start counted from the span's first column; the mask ratio stays the sequence's."""
+        return RoutingContext(valid=self.valid[:, span], mask_ratio=self.mask_ratio,
+                              block_start=self.block_start - span.start,
+                              focus=None if self.focus is None else self.focus[:, span], padded=self.padded,
+                              mask_counts=self.mask_counts)
+
     def lengths_on_host(self) -> torch.Tensor:
         """Each sequence's valid length, a long CPU tensor ``[B]``. Shapes that depend on it (EC's capacities) need
         it on the host: it is brought there at most once per forward, whatever the number of layers, and not at
