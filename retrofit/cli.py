@@ -429,6 +429,7 @@ def evaluate(
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.estimate import plan_run, total
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record
     from retrofit.errors import at_least_one
     from retrofit.eval.samplers import check_sampler_options
@@ -449,6 +450,11 @@ def evaluate(
     output = output or Path("out") / "eval" / f"{Path(model).name}-{'-'.join(names)}.json"
     check_writable(output.parent, "the results into")
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
+        with err_console.status("counting requests"):
+            plans = plan_run(model, prepared, limit, mc_num, batch_size, sampler_options)
+        for plan in plans:  # before the load: a run that would take days can be stopped now
+            err_console.print(escape(plan.describe()), highlight=False)
+        err_console.print(f"in all: {total(plans).describe()}, up to {batch_size} sequences each", highlight=False)
         with err_console.status("loading model"):
             lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, seed=seed, router=router, dtype=dtype,
                             **sampler_options, **router_flags)

@@ -5,6 +5,7 @@ them into its algorithm's arguments and generates. A new sampler is one module w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,29 @@ class SamplerSettings(BaseModel):
     denoise_block: int | None = Field(default=None, ge=1, description="tokens per denoising block, generated left "
                                                                       "to right (default: gen-length)")
     temperature: float = Field(default=0.0, ge=0, description="sampling temperature (0: greedy)")
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """Forwards a run takes: ``full`` ones over the whole sequence, ``cached`` ones over a block (a key/value
+    cache); ``at_most``: an upper bound (threshold decoding, early stops end sooner)."""
+
+    full: int = 0
+    cached: int = 0
+    at_most: bool = False
+
+    def describe(self) -> str:
+        total = f"{'at most ' if self.at_most else ''}{self.full + self.cached:,} forwards"
+        return total + (f" ({self.cached:,} of them block-only)" if self.cached else "")
+
+
+def block_forwards(steps: int, cache: str, refresh: int) -> tuple[int, int]:
+    """(full, cached) forwards of a block denoised in ``steps`` steps: with a cache, a refresh at the block's
+    start and every ``refresh`` steps (0: none more), the other steps cached."""
+    if cache == "none":
+        return steps, 0
+    full = 1 + ((steps - 1) // refresh if refresh else 0)
+    return full, steps - full
 
 
 class Sampler:
@@ -53,6 +77,10 @@ class Sampler:
     @property
     def denoise_block(self) -> int:
         return self.settings.denoise_block
+
+    def forwards(self) -> Forwards | None:
+        """The forwards one batch of prompts takes (None: not known, so a run's plan counts only the others)."""
+        return None
 
     def arguments(self, options: SamplerSettings) -> Any:
         """The algorithm's own arguments from the user's options."""

@@ -14,7 +14,7 @@ from pydantic import Field
 from retrofit.errors import RetrofitError
 from retrofit.models.kv_cache import BlockCache
 from retrofit.eval.padding import RowLayout, forward_rows, row_generators
-from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
+from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
 
 
 class LLaDASamplerSettings(SamplerSettings):
@@ -54,6 +54,13 @@ class LLaDASampler(Sampler):
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)
         return generate(model, ids, mask_id, self.settings, generators, lengths=lengths)[:, ids.shape[1]:]
+
+    def forwards(self) -> Forwards:
+        s = self.settings
+        blocks = s.gen_length // s.denoise_block
+        steps = s.denoise_block if s.threshold is not None else s.steps // blocks  # threshold: at most one each
+        full, cached = block_forwards(steps, s.cache, s.cache_refresh)
+        return Forwards(blocks * full, blocks * cached, at_most=s.threshold is not None)
 
 
 @dataclass(frozen=True)

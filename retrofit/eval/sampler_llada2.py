@@ -24,7 +24,7 @@ from pydantic import Field
 from retrofit.errors import RetrofitError
 from retrofit.models.kv_cache import BlockCache
 from retrofit.eval.padding import RowLayout, forward_rows, lay_out, row_generators
-from retrofit.eval.sampler_base import Sampler, SamplerSettings, left_pad
+from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
 
 
 class LLaDA2SamplerSettings(SamplerSettings):
@@ -60,6 +60,14 @@ class LLaDA2Sampler(Sampler):
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)
         return generate(model, ids, mask_id, eos_id, self.settings, generators, lengths=lengths)
+
+    def forwards(self) -> Forwards:
+        # Blocks from the one holding the prompt's end: gen_length / block of them, one more when the prompt
+        # ends inside a block; each in at most block_steps steps (the threshold, the stops end sooner).
+        s = self.settings
+        blocks = -(-s.gen_length // s.denoise_block) + 1
+        full, cached = block_forwards(s.block_steps, s.cache, s.cache_refresh)
+        return Forwards(blocks * full, blocks * cached, at_most=True)
 
 
 @dataclass(frozen=True)
