@@ -12,7 +12,7 @@ from tests.helpers import one_line_error, runner
 OPTIONS = {"gen_length": 8, "steps": 4, "denoise_block": 4}
 
 
-@pytest.mark.parametrize("extra", [{}, {"cache": "dual"}, {"cache": "prefix", "cache_refresh": 2}])
+@pytest.mark.parametrize("extra", [{}, {"cache": "prefix", "cache_refresh": 2}])
 def test_the_planned_forwards_are_the_forwards_run(shared_data, extra):
     tasks = ["gsm8k", "arc", "mmlu"]
     with prepared_tasks(tasks, shared_data) as prepared:
