@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH_CPU = torch==2.13.0
 
-.PHONY: setup test bench bench-7b clean tiny demo studies study-convergence study-schedules study-block-tradeoff \
+.PHONY: setup test bench bench-7b bench-eval clean tiny demo studies study-convergence study-schedules study-block-tradeoff \
 	study-from-scratch
 
 setup: $(VENV)/.installed
@@ -32,6 +32,14 @@ bench: setup
 SNAPSHOT ?= out/llada-moe-7b-random
 bench-7b: setup
 	$(PY) -m retrofit.tools.bench_7b --snapshot $(SNAPSHOT) --out bench/results
+
+# Evaluation speed per router and decoding setting (exact, threshold, caches), projected to whole tasks; results in
+# bench/results/bench-eval.{md,json}. On a CPU with the embedded tiny (~10 min); on a GPU at full size:
+# make bench-eval EVAL_MODEL=out/llada-moe-7b-random BENCH_EVAL_ARGS="--dtype bf16 --limit 16".
+EVAL_MODEL ?= tiny
+BENCH_EVAL_ARGS ?= --guard-size 2 --limit 8 --gen-length 128
+bench-eval: setup
+	$(PY) -m retrofit.tools.bench_eval --model $(EVAL_MODEL) --out bench/results $(BENCH_EVAL_ARGS)
 
 # Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~15 min on 2 cores).
 tiny: setup

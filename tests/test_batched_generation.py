@@ -162,3 +162,23 @@ def test_threshold_with_steps_is_refused_in_one_line():
 
     with pytest.raises(RetrofitError, match="--steps 8 has no effect with --threshold on the LLaDA sampler"):
         make_sampler("llada", {"steps": 8, "threshold": 0.9})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_OPTIONS))
+def test_the_adapter_answers_with_the_generated_tokens(family, tmp_path):
+    """The text lm-eval gets is the decoded generation after the prompt, for every family's sampler (LLaDA2.0's
+    answers once lost as many tokens as the prompt had); prompts of several lengths in one batch."""
+    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.likelihood import request_seed
+    from tests.helpers import Request, tiny_snapshot
+
+    snapshot = tiny_snapshot(tmp_path / "m", seed=3, family=FAMILIES[family])
+    lm = RetrofitLM(str(snapshot), batch_size=4, progress=False, **FAMILY_OPTIONS[family])
+    texts = ["Question: what is two and two?", "Hi", "A somewhat longer prompt, longer than a block"]
+    answers = lm.generate_until([Request(t, {"until": []}) for t in texts])
+    for text, answer in zip(texts, answers):
+        prompt = lm.tokenizer(text)["input_ids"]
+        alone = lm.sampler.generate(lm.model, [prompt], lm.mask_id, lm.eos_id,
+                                    [torch.Generator().manual_seed(request_seed(lm.seed, prompt))])
+        assert answer == lm.tokenizer.decode(alone[0].tolist(), skip_special_tokens=True)
+    assert any(answers)

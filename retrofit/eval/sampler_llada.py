@@ -119,7 +119,8 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator) -> torch.
 def threshold_transfers(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
     """Fast-dLLM's parallel decoding: every masked position at least ``threshold`` confident, and each row's most
     confident masked position whatever its confidence (at least one per step)."""
-    best = torch.zeros_like(masked).scatter(-1, confidence.argmax(-1, keepdim=True), True)
+    # topk, as Fast-dLLM and the schedule pick: among equal confidences the same position as they would
+    best = torch.zeros_like(masked).scatter(-1, confidence.topk(1, dim=-1).indices, True)
     return masked & (best | (confidence >= threshold))
 
 
