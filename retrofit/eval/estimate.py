@@ -76,7 +76,7 @@ def task_requests(prepared, user_name: str, limit: int | None) -> list[Request]:
     context, whatever the shots)."""
     from lm_eval.evaluator_utils import get_sample_size
 
-    loaded = prepared.manager.load([prepared.local.get(user_name, user_name)])
+    loaded = prepared.manager.load_ahead([prepared.local.get(user_name, user_name)])  # the run takes them over
     requests = []
     for task_name, task in loaded["tasks"].items():
         kind = task.get_config("output_type")

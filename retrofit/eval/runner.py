@@ -60,11 +60,31 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ReusingTaskManager:
+    """lm-eval's TaskManager, except that a task list loaded ahead (for the run's plan, :mod:`retrofit.eval.estimate`)
+    is handed to the run instead of loaded again: MMLU's 57 subjects take seconds to load. Each list loaded
+    ahead is handed over once (the run changes the tasks it gets: shots, requests)."""
+
+    def __init__(self, manager) -> None:
+        self._manager = manager
+        self._ahead: dict[tuple, dict] = {}
+
+    def load_ahead(self, tasks: list[str]) -> dict:
+        self._ahead[tuple(tasks)] = loaded = self._manager.load(tasks)
+        return loaded
+
+    def load(self, tasks):
+        return self._ahead.pop(tuple(tasks), None) or self._manager.load(tasks)
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+
 @dataclass
 class PreparedTasks:
     names: list[str]  # lm-eval task names the user's names expand to
     local: dict[str, str]  # lm-eval task name -> its offline variant
-    manager: object  # lm-eval's TaskManager that knows them all
+    manager: ReusingTaskManager  # lm-eval's TaskManager that knows them all
 
 
 @contextmanager
@@ -78,8 +98,8 @@ def prepared_tasks(tasks: list[str], data_dir: Path | None = None) -> Iterator[P
         local = write_local_tasks(names, Path(data_dir), Path(workdir)) if data_dir else {}
         # Indexing lm-eval's own task tree parses thousands of YAML files (about 16 s here); the local variants
         # name their templates by path, so the index is built only when a task is not a local variant.
-        manager = TaskManager(include_path=workdir if local else None,
-                              include_defaults=any(name not in local for name in names))
+        manager = ReusingTaskManager(TaskManager(include_path=workdir if local else None,
+                                                 include_defaults=any(name not in local for name in names)))
         known = set(manager.all_tasks)
         for name in names:
             if local.get(name, name) not in known:
