@@ -6,7 +6,10 @@ flags are from the routers'), so ``retrofit eval`` and ``retrofit inspect`` take
 prompt, ``steps`` in all, low-confidence (or random) remasking, bidirectional attention. ``llada2``: LLaDA2.0's
 block-diffusion sampler (sampler_llada2.py): blocks counted from position 0, block-causal attention,
 ``threshold`` acceptance with the schedule as a fallback. ``--steps`` means the steps of the whole generation
-for both; the LLaDA2.0 sampler spends ``steps · denoise_block / gen_length`` of them on each block.
+for both; the LLaDA2.0 sampler spends ``steps · denoise_block / gen_length`` of them on each block. Both take
+``--threshold`` (LLaDA's: Fast-dLLM's parallel decoding, off by default) and ``--cache`` (the block-wise
+key/value cache, :mod:`retrofit.models.kv_cache`), and both generate prompts of any lengths as one batch
+(:mod:`retrofit.eval.padding`).
 
 A new sampler is one module (its settings class and its :class:`~retrofit.eval.sampler_base.Sampler` subclass)
 and one ``register_sampler`` line below; ``tests/test_sampler_seam.py`` proves it with a toy sampler.
