@@ -132,6 +132,8 @@ def bench_router(router: str, args, data_dir: Path) -> list[Measured]:
     kind = lm.sampler.kind
     out, answers = [], {}
     for setting, options in SETTINGS.items():
+        if setting not in args.settings:
+            continue
         if options.get("threshold") is None:
             options = {**options, "steps": args.gen_length}
         if kind == "llada2" and options.get("cache") == "prefix":
@@ -203,15 +205,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--denoise-block", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--guard-size", type=int, default=None, help="block routing's guard size (tiny: 2)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"GSM8K settings, of: {', '.join(SETTINGS)} "
+                        "(exact is always run: the others are compared with it)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    args.settings = {"exact", *(name.strip() for name in args.settings.split(","))}
+    unknown = args.settings - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; of: {', '.join(SETTINGS)}")
     results = []
     for router in args.routers.split(","):
         results += bench_router(router, args, args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-eval.md").write_text(table(results, args))
-    (args.out / "bench-eval.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+    (args.out / "bench-eval.json").write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(args).items()},
                                                           "results": [asdict(r) for r in results]}, indent=2))
     print(table(results, args))
 
