@@ -428,7 +428,7 @@ def evaluate(
     sampler_options: dict = None,
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
-    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.adapter import RetrofitLM, resolve_run
     from retrofit.eval.estimate import plan_run, total
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record
     from retrofit.errors import at_least_one
@@ -451,7 +451,8 @@ def evaluate(
     check_writable(output.parent, "the results into")
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("counting requests"):
-            plans = plan_run(model, prepared, limit, mc_num, batch_size, sampler_options)
+            run = resolve_run(model, router, {**sampler_options, **router_flags})
+            plans = plan_run(run, prepared, limit, mc_num, batch_size)
         for plan in plans:  # before the load: a run that would take days can be stopped now
             err_console.print(escape(plan.describe()), highlight=False)
         err_console.print(f"in all: {total(plans).describe()}, up to {batch_size} sequences each", highlight=False)

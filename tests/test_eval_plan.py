@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retrofit.eval.adapter import RetrofitLM
+from retrofit.eval.adapter import RetrofitLM, resolve_run
 from retrofit.eval.estimate import plan_run, total
 from retrofit.eval.runner import prepared_tasks, run_eval
 from tests.helpers import one_line_error, runner
@@ -16,7 +16,7 @@ OPTIONS = {"gen_length": 8, "steps": 4, "denoise_block": 4}
 def test_the_planned_forwards_are_the_forwards_run(shared_data, extra):
     tasks = ["gsm8k", "arc", "mmlu"]
     with prepared_tasks(tasks, shared_data) as prepared:
-        plans = plan_run("tiny", prepared, 2, 6, 4, {**OPTIONS, **extra})
+        plans = plan_run(resolve_run("tiny", None, {**OPTIONS, **extra}), prepared, 2, 6, 4)
         lm = RetrofitLM("tiny", mc_num=6, batch_size=4, progress=False, **OPTIONS, **extra)
         full, cached = [], []
         lm.model.register_forward_pre_hook(
@@ -37,3 +37,9 @@ def test_eval_prints_the_plan_before_loading(shared_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "gsm8k: 3 generation requests → at most 8 forwards" in result.output
     assert "in all: at most 8 forwards, up to 8 sequences each" in result.output
+
+
+def test_a_task_lm_eval_cannot_read_fails_before_the_load_in_one_line(tmp_path):
+    line = one_line_error(runner.invoke(__import__("retrofit.cli", fromlist=["app"]).app, [
+        "eval", "--model", "tiny", "--tasks", "gsm8k", "--no-figures", "--output", str(tmp_path / "e.json")]))
+    assert line.startswith("error: lm-eval failed on gsm8k: ") and "give --data-dir" in line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from functools import partial
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from lm_eval.api.model import LM
@@ -21,10 +22,11 @@ from retrofit.eval.likelihood import (ScoreJob, greedy_row, mc_estimate, mc_rows
                                       single_token_row)
 from retrofit.eval.sampler_llada import apply_stop
 from retrofit.eval.sharded import shard_for_eval
+from retrofit.eval.sampler_base import Sampler
 from retrofit.eval.samplers import make_sampler, sampler_flags
 from retrofit.flags import as_bool
 from retrofit.io.checkpoint import CheckpointDir
-from retrofit.io.load import checkpoint_config, load_model
+from retrofit.io.load import check_router_fits, checkpoint_config, load_model
 from retrofit.io.tokenizer_files import load_tokenizer
 from retrofit.models import family_of
 from retrofit.precision import resolve_dtype
@@ -85,6 +87,42 @@ def _request_method(method):
     return run
 
 
+@dataclass
+class RunSettings:
+    """What an evaluation runs with, resolved and checked before any weight is read: the checkpoint, its
+    config, the sampler and the router settings."""
+
+    ckpt: CheckpointDir
+    config: object
+    sampler: Sampler
+    router: RouterSettings
+
+
+def resolve_run(pretrained, router: str | RouterSettings | None, options: dict) -> RunSettings:
+    """The model's source, config.json, sampler and router from the user's options (``options``: sampler options
+    and router settings, as :func:`split_options` takes them); every check that needs no weights, in one line
+    each. ``retrofit eval`` calls it before counting the run, :class:`RetrofitLM` before loading."""
+    source = resolve_source(str(pretrained), flag="--model")
+    ckpt = CheckpointDir(source.path)
+    config = checkpoint_config(ckpt)
+    sampler_options, given = split_options(options)
+    sampler = make_sampler(family_of(config).sampler, sampler_options)
+    if sampler.gen_length >= config.max_position_embeddings:
+        raise RetrofitError(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
+                            f"{config.max_position_embeddings} positions; generate fewer tokens")
+    base = config.router_settings
+    trained_with = family_of(config).hub_routers.get(source.origin)
+    if trained_with is not None and base.type == "tc" and "router" not in ckpt.config:  # dmoe-16b's own
+        base = router_settings(trained_with)
+    if isinstance(router, RouterSettings):  # already built (retrofit inspect's subjects)
+        chosen = settings_from_flags(None, given, router) or router
+    else:
+        chosen = settings_from_flags(router, given, base) or base
+    check_router_fits(config, chosen)
+    check_blocks(chosen, sampler.denoise_block)
+    return RunSettings(ckpt, config, sampler, chosen)
+
+
 @register_model("retrofit")
 class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, seed: int = 1234,
@@ -102,25 +140,10 @@ class RetrofitLM(LM):
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = device or str(self.accelerator.device)
         self.sharded = distributed.sharded(self.accelerator)
-        source = resolve_source(str(pretrained), flag="--model")
-        self.path = source.path
-        ckpt = CheckpointDir(source.path)
         at_least_one(mc_num=mc_num, batch_size=None if batch_size == "auto" else batch_size)
-        config = checkpoint_config(ckpt)
-        sampler_options, given = split_options({k: v for k, v in options.items() if k not in _LM_EVAL_EXTRAS})
-        self.sampler = make_sampler(family_of(config).sampler, sampler_options)
-        if self.sampler.gen_length >= config.max_position_embeddings:
-            raise RetrofitError(f"--gen-length {self.sampler.gen_length} leaves no room for a prompt in the model's "
-                                f"{config.max_position_embeddings} positions; generate fewer tokens")
-        base = config.router_settings
-        trained_with = family_of(config).hub_routers.get(source.origin)
-        if trained_with is not None and base.type == "tc" and "router" not in ckpt.config:  # dmoe-16b's own
-            base = router_settings(trained_with)
-        if isinstance(router, RouterSettings):  # already built (retrofit inspect's subjects)
-            self.router = settings_from_flags(None, given, router) or router
-        else:
-            self.router = settings_from_flags(router, given, base) or base
-        check_blocks(self.router, self.sampler.denoise_block)
+        run = resolve_run(pretrained, router, {k: v for k, v in options.items() if k not in _LM_EVAL_EXTRAS})
+        self.path, self.sampler, self.router = run.ckpt.path, run.sampler, run.router
+        ckpt = run.ckpt
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's CLI asks for cuda by default
         self.device_ = torch.device(device)

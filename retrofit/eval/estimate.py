@@ -95,22 +95,25 @@ def task_requests(prepared, user_name: str, limit: int | None) -> list[Request]:
     return requests
 
 
-def plan_run(model: str, prepared, limit: int | None, mc_num: int, batch_size: int,
-             sampler_options: dict) -> list[TaskPlan]:
-    """Every task's plan for ``retrofit eval``: the checkpoint's config.json and tokenizer are read, not its
-    weights. Few-shot examples change no count (they are in every context)."""
-    from retrofit.eval.samplers import make_sampler
-    from retrofit.io.checkpoint import CheckpointDir
-    from retrofit.io.load import checkpoint_config
+def plan_run(run, prepared, limit: int | None, mc_num: int, batch_size: int) -> list[TaskPlan]:
+    """Every task's plan for ``retrofit eval``, from the run's settings (:func:`retrofit.eval.adapter.resolve_run`:
+    config.json and the tokenizer are read, not the weights). Few-shot examples change no count (they are in
+    every context). A task lm-eval cannot read fails here as it would in the run, in one line."""
+    from retrofit.errors import RetrofitError
+    from retrofit.eval.runner import lm_eval_failure
     from retrofit.io.tokenizer_files import load_tokenizer
-    from retrofit.models import family_of
-    from retrofit.sources import resolve_source
 
-    ckpt = CheckpointDir(resolve_source(str(model), flag="--model").path)
-    sampler = make_sampler(family_of(checkpoint_config(ckpt)).sampler, sampler_options)
-    tokenizer = load_tokenizer(ckpt.path)
-    return [plan_task(name, task_requests(prepared, name, limit), tokenizer, sampler, mc_num, batch_size)
-            for name in prepared.names]
+    tokenizer = load_tokenizer(run.ckpt.path)
+    plans = []
+    for name in prepared.names:
+        try:
+            requests = task_requests(prepared, name, limit)
+        except RetrofitError:
+            raise
+        except Exception as exc:  # lm-eval's own (a dataset it cannot reach): the run's message, earlier
+            raise lm_eval_failure(name, exc) from None
+        plans.append(plan_task(name, requests, tokenizer, run.sampler, mc_num, batch_size))
+    return plans
 
 
 def total(plans: list[TaskPlan]) -> Forwards:

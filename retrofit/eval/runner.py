@@ -141,10 +141,17 @@ def _run_task(lm, user_name: str, prepared: PreparedTasks, num_fewshot, limit, r
     except RetrofitError:
         raise
     except Exception as exc:
-        raise RetrofitError(f"lm-eval failed on {user_name}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        raise lm_eval_failure(user_name, exc) from None
     if out is not None:  # lm-eval returns the gathered results on rank 0 only
         record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+
+
+def lm_eval_failure(task: str, exc: Exception) -> RetrofitError:
+    """lm-eval's own exception on ``task`` as one line; a dataset it could not reach gets the offline hint."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    hint = ("; offline, give --data-dir with local copies of the datasets (e.g. ../shared/data)"
+            if "Couldn't reach" in first or isinstance(exc, ConnectionError) else "")
+    return RetrofitError(f"lm-eval failed on {task}: {type(exc).__name__}: {first}{hint}")
 
 
 @contextmanager

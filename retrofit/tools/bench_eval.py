@@ -119,7 +119,7 @@ def _generation_hours(seconds: float, limited, whole) -> float:
 
 
 def bench_router(router: str, args, data_dir: Path) -> list[Measured]:
-    from retrofit.eval.adapter import RetrofitLM
+    from retrofit.eval.adapter import RetrofitLM, resolve_run
     from retrofit.eval.estimate import plan_run
     from retrofit.eval.runner import prepared_tasks
     from retrofit.eval.samplers import make_sampler
@@ -140,8 +140,9 @@ def bench_router(router: str, args, data_dir: Path) -> list[Measured]:
             continue  # the same as dual under block-causal attention
         lm.sampler = make_sampler(kind, {**base, **options})
         with prepared_tasks(["gsm8k"], data_dir) as prepared:
-            limited = plan_run(args.model, prepared, args.limit, args.mc_num, args.batch_size, {**base, **options})
-            whole = plan_run(args.model, prepared, None, args.mc_num, args.batch_size, {**base, **options})
+            run = resolve_run(args.model, router, {**base, **options, **router_options})
+            limited = plan_run(run, prepared, args.limit, args.mc_num, args.batch_size)
+            whole = plan_run(run, prepared, None, args.mc_num, args.batch_size)
         seconds, scores = _timed_task(lm, clock, counter, "gsm8k", args.limit, data_dir)
         answers[setting] = list(clock.answers)
         same, similar = _similarity(answers[setting], answers["exact"])
@@ -151,8 +152,9 @@ def bench_router(router: str, args, data_dir: Path) -> list[Measured]:
               flush=True)
     for task in ("arc", "mmlu"):
         with prepared_tasks([task], data_dir) as prepared:
-            limited = plan_run(args.model, prepared, args.limit, args.mc_num, args.batch_size, base)
-            whole = plan_run(args.model, prepared, None, args.mc_num, args.batch_size, base)
+            run = resolve_run(args.model, router, {**base, **router_options})
+            limited = plan_run(run, prepared, args.limit, args.mc_num, args.batch_size)
+            whole = plan_run(run, prepared, None, args.mc_num, args.batch_size)
         seconds, scores = _timed_task(lm, clock, counter, task, args.limit, data_dir)
         forwards = sum(w.forwards.full for w in whole)  # arc: arc_challenge and arc_easy
         hours = seconds / max(counter.full, 1) * forwards / 3600
