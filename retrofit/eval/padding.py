@@ -76,3 +76,16 @@ def row_generators(generator, batch: int) -> list | None:
             raise ValueError(f"{len(generator)} generators for {batch} rows")
         return list(generator)
     return None
+
+
+def block_logits(model, input_ids: torch.Tensor, layout: RowLayout, rows: list[int] | None, block: slice,
+                 cache=None, refresh: bool = True, cached_end: int | None = None, **kwargs) -> torch.Tensor:
+    """The logits of the ``block`` being denoised (its columns, for ``rows``): from a forward over the whole
+    sequence (no cache; or a refresh, recording ``cache``), or from a cached step that computes the block and
+    the columns after it up to ``cached_end`` (default: the block's end) against the recorded keys and values."""
+    if refresh:
+        cached = {} if cache is None else {"kv_cache": cache}  # a model without a cache never sees the argument
+        return forward_rows(model, input_ids, layout, rows, logits_to_keep=block, **cached, **kwargs)
+    span = slice(block.start, block.stop if cached_end is None else cached_end)
+    return forward_rows(model, input_ids, layout, rows, kv_cache=cache, compute=span,
+                        logits_to_keep=slice(0, block.stop - block.start), **kwargs)

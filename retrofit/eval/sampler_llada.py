@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.models.kv_cache import BlockCache
-from retrofit.eval.padding import RowLayout, forward_rows, row_generators
+from retrofit.eval.padding import RowLayout, block_logits, row_generators
 from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
+from retrofit.models.kv_cache import BlockCache
 
 
 class LLaDASamplerSettings(SamplerSettings):
@@ -149,14 +149,9 @@ def generate(model, prompt: torch.Tensor, mask_id: int, settings: GenerateArgs, 
         # Only the current block's positions can be unmasked at this step: score just those.
         picked = x if rows is None else x[rows]
         masked = picked[:, lo:hi] == mask_id
-        if settings.refreshes(index):
-            cached = {} if cache is None else {"kv_cache": cache}
-            logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(lo, hi),
-                                  block_start=start, **cached)
-        else:  # the current block (and, under the prefix cache, what follows it) against the cached keys
-            span = slice(lo, hi if settings.cache == "dual" else x.shape[1])
-            logits = forward_rows(model, x, layout, rows, maskable=maskable, logits_to_keep=slice(0, hi - lo),
-                                  block_start=start, kv_cache=cache, compute=span)
+        # Cached steps run the current block (and, under the prefix cache, what follows it).
+        logits = block_logits(model, x, layout, rows, slice(lo, hi), cache, settings.refreshes(index),
+                              None if settings.cache == "dual" else x.shape[1], maskable=maskable, block_start=start)
         draws = generators if rows is None or generators is None else [generators[r] for r in rows]
         candidate = gumbel_argmax(logits, settings.temperature, draws if draws is not None else generator)
         if settings.remasking == "low_confidence":

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.models.kv_cache import BlockCache
-from retrofit.eval.padding import RowLayout, forward_rows, lay_out, row_generators
+from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators
 from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
+from retrofit.models.kv_cache import BlockCache
 
 
 class LLaDA2SamplerSettings(SamplerSettings):
@@ -274,13 +274,8 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
                 break
             some = None if len(rows) == batch else rows
             active = tokens == mask_id if some is None else tokens[rows] == mask_id
-            if settings.refreshes(step):
-                cached = {} if cache is None else {"kv_cache": cache}
-                logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
-                                      logits_to_keep=slice(-block, None), **cached)
-            else:  # the current block against the finished blocks' cached keys
-                logits = forward_rows(model, window, layout, some, maskable=current_block, attention_blocks=block,
-                                      kv_cache=cache, compute=slice(end - block, end))
+            logits = block_logits(model, window, layout, some, slice(end - block, end), cache,
+                                  settings.refreshes(step), maskable=current_block, attention_blocks=block)
             draws = generator if generators is None else [generators[b] for b in rows]
             candidate, probability = sample_tokens(logits.float(), settings, draws)
             confidence = probability.masked_fill(~active, float("-inf"))
