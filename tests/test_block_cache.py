@@ -118,3 +118,11 @@ def test_statistics_count_the_columns_a_step_computed(cache):
     layers = len(model.moe_blocks())
     per_block = {"dual": [4, 4], "prefix": [8, 4]}[cache]  # columns a cached step computes, block by block
     assert model.routing_stats().as_dict()["tokens"] == layers * sum(11 + 3 * n for n in per_block)
+
+
+def test_cache_refresh_without_a_cache_is_refused_in_one_line():
+    from retrofit.errors import RetrofitError
+
+    for kind in ("llada", "llada2"):
+        with pytest.raises(RetrofitError, match="--cache-refresh 2 has no effect without a cache; add --cache dual"):
+            make_sampler(kind, {"cache_refresh": 2})

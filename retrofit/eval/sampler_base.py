@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from retrofit.errors import RetrofitError
 from retrofit.eval.padding import lay_out
 
 
@@ -41,6 +42,13 @@ class Forwards:
     def describe(self) -> str:
         total = f"{'at most ' if self.at_most else ''}{self.full + self.cached:,} forwards"
         return total + (f" ({self.cached:,} of them block-only)" if self.cached else "")
+
+
+def check_cache_options(cache: str, refresh: int) -> None:
+    """``--cache-refresh`` means nothing without a cache: say so rather than ignore it."""
+    if refresh and cache == "none":
+        raise RetrofitError(f"--cache-refresh {refresh} has no effect without a cache; add --cache dual (or "
+                            "prefix), or leave --cache-refresh out")
 
 
 def block_forwards(steps: int, cache: str, refresh: int) -> tuple[int, int]:

@@ -13,7 +13,8 @@ from pydantic import Field
 
 from retrofit.errors import RetrofitError
 from retrofit.eval.padding import RowLayout, block_logits, row_generators
-from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
+from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, block_forwards, check_cache_options,
+                                        left_pad)
 from retrofit.models.kv_cache import BlockCache
 
 
@@ -43,6 +44,7 @@ class LLaDASampler(Sampler):
 
     def arguments(self, options: LLaDASamplerSettings) -> "GenerateArgs":
         gen_length = options.gen_length
+        check_cache_options(options.cache, options.cache_refresh)
         if options.threshold is not None and options.steps is not None:
             raise RetrofitError(f"--steps {options.steps} has no effect with --threshold on the LLaDA sampler (each "
                                 "block is decoded until done, at least one position per step); give one of them")

@@ -23,7 +23,8 @@ from pydantic import Field
 
 from retrofit.errors import RetrofitError
 from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators
-from retrofit.eval.sampler_base import Forwards, Sampler, SamplerSettings, block_forwards, left_pad
+from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, block_forwards, check_cache_options,
+                                        left_pad)
 from retrofit.models.kv_cache import BlockCache
 
 
@@ -51,6 +52,7 @@ class LLaDA2Sampler(Sampler):
 
     def arguments(self, options: LLaDA2SamplerSettings) -> "LLaDA2GenerateArgs":
         gen_length = options.gen_length
+        check_cache_options(options.cache, options.cache_refresh)
         block, steps = options.denoise_block or gen_length, options.steps or gen_length
         chosen = {k: v for k, v in (("threshold", options.threshold), ("sampling", options.sampling)) if v is not None}
         return LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=max(1, steps * block // gen_length),
