@@ -62,8 +62,9 @@ def plan_task(name: str, requests: list[Request], tokenizer, sampler, mc_num: in
             generations += 1
     plan.rows += len(single_contexts)
     plan.generation_batches = -(-generations // batch_size)
-    per_batch = sampler.forwards() or Forwards()
-    plan.unknown = bool(generations) and sampler.forwards() is None
+    known = sampler.forwards()
+    per_batch = known or Forwards()
+    plan.unknown = bool(generations) and known is None
     plan.forwards = Forwards(full=-(-plan.rows // batch_size) + plan.generation_batches * per_batch.full,
                              cached=plan.generation_batches * per_batch.cached,
                              at_most=per_batch.at_most and generations > 0)

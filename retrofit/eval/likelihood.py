@@ -140,6 +140,11 @@ def score_jobs(model, jobs: Iterable[ScoreJob], batch_size: int, mask_id: int, d
     waiting: list[tuple[ScoreRow, int]] = []  # (row, index of its job in ``open_jobs``)
     open_jobs: dict[int, tuple[ScoreJob, list]] = {}
 
+    def finish(job: ScoreJob, values: list) -> None:
+        job.finish(values)
+        for _ in range(job.requests if advance else 0):
+            advance()
+
     def flush(count: int) -> None:
         nonlocal waiting
         batch, waiting = waiting[:count], waiting[count:]
@@ -150,16 +155,12 @@ def score_jobs(model, jobs: Iterable[ScoreJob], batch_size: int, mask_id: int, d
             job, values = open_jobs[key]
             values.append(value)
             if len(values) == len(job.rows):
-                job.finish(values)
                 del open_jobs[key]
-                for _ in range(job.requests if advance else 0):
-                    advance()
+                finish(job, values)
 
     for key, job in enumerate(jobs):
         if not job.rows:  # nothing to compute (an empty continuation)
-            job.finish([])
-            for _ in range(job.requests if advance else 0):
-                advance()
+            finish(job, [])
             continue
         open_jobs[key] = (job, [])
         waiting += [(row, key) for row in job.rows]

@@ -51,12 +51,15 @@ def check_cache_options(cache: str, refresh: int) -> None:
                             "prefix), or leave --cache-refresh out")
 
 
+def refreshes(step: int, cache: str, refresh: int) -> bool:
+    """Whether step ``step`` of a block (from 0) runs the whole sequence (and records the cache): every step
+    without a cache; with one, the block's first step and every ``refresh`` steps (0: none more)."""
+    return cache == "none" or step == 0 or (refresh > 0 and step % refresh == 0)
+
+
 def block_forwards(steps: int, cache: str, refresh: int) -> tuple[int, int]:
-    """(full, cached) forwards of a block denoised in ``steps`` steps: with a cache, a refresh at the block's
-    start and every ``refresh`` steps (0: none more), the other steps cached."""
-    if cache == "none":
-        return steps, 0
-    full = 1 + ((steps - 1) // refresh if refresh else 0)
+    """(full, cached) forwards of a block denoised in ``steps`` steps, by the samplers' own rule."""
+    full = sum(refreshes(step, cache, refresh) for step in range(steps))
     return full, steps - full
 
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from retrofit.errors import RetrofitError
 from retrofit.eval.padding import RowLayout, block_logits, row_generators
 from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, block_forwards, check_cache_options,
-                                        left_pad)
+                                        left_pad, refreshes)
 from retrofit.models.kv_cache import BlockCache
 
 
@@ -80,7 +80,7 @@ class GenerateArgs:
 
     def refreshes(self, step: int) -> bool:
         """Whether step ``step`` of a block (from 0) runs the whole sequence and records the cache."""
-        return self.cache == "none" or step == 0 or (self.cache_refresh > 0 and step % self.cache_refresh == 0)
+        return refreshes(step, self.cache, self.cache_refresh)
 
     def check(self) -> None:
         if self.gen_length % self.denoise_block:

@@ -24,7 +24,7 @@ from pydantic import Field
 from retrofit.errors import RetrofitError
 from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators
 from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, block_forwards, check_cache_options,
-                                        left_pad)
+                                        left_pad, refreshes)
 from retrofit.models.kv_cache import BlockCache
 
 
@@ -92,7 +92,7 @@ class LLaDA2GenerateArgs:
 
     def refreshes(self, step: int) -> bool:
         """Whether step ``step`` of a block (from 0) runs the whole window and records the cache."""
-        return self.cache == "none" or step == 0 or (self.cache_refresh > 0 and step % self.cache_refresh == 0)
+        return refreshes(step, self.cache, self.cache_refresh)
 
     def check(self) -> None:
         for name in ("gen_length", "denoise_block", "steps", "minimal_topk"):
