@@ -420,6 +420,17 @@ def evaluate(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write routing figures of the run "
                                  "(expert load, experts per token, ... by mask ratio, as `retrofit inspect` draws "
                                  "them) into a folder beside the JSON: <output>-routing/."),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Write every prompt through the "
+                                             "checkpoint's chat template (its tokenizer files'), as Instruct "
+                                             "models are scored by their authors."),
+    fewshot_as_multiturn: Optional[bool] = typer.Option(None, "--fewshot-as-multiturn/--no-fewshot-as-multiturn",
+                                                        help="Few-shot examples as turns of the conversation "
+                                                             "(default with --apply-chat-template: on, as lm-eval)."),
+    system_instruction: Optional[str] = typer.Option(None, "--system-instruction", metavar="TEXT",
+                                                     help="A system message before every prompt (a system turn "
+                                                          "under the chat template)."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Also write every document's prompt, response, "
+                                     "extracted answer and score, one JSON line each: <output>-samples.jsonl."),
     write_tasks: Optional[Path] = typer.Option(None, "--write-tasks", help="Only write the offline task files "
                                                "for --tasks and --data-dir into this folder, and print the `lm_eval "
                                                "--model retrofit --include_path DIR` line that runs them on --model; "
@@ -429,8 +440,10 @@ def evaluate(
 ):
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM, resolve_run
+    from retrofit.eval.chat import ChatSettings
     from retrofit.eval.estimate import plan_run, total
-    from retrofit.eval.runner import prepared_tasks, run_eval, write_record
+    from retrofit.eval.runner import prepared_tasks, run_eval, write_record, write_samples
+    from retrofit.io.tokenizer_files import require_chat_template
     from retrofit.errors import at_least_one
     from retrofit.eval.samplers import check_sampler_options
     from retrofit.io.writer import check_writable
@@ -441,6 +454,9 @@ def evaluate(
         raise RetrofitError(f"--num-fewshot {num_fewshot}: must be 0 or more")
     at_least_one(mc_num=mc_num, batch_size=batch_size)  # before the tasks are indexed (seconds)
     check_sampler_options(sampler_options)
+    chat = ChatSettings(apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                        system_instruction=system_instruction)
+    chat.resolved()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
@@ -452,6 +468,8 @@ def evaluate(
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("counting requests"):
             run = resolve_run(model, router, {**sampler_options, **router_flags})
+            if chat.apply_chat_template:
+                require_chat_template(run.ckpt.path)
             plans = plan_run(run, prepared, limit, mc_num, batch_size)
         for plan in plans:  # before the load: a run that would take days can be stopped now
             err_console.print(escape(plan.describe()), highlight=False)
@@ -459,13 +477,18 @@ def evaluate(
         with err_console.status("loading model"):
             lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, seed=seed, router=router, dtype=dtype,
                             **sampler_options, **router_flags)
-        record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared)
+        samples = {} if log_samples else None
+        record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared,
+                          chat=chat, samples=samples)
     if record is None:  # another rank of a launched run: rank 0 holds the gathered results and writes them
         return
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
     if limit is not None and "mmlu" in names:
         out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
     write_record(record, output)
+    if samples is not None:
+        write_samples(samples, output.with_name(output.stem + "-samples.jsonl"))
+        out_console.print(f"[green]wrote[/] {escape(str(output.with_name(output.stem + '-samples.jsonl')))}")
     if figures:
         from retrofit.inspect.gather import routing_of_evaluation
         from retrofit.inspect.report import write_inspection

@@ -27,7 +27,7 @@ from retrofit.eval.samplers import make_sampler, sampler_flags
 from retrofit.flags import as_bool
 from retrofit.io.checkpoint import CheckpointDir
 from retrofit.io.load import check_router_fits, checkpoint_config, load_model
-from retrofit.io.tokenizer_files import load_tokenizer
+from retrofit.io.tokenizer_files import load_tokenizer, require_chat_template
 from retrofit.models import family_of
 from retrofit.precision import resolve_dtype
 from retrofit.sources import resolve_source
@@ -163,6 +163,11 @@ class RetrofitLM(LM):
         self.mc_num, self.seed, self.max_length = int(mc_num), int(seed), max_length
         self.batch_size_ = 8 if batch_size == "auto" else int(batch_size)  # lm-eval's "auto": the default
         self.show_progress = as_bool(progress) and self.rank == 0
+        # A templated prompt holds its own special tokens; the tokenizer must not add more (as lm-eval's HFLM).
+        self.add_special_tokens = True
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -171,10 +176,10 @@ class RetrofitLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer(context + continuation)["input_ids"]
-        ctx = self.tokenizer(context)["input_ids"] if context else []
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context) if context else []
         if whole[: len(ctx)] != ctx:  # the tokeniser merged across the boundary: encode separately
-            whole = ctx + self.tokenizer(continuation)["input_ids"]
+            whole = ctx + self._encode(continuation)
         ctx, cont = whole[: len(ctx)], whole[len(ctx):]
         keep = self.max_length - len(cont)
         return (ctx[-keep:] if keep > 0 else []), cont[-self.max_length:]
@@ -243,7 +248,7 @@ class RetrofitLM(LM):
 
         def jobs():
             for i, req in enumerate(requests):
-                tokens = self.tokenizer(req.args[0])["input_ids"]
+                tokens = self._encode(req.args[0])
                 for start in range(0, len(tokens), self.max_length):  # independent windows, no context carried
                     window = tokens[start:start + self.max_length]
                     yield ScoreJob(mc_rows([], window, self.mask_id, self.mc_num, self.seed), partial(add, i), 0)
@@ -253,7 +258,7 @@ class RetrofitLM(LM):
 
     @_request_method
     def generate_until(self, requests, disable_tqdm: bool = False):
-        prompts = [self.tokenizer(req.args[0])["input_ids"][-(self.max_length - self.sampler.gen_length):]
+        prompts = [self._encode(req.args[0])[-(self.max_length - self.sampler.gen_length):]
                    for req in requests]
         results: list[str | None] = [None] * len(requests)
         # Longest first (a batch that does not fit fails at once, as in lm-eval), and neighbours of similar
@@ -275,6 +280,36 @@ class RetrofitLM(LM):
                     results[i] = apply_stop(text, [until] if isinstance(until, str) else list(until))
                     advance()
         return results
+
+    # ------------------------------------------------------------------------------ chat templates
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Names the template in lm-eval's request cache (one per checkpoint directory)."""
+        return str(self.path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The checkpoint's chat template (its tokenizer files'); ``chat_template`` may name one of several."""
+        if not chat_template:
+            return None
+        require_chat_template(self.path)
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):
+            name = chat_template if isinstance(chat_template, str) else "default"
+            if name not in template:
+                raise RetrofitError(f"{self.path} has chat templates {', '.join(sorted(template))}, none named "
+                                    f"{name!r}; name one of them")
+            return template[name]
+        return template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A conversation as the checkpoint's template writes it; without a generation prompt the last (assistant)
+        message is left open, so a likelihood continuation follows it directly."""
+        require_chat_template(self.path)
+        self.add_special_tokens = False
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
 
     # ------------------------------------------------------------------------------ reporting
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.tasks import DEFAULT_FEWSHOT, LOCAL_PREFIX, expand, write_local_tasks
+from retrofit.eval.chat import ChatSettings
+from retrofit.eval.tasks import DEFAULT_FEWSHOT, LOCAL_PREFIX, PROTOCOL_TASK_DIR, expand, write_local_tasks
 from retrofit.io.paths import cache_dir
 from retrofit.io.writer import atomic_file
 
@@ -98,7 +99,9 @@ def prepared_tasks(tasks: list[str], data_dir: Path | None = None) -> Iterator[P
         local = write_local_tasks(names, Path(data_dir), Path(workdir)) if data_dir else {}
         # Indexing lm-eval's own task tree parses thousands of YAML files (about 16 s here); the local variants
         # name their templates by path, so the index is built only when a task is not a local variant.
-        manager = ReusingTaskManager(TaskManager(include_path=workdir if local else None,
+        # The protocols' own task files are known too (read from the Hub when no --data-dir gives them).
+        paths = [str(PROTOCOL_TASK_DIR), *([workdir] if local else [])]
+        manager = ReusingTaskManager(TaskManager(include_path=paths,
                                                  include_defaults=any(name not in local for name in names)))
         known = set(manager.all_tasks)
         for name in names:
@@ -108,12 +111,15 @@ def prepared_tasks(tasks: list[str], data_dir: Path | None = None) -> Iterator[P
 
 
 def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | None = None,
-             data_dir: Path | None = None, prepared: PreparedTasks | None = None) -> dict | None:
+             data_dir: Path | None = None, prepared: PreparedTasks | None = None, chat: ChatSettings | None = None,
+             samples: dict | None = None) -> dict | None:
     """Evaluate ``lm`` (a RetrofitLM) on ``tasks`` (user names); returns the JSON-ready record, on rank 0 only
-    when several processes share the requests (None elsewhere)."""
+    when several processes share the requests (None elsewhere). ``samples``, where given, receives each task's
+    logged documents (prompt, response, filtered answer, scores), as lm-eval's ``--log_samples``."""
+    chat = chat or ChatSettings()
     if prepared is None:
         with prepared_tasks(tasks, data_dir) as prepared:
-            return run_eval(lm, tasks, limit, num_fewshot, data_dir, prepared)
+            return run_eval(lm, tasks, limit, num_fewshot, data_dir, prepared, chat, samples)
     import datasets
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -122,28 +128,32 @@ def run_eval(lm, tasks: list[str], limit: int | None = None, num_fewshot: int | 
     record_tasks = {}
     with _fewshot_as_one_process(lm.rank, lm.world_size), _quiet_lm_eval():
         for user_name in prepared.names:
-            _run_task(lm, user_name, prepared, num_fewshot, limit, record_tasks)
+            out = _run_task(lm, user_name, prepared, num_fewshot, limit, chat, samples is not None)
+            if out is not None:  # lm-eval returns the gathered results on rank 0 only
+                record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
+                if samples is not None:
+                    samples.update({k.removeprefix(LOCAL_PREFIX): v for k, v in out.get("samples", {}).items()})
     lm.gather_routing()
     if lm.rank != 0:
         return None
-    return _record(lm, record_tasks, limit, num_fewshot, data_dir)
+    return _record(lm, record_tasks, limit, num_fewshot, data_dir, chat)
 
 
-def _run_task(lm, user_name: str, prepared: PreparedTasks, num_fewshot, limit, record_tasks: dict) -> None:
-    """One task through lm-eval; its scores join ``record_tasks`` (on rank 0, where lm-eval gathers them)."""
+def _run_task(lm, user_name: str, prepared: PreparedTasks, num_fewshot, limit, chat: ChatSettings,
+              log_samples: bool) -> dict | None:
+    """One task through lm-eval: its output (None on ranks other than 0)."""
     import lm_eval
 
     task = prepared.local.get(user_name, user_name)
     shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(user_name)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
-                                      task_manager=prepared.manager, log_samples=False, bootstrap_iters=1000)
+        return lm_eval.simple_evaluate(model=lm, tasks=[task], num_fewshot=shots, limit=limit,
+                                       task_manager=prepared.manager, log_samples=log_samples,
+                                       bootstrap_iters=1000, **chat.evaluate_arguments())
     except RetrofitError:
         raise
     except Exception as exc:
         raise lm_eval_failure(user_name, exc) from None
-    if out is not None:  # lm-eval returns the gathered results on rank 0 only
-        record_tasks.update(_scores(out["results"], out.get("n-shot", {})))
 
 
 def lm_eval_failure(task: str, exc: Exception) -> RetrofitError:
@@ -206,7 +216,7 @@ def _fewshot_as_one_process(rank: int, world_size: int) -> Iterator[None]:
         Task.build_all_requests = original
 
 
-def _record(lm, record_tasks: dict, limit, num_fewshot, data_dir) -> dict:
+def _record(lm, record_tasks: dict, limit, num_fewshot, data_dir, chat: ChatSettings) -> dict:
     import lm_eval
 
     return {
@@ -216,6 +226,7 @@ def _record(lm, record_tasks: dict, limit, num_fewshot, data_dir) -> dict:
         "lm_eval_version": lm_eval.__version__,
         "settings": {"processes": lm.world_size, "mc_num": lm.mc_num, "batch_size": lm.batch_size_, "seed": lm.seed, "limit": limit,
                      "num_fewshot": num_fewshot, "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                     "chat": chat.resolved().model_dump(),
                      "sampler": {"name": lm.sampler.name, **lm.sampler.settings.__dict__}},
         "results": record_tasks,
         "routing": lm.routing_report(),
@@ -244,6 +255,21 @@ def _scores(results: dict, shots: dict) -> dict:
             entry["num_fewshot"] = shots[task]
         out[name] = entry
     return out
+
+
+def write_samples(samples: dict, output: Path) -> None:
+    """The logged documents, one JSON line each with its task's name, beside the results (lm-eval's own
+    serialiser for what JSON cannot hold)."""
+    from lm_eval.utils import handle_non_serializable
+
+    try:
+        with atomic_file(output) as tmp:
+            with tmp.open("w") as f:
+                for task, docs in samples.items():
+                    for doc in docs:
+                        f.write(json.dumps({"task": task, **doc}, default=handle_non_serializable) + "\n")
+    except OSError as exc:
+        raise RetrofitError(f"cannot write the samples to {output}: {exc.strerror}") from None
 
 
 def write_record(record: dict, output: Path) -> None:

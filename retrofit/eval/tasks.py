@@ -11,6 +11,10 @@ the dataset for local files in the Hub dataset's schema:
 
 A split is any file named ``<split>.<ext>`` or ``<split>-*.<ext>`` (jsonl, json, parquet, csv) under the
 dataset's folder, which covers both flat copies and Hub snapshot layouts.
+
+The tasks of the published evaluation protocols (:mod:`retrofit.eval.protocols`, e.g. dInfer's
+``gsm8k_llada_moe``) ship as task files of their own in ``protocols/tasks/``; they read the same datasets, so they
+get offline variants the same way (``PROTOCOL_TASKS``: task name → the dataset it reads).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ DEFAULT_FEWSHOT = {"mmlu": 5}
 LOCAL_PREFIX = "retrofit_"
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _ARC_FOLDERS = {"arc_challenge": "ARC-Challenge", "arc_easy": "ARC-Easy"}
+PROTOCOL_TASK_DIR = Path(__file__).parent / "protocols" / "tasks"
+# The protocols' own task files (task name → the dataset it reads, named as lm-eval's own task of it).
+PROTOCOL_TASKS = {"gsm8k_llada_moe": "gsm8k", "gsm8k_dmoe": "gsm8k", "arc_challenge_dmoe": "arc_challenge"}
 
 
 def expand(names: list[str]) -> list[str]:
@@ -87,19 +94,24 @@ def _variant(name: str, include: Path, folder: Path, splits: dict[str, str], ext
     return config
 
 
-def _gsm8k(data_dir: Path) -> list[dict]:
-    return [_variant("gsm8k", builtin_task_file("gsm8k", "gsm8k.yaml"), data_dir / "gsm8k",
+def protocol_task_file(task: str) -> Path:
+    return PROTOCOL_TASK_DIR / f"{task}.yaml"
+
+
+def _gsm8k(data_dir: Path, task: str = "gsm8k", include: Path | None = None) -> list[dict]:
+    return [_variant(task, include or builtin_task_file("gsm8k", "gsm8k.yaml"), data_dir / "gsm8k",
                      {"training_split": "train", "fewshot_split": "train", "test_split": "test"},
                      {"tag": []})]
 
 
-def _arc(task: str, data_dir: Path) -> list[dict]:
-    folder = next((d / _ARC_FOLDERS[task] for d in (data_dir / "arc", data_dir / "ai2_arc")
-                   if (d / _ARC_FOLDERS[task]).is_dir()), data_dir / "arc" / _ARC_FOLDERS[task])
+def _arc(dataset: str, data_dir: Path, task: str | None = None, include: Path | None = None) -> list[dict]:
+    folder = next((d / _ARC_FOLDERS[dataset] for d in (data_dir / "arc", data_dir / "ai2_arc")
+                   if (d / _ARC_FOLDERS[dataset]).is_dir()), data_dir / "arc" / _ARC_FOLDERS[dataset])
     if not folder.is_dir():
-        raise RetrofitError(f"no local data for {task}: expected {folder} (train/validation/test files in the "
-                            "allenai/ai2_arc schema); leave arc out of --tasks, or drop --data-dir to read the Hub")
-    return [_variant(task, builtin_task_file("arc", f"{task}.yaml"), folder,
+        raise RetrofitError(f"no local data for {task or dataset}: expected {folder} (train/validation/test files "
+                            "in the allenai/ai2_arc schema); leave arc out of --tasks, or drop --data-dir to read "
+                            "the Hub")
+    return [_variant(task or dataset, include or builtin_task_file("arc", f"{dataset}.yaml"), folder,
                      {"training_split": "train", "validation_split": "validation", "test_split": "test"},
                      {"tag": []})]
 
@@ -139,6 +151,10 @@ def write_local_tasks(tasks: list[str], data_dir: Path, workdir: Path) -> dict[s
             configs = _arc(task, data_dir)
         elif task == "mmlu":
             configs = _mmlu(data_dir)
+        elif PROTOCOL_TASKS.get(task) == "gsm8k":
+            configs = _gsm8k(data_dir, task, protocol_task_file(task))
+        elif PROTOCOL_TASKS.get(task) in _ARC_FOLDERS:
+            configs = _arc(PROTOCOL_TASKS[task], data_dir, task, protocol_task_file(task))
         else:
             continue
         for config in configs:

@@ -61,6 +61,33 @@ def require_tokenizer(model_dir: Path) -> None:
                             "(copy the tokenizer files of the checkpoint's Hub snapshot into it)")
 
 
+def chat_template(model_dir: Path) -> str | dict | None:
+    """The checkpoint's chat template, as transformers reads it: ``chat_template.jinja`` where there is one,
+    else ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates); None when it has none
+    (a base model). Read from the files, so a run is checked before its weights or tokenizer are loaded."""
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    path = Path(model_dir) / "tokenizer_config.json"
+    template = json.loads(path.read_text()).get("chat_template") if path.is_file() else None
+    if isinstance(template, list):  # named templates, as save_pretrained writes several
+        return {t["name"]: t["template"] for t in template}
+    return template or None
+
+
+def require_chat_template(model_dir: Path) -> None:
+    if chat_template(model_dir) is None:
+        raise RetrofitError(f"{model_dir} has no chat template (no chat_template.jinja, none in "
+                            "tokenizer_config.json): it is a base model's tokenizer; leave out "
+                            "--apply-chat-template, or evaluate the Instruct checkpoint")
+
+
+def write_chat_template(directory: Path, template: str) -> None:
+    """Put ``template`` into ``tokenizer_config.json``, where the Hub snapshots of both families keep theirs."""
+    path = Path(directory) / "tokenizer_config.json"
+    write_json(path, {**json.loads(path.read_text()), "chat_template": template})
+
+
 def load_tokenizer(model_dir: Path):
     """The checkpoint's own fast tokenizer, read from tokenizer.json without consulting remote code."""
     from transformers import PreTrainedTokenizerFast

@@ -86,6 +86,13 @@ class ModelFamily:
     def recognises(self, raw: dict) -> bool:
         return raw.get("model_type") == self.model_type
 
+    def chat_template(self) -> str:
+        """The chat template of the family's Instruct checkpoints (``chat_templates/<name>.jinja``, each citing the
+        tokenizer files it was copied from), which ``create-tiny`` writes so that tests can run it."""
+        from pathlib import Path
+
+        return (Path(__file__).parent / "chat_templates" / f"{self.name}.jinja").read_text()
+
     def config_from_checkpoint(self, raw: dict):
         """The config of a checkpoint's raw config.json: settings the family names as unsupported are refused
         (:meth:`refuse`), any other key its config class does not know is kept and named once."""

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from retrofit.errors import RetrofitError
-from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN
+from retrofit.io.tokenizer_files import EOS_TOKEN, MASK_TOKEN, write_chat_template
 from retrofit.tiny.tokenizers import train_bpe_tokenizer, write_byte_tokenizer, write_padded_byte_tokenizer
 from retrofit.io.writer import (TensorSpec, atomic_directory, plan_shards, write_json, write_sharded,
                                 write_streaming_sharded)
@@ -77,6 +77,7 @@ def write_hub_snapshot(model, out: str | Path, max_shard_bytes: int = 96 * 1024,
         if ids != {EOS_TOKEN: cfg.eos_token_id, MASK_TOKEN: cfg.mask_token_id}:
             raise ValueError(f"tokenizer special ids {ids} differ from the model's (eos {cfg.eos_token_id}, "
                              f"mask {cfg.mask_token_id})")
+        write_chat_template(tmp, family_of(cfg).chat_template())
         write_json(tmp / "generation_config.json", {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id})
     return Path(out).expanduser().resolve()
 
@@ -208,6 +209,7 @@ def create_preset(out: str | Path, preset: str = "llada-moe-7b", seed: int = 0, 
         config["torch_dtype"] = str(p.dtype).removeprefix("torch.")
         write_json(tmp / "config.json", config)
         write_padded_byte_tokenizer(tmp, p.dims["vocab_size"], p.eos_token_id, p.mask_token_id)
+        write_chat_template(tmp, family.chat_template())
         write_json(tmp / "generation_config.json", {"eos_token_id": p.eos_token_id, "pad_token_id": p.eos_token_id})
         write_streaming_sharded(tmp, specs, p.max_shard_bytes,
                                 lambda spec: _random_tensor(spec, seed, p.initializer_range), on_bytes=on_bytes)
