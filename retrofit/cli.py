@@ -166,6 +166,9 @@ def convert(
                                     "below, each marked with the routers it applies to."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: out/<src>-<router>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", metavar="NAME", help="Record the sampler the output "
+                                          "generates with by default (llada2.1 for a LLaDA2.1 checkpoint given by "
+                                          "path; its registry names record it themselves)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only show which routers would be replaced."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the result and check it against "
                                                                    "the source."),
@@ -179,7 +182,7 @@ def convert(
 
     target = settings_from_flags(router, router_flags)
     source = resolve_source(src)
-    plan = plan_conversion(source, target, out)
+    plan = plan_conversion(source, target, out, sampler)
     if dry_run:
         out_console.print(_plan_table(plan))
         out_console.print(f"dry run: would write {escape(str(plan.out))}; nothing written.")
@@ -410,6 +413,9 @@ def evaluate(
     router: Optional[str] = typer.Option(None, "--router", metavar="NAME",
                                          help=f"Evaluate with another router than the checkpoint's ({_router_names()}"
                                               "); the router flags below override its settings."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", metavar="NAME", help="Generate with another of the "
+                                          "model family's samplers (llada2.1: LLaDA2.1's token editing, for "
+                                          "LLaDA2.x checkpoints); default: the checkpoint's."),
     seed: int = typer.Option(1234, "--seed", help="Seed of Monte-Carlo masks and sampling."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), fp32 (float32) or bf16 "
                                                       "(bfloat16), the same words as a recipe's optim.precision."),
@@ -467,7 +473,7 @@ def evaluate(
     check_writable(output.parent, "the results into")
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("counting requests"):
-            run = resolve_run(model, router, {**sampler_options, **router_flags})
+            run = resolve_run(model, router, {**sampler_options, **router_flags}, sampler)
             if chat.apply_chat_template:
                 require_chat_template(run.ckpt.path)
             plans = plan_run(run, prepared, limit, mc_num, batch_size)
@@ -476,7 +482,7 @@ def evaluate(
         err_console.print(f"in all: {total(plans).describe()}, up to {batch_size} sequences each", highlight=False)
         with err_console.status("loading model"):
             lm = RetrofitLM(model, mc_num=mc_num, batch_size=batch_size, seed=seed, router=router, dtype=dtype,
-                            **sampler_options, **router_flags)
+                            sampler=sampler, **sampler_options, **router_flags)
         samples = {} if log_samples else None
         record = run_eval(lm, names, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, prepared=prepared,
                           chat=chat, samples=samples)

@@ -45,6 +45,7 @@ class ConversionPlan:
     target: RouterSettings
     swaps: list[RouterSwap]
     out: Path
+    sampler: str  # what the output generates with (recorded in its config.json where not the family's default)
 
     @property
     def family(self) -> ModelFamily:
@@ -64,7 +65,8 @@ def default_out(source: Source, target: RouterSettings) -> Path:
     return Path("out") / f"{source.name}-{target.type}"
 
 
-def plan_conversion(source: Source, target: RouterSettings, out: Path | None = None) -> ConversionPlan:
+def plan_conversion(source: Source, target: RouterSettings, out: Path | None = None,
+                    sampler: str | None = None) -> ConversionPlan:
     """Validate the source and list the routers that would be replaced; writes nothing."""
     ckpt = CheckpointDir(source.path)
     if has_adapter(ckpt.path):  # convert copies the shards; a LoRA adapter beside them would be left behind
@@ -82,7 +84,8 @@ def plan_conversion(source: Source, target: RouterSettings, out: Path | None = N
             raise RetrofitError(f"checkpoint at {ckpt.path} has no router tensor {name}")
         dtype, shape = ckpt.tensor_info(name)
         swaps.append(RouterSwap(layer, name, ckpt.weight_map[name], shape, dtype))
-    return ConversionPlan(source, config, target, swaps, Path(out) if out else default_out(source, target))
+    sampler = family.sampler_for(sampler, ckpt.config.get("sampler"), source.origin)
+    return ConversionPlan(source, config, target, swaps, Path(out) if out else default_out(source, target), sampler)
 
 
 def _router(config, settings: RouterSettings):
@@ -115,6 +118,9 @@ def convert(plan: ConversionPlan, force: bool = False, command: str = "", verify
     routers, differ = new_router_tensors(ckpt, plan)
     changed = {name: routers[name] for name in differ}  # usually none: then every shard is a hard link
     config = plan.family.converted_config(ckpt.config, plan.config.mask_token_id, plan.target)
+    config.pop("sampler", None)
+    if plan.sampler != plan.family.sampler:
+        config["sampler"] = plan.sampler
     with atomic_directory(plan.out, force=force) as tmp:
         shards = write_model_directory(ckpt, tmp, changed, routers, config, model_card(plan, command), step=step,
                                        link=plan.source.linkable)

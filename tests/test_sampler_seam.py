@@ -73,7 +73,7 @@ def test_the_toys_option_is_a_flag_of_eval_and_inspect_with_one_default(toy_samp
     for command in ("eval", "inspect"):
         text = " ".join(runner.invoke(toy_sampler, [command, "--help"]).output.split())  # unwrapped
         assert "--toy-stride <int> left-to-right: positions filled per step. [default: 1]" in text
-        assert "--gen-length <int> llada/llada2/left-to-right: tokens to generate. [default: 256]" in text
+        assert "--gen-length <int> llada/llada2/llada2.1/left-to-right: tokens to generate. [default: 256]" in text
         assert text.count("--gen-length") == 1
 
 
@@ -89,5 +89,5 @@ def test_a_family_that_names_the_toy_generates_with_it(toy_sampler, tiny_dir, tm
     # Another sampler's option is refused by name, and the toy's own is refused for the others' families.
     refused = runner.invoke(toy_sampler, ["eval", "--model", str(tiny_dir), "--tasks", "gsm8k", "--threshold", "0.9",
                                           "--output", str(out)])
-    assert refused.exit_code == 1 and "--cache, --cache-refresh and --threshold are options of the LLaDA/LLaDA2.0 sampler" in \
+    assert refused.exit_code == 1 and "--cache, --cache-refresh and --threshold are options of the LLaDA/LLaDA2.0/LLaDA2.1 sampler" in \
         refused.output and "samples with left-to-right's" in refused.output

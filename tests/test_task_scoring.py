@@ -159,7 +159,7 @@ def offline_hub(data: Path, load_dataset: Callable) -> Callable:
     return load
 
 
-def evaluate(task: str, manager, shots: int | None, limit: float, gsm8k_docs: list[dict]) -> dict:
+def evaluate(task: str, manager, shots: int | None, limit: int | float, gsm8k_docs: list[dict]) -> dict:
     """One task through lm-eval, as retrofit's runner calls it, with the canned model and its samples logged."""
     return lm_eval.simple_evaluate(model=CannedLM(gsm8k_docs), tasks=[task], task_manager=manager, limit=limit,
                                    num_fewshot=shots, log_samples=True, fewshot_random_seed=FEWSHOT_SEED)
@@ -171,7 +171,7 @@ def builtin_task_manager(*folders: str) -> TaskManager:
     return TaskManager(include_defaults=False, include_path=[str(BUILTIN_TASKS / folder) for folder in folders])
 
 
-def evaluate_hub_task(task: str, manager: TaskManager, data: Path, shots: int | None, limit: float,
+def evaluate_hub_task(task: str, manager: TaskManager, data: Path, shots: int | None, limit: int | float,
                       gsm8k_docs: list[dict]) -> dict:
     """:func:`evaluate` on a builtin task, its Hub dataset answered from ``data``."""
     datasets_module = lm_eval.api.task.datasets  # what lm-eval calls load_dataset through

@@ -98,15 +98,19 @@ class RunSettings:
     router: RouterSettings
 
 
-def resolve_run(pretrained, router: str | RouterSettings | None, options: dict) -> RunSettings:
+def resolve_run(pretrained, router: str | RouterSettings | None, options: dict,
+                sampler: str | None = None) -> RunSettings:
     """The model's source, config.json, sampler and router from the user's options (``options``: sampler options
-    and router settings, as :func:`split_options` takes them); every check that needs no weights, in one line
-    each. ``retrofit eval`` calls it before counting the run, :class:`RetrofitLM` before loading."""
+    and router settings, as :func:`split_options` takes them; ``sampler``: another of the family's samplers);
+    every check that needs no weights, in one line each. ``retrofit eval`` calls it before counting the run,
+    :class:`RetrofitLM` before loading."""
     source = resolve_source(str(pretrained), flag="--model")
     ckpt = CheckpointDir(source.path)
     config = checkpoint_config(ckpt)
     sampler_options, given = split_options(options)
-    sampler = make_sampler(family_of(config).sampler, sampler_options)
+    family = family_of(config)
+    kind = family.sampler_for(sampler, ckpt.config.get("sampler"), source.origin)
+    sampler = make_sampler(kind, sampler_options, (family.sampler, *family.alternative_samplers))
     if sampler.gen_length >= config.max_position_embeddings:
         raise RetrofitError(f"--gen-length {sampler.gen_length} leaves no room for a prompt in the model's "
                             f"{config.max_position_embeddings} positions; generate fewer tokens")
@@ -127,10 +131,11 @@ def resolve_run(pretrained, router: str | RouterSettings | None, options: dict) 
 class RetrofitLM(LM):
     def __init__(self, pretrained: str, mc_num: int = 128, batch_size: int | str = 8, seed: int = 1234,
                  router: str | RouterSettings | None = None, max_length: int = 4096, device: str | None = None,
-                 dtype: str = "auto", progress: bool = True, **options):
+                 dtype: str = "auto", progress: bool = True, sampler: str | None = None, **options):
         """``options``: the sampler's options (``gen_length``, ``steps``, ``denoise_block``, ... as ``retrofit eval``
         names its flags, ``retrofit.eval.samplers``) and the router settings (``capacity_factor``,
-        ``block_length``, ``guard_size``, ...), which override the checkpoint's; ``router`` switches router."""
+        ``block_length``, ``guard_size``, ...), which override the checkpoint's; ``router`` switches router,
+        ``sampler`` sampler (one of the model family's)."""
         super().__init__()
         self.accelerator = None
         if distributed.launched():  # lm-eval's data-parallel path: requests split by rank, results gathered
@@ -141,7 +146,8 @@ class RetrofitLM(LM):
             device = device or str(self.accelerator.device)
         self.sharded = distributed.sharded(self.accelerator)
         at_least_one(mc_num=mc_num, batch_size=None if batch_size == "auto" else batch_size)
-        run = resolve_run(pretrained, router, {k: v for k, v in options.items() if k not in _LM_EVAL_EXTRAS})
+        run = resolve_run(pretrained, router, {k: v for k, v in options.items() if k not in _LM_EVAL_EXTRAS},
+                          sampler)
         self.path, self.sampler, self.router = run.ckpt.path, run.sampler, run.router
         ckpt = run.ckpt
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):

@@ -33,8 +33,8 @@ class LLaDASamplerSettings(SamplerSettings):
         "with a cache, also refresh it every this many steps inside a block (0: only at the block's start)"))
     threshold: float | None = Field(default=None, gt=0, le=1, description=(
         "parallel decoding: each step accepts every masked position of the current block at least this confident "
-        "(llada2: above it), at least one (default: llada none, each step its equal share; llada2 0.95, with the "
-        "schedule's share when fewer are confident)"))
+        "(llada2, llada2.1: above it), at least one (default: llada none, each step its equal share; llada2 0.95, "
+        "with the schedule's share when fewer are confident; llada2.1 its --sampler-mode's)"))
 
 
 class LLaDASampler(Sampler):

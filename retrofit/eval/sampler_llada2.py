@@ -39,6 +39,9 @@ class LLaDA2SamplerSettings(SamplerSettings):
         "key/value cache of the finished blocks (exact under block-causal attention): prefix and dual both run "
         "the current block only"))
     cache_refresh: int = Field(default=0, ge=0, description="also refresh the cache every this many steps")
+    early_stop: bool = Field(default=False, description=(
+        "llada2, llada2.1: stop a row once its answer is decoded up to an eos (the reference's eos_early_stop; "
+        "llada2.1 checks after each block)"))
     sampling: Literal["reference", "greedy"] | None = Field(default=None, description=(
         "at temperature 0: reference (draw from the softmax, as the published generate() does; the default) or "
         "greedy (argmax)"))
@@ -57,7 +60,7 @@ class LLaDA2Sampler(Sampler):
         chosen = {k: v for k, v in (("threshold", options.threshold), ("sampling", options.sampling)) if v is not None}
         return LLaDA2GenerateArgs(gen_length=gen_length, denoise_block=block, steps=max(1, steps * block // gen_length),
                                   temperature=float(options.temperature), cache=options.cache,
-                                  cache_refresh=options.cache_refresh, **chosen)
+                                  cache_refresh=options.cache_refresh, eos_early_stop=options.early_stop, **chosen)
 
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)

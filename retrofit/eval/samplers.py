@@ -5,7 +5,9 @@ flags are from the routers'), so ``retrofit eval`` and ``retrofit inspect`` take
 ``llada``: LLaDA's sampler (sampler_llada.py): the generation region in ``denoise_block`` blocks after the
 prompt, ``steps`` in all, low-confidence (or random) remasking, bidirectional attention. ``llada2``: LLaDA2.0's
 block-diffusion sampler (sampler_llada2.py): blocks counted from position 0, block-causal attention,
-``threshold`` acceptance with the schedule as a fallback. ``--steps`` means the steps of the whole generation
+``threshold`` acceptance with the schedule as a fallback. ``llada2.1``: LLaDA2.1's token-editing sampler
+(sampler_llada21.py): LLaDA2.0's layout, and already-written tokens rewritten when the model changes its mind
+(``--sampler-mode speed|quality``); a family names it among its ``alternative_samplers``, ``--sampler`` picks it. ``--steps`` means the steps of the whole generation
 for both; the LLaDA2.0 sampler spends ``steps · denoise_block / gen_length`` of them on each block. Both take
 ``--threshold`` (LLaDA's: Fast-dLLM's parallel decoding, off by default) and ``--cache`` (the block-wise
 key/value cache, :mod:`retrofit.models.kv_cache`), and both generate prompts of any lengths as one batch
@@ -25,6 +27,7 @@ from retrofit.errors import RetrofitError
 from retrofit.eval.sampler_base import Sampler, SamplerSettings
 from retrofit.eval.sampler_llada import LLaDASampler
 from retrofit.eval.sampler_llada2 import LLaDA2Sampler
+from retrofit.eval.sampler_llada21 import LLaDA21Sampler
 from retrofit.flags import Flag, add_to_registry, flag_of, settings_flags
 
 SAMPLERS: dict[str, type[Sampler]] = {}
@@ -37,6 +40,7 @@ def register_sampler(cls: type[Sampler]) -> type[Sampler]:
 
 register_sampler(LLaDASampler)
 register_sampler(LLaDA2Sampler)
+register_sampler(LLaDA21Sampler)
 
 
 def sampler_flags() -> list[Flag]:
@@ -44,15 +48,16 @@ def sampler_flags() -> list[Flag]:
     return settings_flags({kind: cls.settings_class for kind, cls in SAMPLERS.items()}, "sampler")
 
 
-def make_sampler(kind: str, given: dict[str, Any] | None = None) -> Sampler:
+def make_sampler(kind: str, given: dict[str, Any] | None = None, alternatives: tuple[str, ...] = ()) -> Sampler:
     """The ``kind`` sampler with the options a user gave (flag dest → value; None: not given). An option of another
-    sampler is refused in one line, naming whose it is; a value out of range names its flag."""
+    sampler is refused in one line, naming whose it is (and ``--sampler`` where it is one of the model family's
+    ``alternatives``); a value out of range names its flag."""
     if kind not in SAMPLERS:
         raise RetrofitError(f"no sampler named {kind!r}; registered: {', '.join(SAMPLERS)}")
-    return SAMPLERS[kind](settings_of(kind, given or {}))
+    return SAMPLERS[kind](settings_of(kind, given or {}, alternatives))
 
 
-def settings_of(kind: str, given: dict[str, Any]) -> SamplerSettings:
+def settings_of(kind: str, given: dict[str, Any], alternatives: tuple[str, ...] = ()) -> SamplerSettings:
     flags = {f.dest: f for f in sampler_flags()}
     data: dict[str, Any] = {"type": kind}
     for dest, value in given.items():
@@ -62,7 +67,7 @@ def settings_of(kind: str, given: dict[str, Any]) -> SamplerSettings:
             raise RetrofitError(f"unknown sampler option {dest!r}; the samplers' options are {', '.join(flags)}")
         flag = flags[dest]
         if kind not in flag.owners:
-            raise RetrofitError(_foreign(kind, flag, value, flags))
+            raise RetrofitError(_foreign(kind, flag, value, flags, alternatives))
         data[dest] = flag.typed(value)
     try:
         return SAMPLERS[kind].settings_class.model_validate(data)
@@ -73,7 +78,7 @@ def settings_of(kind: str, given: dict[str, Any]) -> SamplerSettings:
             from None
 
 
-def _foreign(kind: str, flag: Flag, value, flags: dict[str, Flag]) -> str:
+def _foreign(kind: str, flag: Flag, value, flags: dict[str, Flag], alternatives: tuple[str, ...]) -> str:
     """Why an option of another sampler does not apply to ``kind``'s: the sampler's own reason where it gives one,
     else which sampler's options these are."""
     reason = SAMPLERS[kind].unsupported.get(flag.dest)
@@ -83,8 +88,9 @@ def _foreign(kind: str, flag: Flag, value, flags: dict[str, Flag]) -> str:
     whose = "/".join(SAMPLERS[owner].display_name for owner in flag.owners)
     verb = "is an option" if len(same) == 1 else "are options"
     named = same[0] if len(same) == 1 else f"{', '.join(same[:-1])} and {same[-1]}"
-    return (f"{named} {verb} of the {whose} sampler; this model family samples with "
-            f"{SAMPLERS[kind].display_name}'s")
+    other = next((owner for owner in flag.owners if owner in alternatives), None)
+    return (f"{named} {verb} of the {whose} sampler; this run samples with {SAMPLERS[kind].display_name}'s"
+            + (f" (add --sampler {other} to use {SAMPLERS[other].display_name}'s)" if other else ""))
 
 
 def check_sampler_options(given: dict[str, Any]) -> None:

@@ -82,8 +82,11 @@ def require_chat_template(model_dir: Path) -> None:
                             "--apply-chat-template, or evaluate the Instruct checkpoint")
 
 
-def write_chat_template(directory: Path, template: str) -> None:
-    """Put ``template`` into ``tokenizer_config.json``, where the Hub snapshots of both families keep theirs."""
+def write_chat_template(directory: Path, template: str | None) -> None:
+    """Put ``template`` into ``tokenizer_config.json``, where the Hub snapshots of both families keep theirs (None:
+    nothing to write)."""
+    if template is None:
+        return
     path = Path(directory) / "tokenizer_config.json"
     write_json(path, {**json.loads(path.read_text()), "chat_template": template})
 

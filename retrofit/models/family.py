@@ -37,8 +37,9 @@ COUNT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
                 "num_experts", "num_experts_per_tok", "max_position_embeddings")
 
 # Keys of a config.json that describe the file rather than the model.
+# "sampler": retrofit's record of the sampler a converted checkpoint generates with (:meth:`ModelFamily.sampler_for`).
 META_FIELDS = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
-               "_name_or_path"}
+               "_name_or_path", "sampler"}
 
 
 class NativeModel(Protocol):
@@ -75,6 +76,8 @@ class ModelFamily:
     model_class: ClassVar[type] = object
     hub_models: ClassVar[dict[str, str]] = {}  # --src short name -> Hub id
     sampler: ClassVar[str] = "llada"  # the denoising sampler evaluation generates with (retrofit.eval.samplers)
+    alternative_samplers: ClassVar[tuple[str, ...]] = ()  # others its checkpoints may generate with (--sampler)
+    hub_samplers: ClassVar[dict[str, str]] = {}  # --src/--model short name -> the sampler its line publishes
     hub_routers: ClassVar[dict[str, dict]] = {}  # --model short name -> the router its checkpoint was trained with
     training_block: ClassVar[int | None] = None  # block-diffusion training layout (retrofit.diffusion), or None
     # The family's own config.json size and count fields besides COUNT_FIELDS, and those of them that may be 0.
@@ -86,12 +89,14 @@ class ModelFamily:
     def recognises(self, raw: dict) -> bool:
         return raw.get("model_type") == self.model_type
 
-    def chat_template(self) -> str:
+    def chat_template(self) -> str | None:
         """The chat template of the family's Instruct checkpoints (``chat_templates/<name>.jinja``, each citing the
-        tokenizer files it was copied from), which ``create-tiny`` writes so that tests can run it."""
+        tokenizer files it was written from), which ``create-tiny`` writes so that tests can run it; None for a
+        family without one."""
         from pathlib import Path
 
-        return (Path(__file__).parent / "chat_templates" / f"{self.name}.jinja").read_text()
+        path = Path(__file__).parent / "chat_templates" / f"{self.name}.jinja"
+        return path.read_text() if path.is_file() else None
 
     def config_from_checkpoint(self, raw: dict):
         """The config of a checkpoint's raw config.json: settings the family names as unsupported are refused
@@ -132,6 +137,16 @@ class ModelFamily:
         params = {name for cls in self.config_class.__mro__ if "__init__" in vars(cls)
                   for name in inspect.signature(cls.__init__).parameters} - {"self", "kwargs"}
         return params | set(PretrainedConfig().to_dict()) | META_FIELDS
+
+    def sampler_for(self, chosen: str | None, recorded: str | None, origin: str) -> str:
+        """The sampler a checkpoint generates with: the user's ``--sampler``, else the one its config.json records
+        (``convert`` writes it), else its registry name's (LLaDA2.1's), else the family's."""
+        kind = chosen or recorded or self.hub_samplers.get(origin) or self.sampler
+        allowed = (self.sampler, *self.alternative_samplers)
+        if kind not in allowed:
+            raise RetrofitError(f"--sampler {kind}: {self.display_name} checkpoints generate with "
+                                f"{' or '.join(allowed)}")
+        return kind
 
     # ------------------------------------------------------------------ routing
 

@@ -393,8 +393,14 @@ class LLaDA2Family(ModelFamily):
         "llada2-mini-preview": "inclusionAI/LLaDA2.0-mini-preview",
         "llada2-flash": "inclusionAI/LLaDA2.0-flash",
         "dmoe-16b": "FSCCS/dMoE-16B",
+        # LLaDA2.1: the same model_type, architecture and config fields as LLaDA2.0 (2.1-mini's config.json on the
+        # Hub; -flash's from a third-party read of it) and the same MoE/attention code; a new sampler.
+        "llada2.1-mini": "inclusionAI/LLaDA2.1-mini",
+        "llada2.1-flash": "inclusionAI/LLaDA2.1-flash",
     }
     sampler = "llada2"
+    alternative_samplers = ("llada2.1",)
+    hub_samplers = {"llada2.1-mini": "llada2.1", "llada2.1-flash": "llada2.1"}
     training_block = 32  # its SFT: noisy and clean copies side by side, 32-token blocks (dFactory, dMoE)
     hub_routers = {"dmoe-16b": DMOE_ROUTER}
 
