@@ -400,7 +400,12 @@ def validate(
 @router_options
 @sampler_options
 def evaluate(
-    tasks: str = typer.Option(..., "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval task name."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated: mmlu, arc, gsm8k or any lm-eval "
+                                                               "task name (or the --protocol's)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", metavar="NAME", help="A published evaluation "
+                                           "protocol as a preset (tasks, shots, chat template, sampler settings); "
+                                           "flags given here override its values. '--protocol list' describes "
+                                           "them."),
     model: str = typer.Option("llada-moe", "--model", help=f"Model directory, Hub id or registry name "
                                                           f"({_model_names()})."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents of each task (of each "
@@ -426,9 +431,10 @@ def evaluate(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write routing figures of the run "
                                  "(expert load, experts per token, ... by mask ratio, as `retrofit inspect` draws "
                                  "them) into a folder beside the JSON: <output>-routing/."),
-    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="Write every prompt through the "
-                                             "checkpoint's chat template (its tokenizer files'), as Instruct "
-                                             "models are scored by their authors."),
+    apply_chat_template: Optional[bool] = typer.Option(None, "--apply-chat-template/--no-apply-chat-template",
+                                                       help="Write every prompt through the checkpoint's chat "
+                                                            "template (its tokenizer files'), as Instruct models "
+                                                            "are scored by their authors."),
     fewshot_as_multiturn: Optional[bool] = typer.Option(None, "--fewshot-as-multiturn/--no-fewshot-as-multiturn",
                                                         help="Few-shot examples as turns of the conversation "
                                                              "(default with --apply-chat-template: on, as lm-eval)."),
@@ -447,6 +453,7 @@ def evaluate(
     """Evaluate a model with lm-evaluation-harness (likelihood for MMLU/ARC, generation for GSM8K)."""
     from retrofit.eval.adapter import RetrofitLM, resolve_run
     from retrofit.eval.chat import ChatSettings
+    from retrofit.eval.protocols import load_protocol
     from retrofit.eval.estimate import plan_run, total
     from retrofit.eval.runner import prepared_tasks, run_eval, write_record, write_samples
     from retrofit.io.tokenizer_files import require_chat_template
@@ -454,13 +461,28 @@ def evaluate(
     from retrofit.eval.samplers import check_sampler_options
     from retrofit.io.writer import check_writable
 
+    if protocol == "list":
+        _print_protocols()
+        return
+    preset = load_protocol(protocol) if protocol else None
+    if preset is not None:  # the preset's values where no flag was given
+        chosen = preset.merged(dict(tasks=tasks, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                                    fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
+                                    sampler=sampler, sampler_options=sampler_options))
+        tasks, num_fewshot, sampler, sampler_options = (chosen[k] for k in ("tasks", "num_fewshot", "sampler",
+                                                                              "sampler_options"))
+        apply_chat_template, fewshot_as_multiturn, system_instruction = (
+            chosen[k] for k in ("apply_chat_template", "fewshot_as_multiturn", "system_instruction"))
+    if tasks is None:
+        raise RetrofitError("--tasks is needed, e.g. --tasks gsm8k (or a published protocol: --protocol NAME; "
+                            "--protocol list names them)")
     if limit is not None and limit < 1:
         raise RetrofitError(f"--limit {limit}: must be at least 1 (leave it out to evaluate every document)")
     if num_fewshot is not None and num_fewshot < 0:
         raise RetrofitError(f"--num-fewshot {num_fewshot}: must be 0 or more")
     at_least_one(mc_num=mc_num, batch_size=batch_size)  # before the tasks are indexed (seconds)
     check_sampler_options(sampler_options)
-    chat = ChatSettings(apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+    chat = ChatSettings(apply_chat_template=bool(apply_chat_template), fewshot_as_multiturn=fewshot_as_multiturn,
                         system_instruction=system_instruction)
     chat.resolved()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -473,6 +495,8 @@ def evaluate(
     check_writable(output.parent, "the results into")
     with err_console.status("checking tasks"), prepared_tasks(names, data_dir) as prepared:
         with err_console.status("counting requests"):
+            if preset is not None:
+                preset.check_family(_family_of_model(model))
             run = resolve_run(model, router, {**sampler_options, **router_flags}, sampler)
             if chat.apply_chat_template:
                 require_chat_template(run.ckpt.path)
@@ -488,6 +512,8 @@ def evaluate(
                           chat=chat, samples=samples)
     if record is None:  # another rank of a launched run: rank 0 holds the gathered results and writes them
         return
+    if preset is not None:
+        record["settings"]["protocol"] = preset.record()
     out_console.print(_results_table(record, per_subject))  # before writing: a failed write must not lose them
     if limit is not None and "mmlu" in names:
         out_console.print(f"--limit {limit} applies per MMLU subject: up to {limit} documents in each")
@@ -636,6 +662,23 @@ def study(
 
         readme = run_study(chosen, studies_dir / name, work, out, size, progress)
     out_console.print(f"[green]wrote[/] {escape(str(readme))}")
+
+
+def _print_protocols() -> None:
+    from retrofit.eval.protocols import describe, protocols
+
+    for protocol in protocols():
+        out_console.print("\n".join(describe(protocol)), highlight=False, markup=False, soft_wrap=True)
+
+
+def _family_of_model(model: str):
+    """The model family of ``--model`` from its config.json (no weights read)."""
+    from retrofit.io.checkpoint import CheckpointDir
+    from retrofit.io.load import checkpoint_config
+    from retrofit.models import family_of
+    from retrofit.sources import resolve_source
+
+    return family_of(checkpoint_config(CheckpointDir(resolve_source(model, flag="--model").path)))
 
 
 def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, model: str) -> None:
