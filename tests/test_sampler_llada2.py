@@ -149,10 +149,10 @@ def test_threshold_is_strict():
     # Two positions exactly at the threshold are not above it: the share of 1 falls back to the single most confident.
     confidence = torch.tensor([[0.95, 0.95, 0.2, float("-inf")]])
     active = torch.tensor([[True, True, True, False]])
-    assert int(choose_transfers(confidence, active, 1, 0.95)[0].sum()) == 1
-    assert choose_transfers(confidence, active, 1, 0.9)[0].tolist() == [[True, True, False, False]]
+    assert int(choose_transfers(confidence, active, 1, 0.95).sum()) == 1
+    assert choose_transfers(confidence, active, 1, 0.9).tolist() == [[True, True, False, False]]
     # A share larger than the masks left takes them all, never a finished position.
-    assert choose_transfers(confidence, active, 4, 0.99)[0].tolist() == [[True, True, True, False]]
+    assert choose_transfers(confidence, active, 4, 0.99).tolist() == [[True, True, True, False]]
 
 
 def test_minimal_topk_caps_the_steps():

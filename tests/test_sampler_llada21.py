@@ -6,6 +6,7 @@ sampler's options; the block cache on a real tiny model."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,8 @@ from torch import nn
 from retrofit.errors import RetrofitError
 from retrofit.eval import sampler_llada2
 from retrofit.eval.sampler_base import left_pad
-from retrofit.eval.sampler_llada21 import MODES, LLaDA21GenerateArgs, LLaDA21Sampler, generate
+from retrofit.eval.sampler_llada21 import (MODES, LLaDA21GenerateArgs, LLaDA21Sampler, choose_writes, generate,
+                                           sample_tokens)
 from retrofit.eval.samplers import make_sampler
 from tests.test_batched_generation import ROUTERS, _generators, _model, _prompts
 from tests.test_sampler_llada2 import EOS, MASK, NEVER, VOCAB, ContextStub, cut
@@ -125,6 +127,44 @@ def assert_same_answer(ours: torch.Tensor, expected: torch.Tensor, gen_length: i
     assert (ours[len(expected):] == eos_id).all(), (context, ours, expected)
 
 
+# --- one step ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, 2, 0.5), (0.7, 5, None), (1.0, None, 0.8),
+                                                     (1.3, 6, 0.9), (1.0, 0, None)])
+def test_sample_tokens_is_the_reference_sampling(temperature, top_k, top_p):
+    """Same tokens, probabilities and generator state; at temperature 0 the filters are ignored (the argmax's
+    probability is its unfiltered softmax); top_k 0 keeps every token."""
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(3)) * 2
+    s = args(temperature=temperature, top_k=top_k, top_p=top_p)
+    ours_g, ref_g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    token, prob = sample_tokens(logits.unsqueeze(0), s, ours_g)
+    expected_token, expected_prob = ref_sample(logits, s, ref_g)
+    assert torch.equal(token[0], expected_token) and torch.equal(prob[0], expected_prob)
+    assert torch.equal(ours_g.get_state(), ref_g.get_state())
+
+
+def test_choose_writes():
+    """Fills above the threshold (strictly), else the most confident; edits only written, non-prompt positions
+    whose token changed, strictly above the editing threshold."""
+    M = MASK
+    old = torch.tensor([[M, M, 5, 6], [9, M, M, 6], [3, 4, 5, 6]])
+    candidate = torch.tensor([[3, 4, 5, 7], [8, 4, 4, 6], [3, 4, 5, 7]])
+    probability = torch.tensor([[0.9, 0.95, 0.99, 0.6], [0.99, 0.3, 0.2, 0.99], [0.9, 0.9, 0.9, 0.5]])
+    editable = torch.tensor([[True] * 4, [False, True, True, True], [True] * 4])  # row 1: position 0 is prompt
+    s = args(threshold=0.9, editing_threshold=0.5)
+    writes, edits = choose_writes(candidate, probability, old, editable, s, M)
+    assert writes.tolist() == [[False, True, False, True], [False, True, False, False], [False] * 4]
+    assert edits.any(1).tolist() == [True, False, False]
+    # Fewer confident than num_to_transfer: the top num_to_transfer instead, at most the masks left.
+    two = args(threshold=0.9, editing_threshold=1.5, num_to_transfer=2)
+    writes, _ = choose_writes(candidate[:2], probability[:2], old[:2], editable[:2], two, M)
+    assert writes.tolist() == [[True, True, False, False], [False, True, True, False]]
+    one_left = torch.tensor([[3, M, 5, 6]])
+    writes, _ = choose_writes(candidate[:1], probability[:1], one_left, editable[:1], two, M)
+    assert writes.tolist() == [[False, True, False, False]]
+
+
 # --- parity -----------------------------------------------------------------------------------------------------------
 
 # name: (settings, stub scale, rules that must fire over the seeds, rules that must never fire)
@@ -147,6 +187,8 @@ PARITY = {
     "early stop, block 8": (dict(gen_length=21, denoise_block=8, threshold=0.5, editing_threshold=0.0,
                                  eos_early_stop=True, max_post_steps=2), 3.0,
                             ALWAYS | {"edit", "budget", "early stop"}, set()),
+    "greedy, filters ignored": (dict(gen_length=10, top_k=2, top_p=0.5, threshold=0.7, editing_threshold=0.5), 3.0,
+                                ALWAYS | {"edit"}, set()),
     "two a step": (dict(gen_length=13, threshold=0.8, editing_threshold=0.6, num_to_transfer=2), 3.0,
                    ALWAYS | {"edit"}, set()),
     "sampled 0.7, top-k": (dict(gen_length=10, temperature=0.7, top_k=5, threshold=0.7, editing_threshold=0.5), 3.0,
@@ -294,7 +336,8 @@ def mask_last_when_full(block: list[int]) -> list[tuple[int, float]]:
 @pytest.mark.parametrize("rule", [mask_first, mask_last_when_full])
 def test_a_predicted_mask_token_is_decoded_again_as_in_the_reference(rule):
     """The reference counts the block's masks from its tokens at every step: a mask token written by a fill or an
-    edit leaves the position masked, and a later step fills it. The answer never holds a mask token."""
+    edit leaves the position masked, and a later step fills it; the answer holds no mask token. (A sampler that
+    counts the fills it made instead believes the block unmasked too soon and ends it with a mask left.)"""
     s = args(gen_length=4, threshold=0.9, editing_threshold=0.5, max_post_steps=2)
     prompt = torch.tensor([[7, 8, 9, 10]])
     ours_model, spec_model = ScriptStub(rule), ScriptStub(rule)
@@ -302,6 +345,19 @@ def test_a_predicted_mask_token_is_decoded_again_as_in_the_reference(rule):
     assert expected.tolist() == [3, 4, 5, 6]
     ours = generate(ours_model, prompt, MASK, NEVER, s)
     assert ours.tolist() == [[3, 4, 5, 6]]
+    assert len(ours_model.calls) == len(spec_model.calls)
+
+
+def test_llada2_recounts_masks_as_its_reference_too():
+    """The same rule in LLaDA2.0's sampler: a position given the mask token is decoded again by a later step."""
+    from tests.test_sampler_llada2 import spec_generate as spec_generate_20
+
+    s = sampler_llada2.LLaDA2GenerateArgs(gen_length=4, denoise_block=4, steps=4, threshold=0.9, sampling="greedy")
+    prompt = torch.tensor([[7, 8, 9, 10]])
+    ours_model, spec_model = ScriptStub(mask_first), ScriptStub(mask_first)
+    expected, _ = spec_generate_20(spec_model, prompt, MASK, NEVER, s, None)
+    assert expected.tolist() == [3, 4, 5, 6]
+    assert sampler_llada2.generate(ours_model, prompt, MASK, NEVER, s).tolist() == [[3, 4, 5, 6]]
     assert len(ours_model.calls) == len(spec_model.calls)
 
 
@@ -333,6 +389,9 @@ def test_without_edits_a_block_decodes_as_llada2_with_one_token_a_step(threshold
         old_model, new_model = ContextStub(seed=seed, scale=3.0), ContextStub(seed=seed, scale=3.0)
         expected = sampler_llada2.generate(old_model, prompt, MASK, EOS, old)
         assert torch.equal(generate(new_model, prompt, MASK, EOS, new), expected), seed
+        # Without the early stop 2.1 decodes the later blocks too, but the answer, cut at its eos, is the same.
+        later = generate(ContextStub(seed=seed, scale=3.0), prompt, MASK, EOS, replace(new, eos_early_stop=False))
+        assert torch.equal(later, expected), seed
         before, after = windows(old_model), windows(new_model)
         assert list(before) == list(after)
         for length in before:
@@ -407,7 +466,9 @@ def test_forwards_with_the_cache():
 
 
 class Counted:
-    """A model wrapper counting full and cached forwards (a cached one computes only a span)."""
+    """A model wrapper counting full and cached forwards (a cached one computes only a span). It never predicts
+    its mask token, as a trained checkpoint practically never does: a step that writes the mask token leaves the
+    position masked (the reference decodes it again), the one case the plan's bound does not cover."""
 
     def __init__(self, model):
         self.model, self.full, self.cached = model, 0, 0
@@ -417,7 +478,9 @@ class Counted:
             self.full += 1
         else:
             self.cached += 1
-        return self.model(**kwargs)
+        out = self.model(**kwargs)
+        out.logits[..., self.model.config.mask_token_id] = float("-inf")
+        return out
 
 
 @pytest.mark.parametrize("refresh", [0, 2])
@@ -432,7 +495,7 @@ def test_the_block_cache_generates_what_no_cache_does(refresh, temperature):
     plain = make_sampler("llada2.1", options)
     cached = make_sampler("llada2.1", {**options, "cache": "dual", "cache_refresh": refresh})
     counted = Counted(model)
-    expected = plain.generate(model, prompts, mask, eos, _generators(len(prompts)))
+    expected = plain.generate(Counted(model), prompts, mask, eos, _generators(len(prompts)))
     assert torch.equal(cached.generate(counted, prompts, mask, eos, _generators(len(prompts))), expected)
     bound = cached.forwards()
     assert counted.cached and counted.full <= bound.full and counted.cached <= bound.cached

@@ -64,7 +64,11 @@ class LLaDA2Sampler(Sampler):
 
     def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
         ids, lengths = left_pad(prompts, mask_id, device)
-        return generate(model, ids, mask_id, eos_id, self.settings, generators, lengths=lengths)
+        return self.decode(model, ids, mask_id, eos_id, self.settings, generators, lengths=lengths)
+
+    @staticmethod
+    def decode(*args, **kwargs) -> torch.Tensor:
+        return generate(*args, **kwargs)
 
     def forwards(self) -> Forwards:
         # Blocks from the one holding the prompt's end: gen_length / block of them, one more when the prompt
@@ -76,20 +80,17 @@ class LLaDA2Sampler(Sampler):
 
 
 @dataclass(frozen=True)
-class LLaDA2GenerateArgs:
-    """The reference ``generate`` arguments (spec §5.1). ``sampling="reference"`` keeps the Hub code's quirk (§5.3):
-    at temperature 0 it still draws from the untempered softmax. ``"greedy"`` takes the argmax at temperature 0.
-    The two agree at any temperature above 0."""
+class BlockDiffusionArgs:
+    """The arguments both LLaDA2.x ``generate`` functions take (with the reference defaults), their cache and the
+    checks they share."""
+
     gen_length: int = 2048
     denoise_block: int = 32
-    steps: int = 32
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
     threshold: float = 0.95
-    minimal_topk: int = 1
     eos_early_stop: bool = False
-    sampling: Literal["reference", "greedy"] = "reference"
     cache: Literal["none", "prefix", "dual"] = "none"  # prefix and dual: the same here (no suffix in the window)
     cache_refresh: int = 0
 
@@ -98,12 +99,9 @@ class LLaDA2GenerateArgs:
         return refreshes(step, self.cache, self.cache_refresh)
 
     def check(self) -> None:
-        for name in ("gen_length", "denoise_block", "steps", "minimal_topk"):
+        for name in ("gen_length", "denoise_block"):
             if getattr(self, name) < 1:
                 raise RetrofitError(f"{name} ({getattr(self, name)}) must be at least 1")
-        if self.minimal_topk > self.gen_length:
-            raise RetrofitError(f"minimal_topk ({self.minimal_topk}) must not exceed gen_length ({self.gen_length}): "
-                                "it would leave no denoising steps")
         if self.temperature < 0:
             raise RetrofitError(f"temperature ({self.temperature}) must not be negative")
         if not 0 < self.threshold <= 1:
@@ -112,6 +110,25 @@ class LLaDA2GenerateArgs:
             raise RetrofitError(f"top_p ({self.top_p}) must be in (0, 1], or None to keep every token")
         if self.top_k is not None and self.top_k < 1:
             raise RetrofitError(f"top_k ({self.top_k}) must be at least 1, or None to keep every token")
+
+
+@dataclass(frozen=True)
+class LLaDA2GenerateArgs(BlockDiffusionArgs):
+    """The reference ``generate`` arguments (spec §5.1). ``sampling="reference"`` keeps the Hub code's quirk (§5.3):
+    at temperature 0 it still draws from the untempered softmax. ``"greedy"`` takes the argmax at temperature 0.
+    The two agree at any temperature above 0."""
+    steps: int = 32
+    minimal_topk: int = 1
+    sampling: Literal["reference", "greedy"] = "reference"
+
+    def check(self) -> None:
+        super().check()
+        for name in ("steps", "minimal_topk"):
+            if getattr(self, name) < 1:
+                raise RetrofitError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.minimal_topk > self.gen_length:
+            raise RetrofitError(f"minimal_topk ({self.minimal_topk}) must not exceed gen_length ({self.gen_length}): "
+                                "it would leave no denoising steps")
         if self.sampling not in ("reference", "greedy"):
             raise RetrofitError(f"sampling ({self.sampling!r}) must be 'reference' or 'greedy'")
 
@@ -174,28 +191,15 @@ def sample_tokens(logits: torch.Tensor, settings: LLaDA2GenerateArgs, generator)
     return token, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
-def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int, threshold: float,
-                     active_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
-    """Which positions of each row to unmask this step, and how many per row. If at least ``share`` are confident
-    above ``threshold`` (strictly), take all of them. Otherwise take the ``share`` most confident, or every active
-    one if fewer are left. ``torch.topk`` per row keeps the reference's choice among equal confidences.
-
-    The counts the choice depends on come to the host in one transfer (the active counts too, unless the caller
-    keeps them, as :func:`generate` does): one synchronisation per step on a GPU, not two per row."""
+def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int, threshold: float) -> torch.Tensor:
+    """Which positions of each row to unmask this step. If at least ``share`` are confident above ``threshold``
+    (strictly), all of them; otherwise the ``share`` most confident, or every active one if fewer are left
+    (``confidence`` is -inf where not active). ``torch.topk`` per row keeps the reference's choice among equal
+    confidences. Decided on the device: no transfer to the host."""
     confident = confidence > threshold
-    counts = (confident.sum(1) if active_counts is not None else
-              torch.stack([confident.sum(1), active.sum(1)])).cpu().tolist()
-    confident_counts, active_counts = (counts, active_counts) if active_counts is not None else counts
-    chosen = torch.zeros_like(active)
-    taken = []
-    for row, (sure, left) in enumerate(zip(confident_counts, active_counts)):
-        if sure >= share:
-            chosen[row] = confident[row]
-            taken.append(sure)
-        else:
-            chosen[row, confidence[row].topk(min(share, left)).indices] = True
-            taken.append(min(share, left))
-    return chosen, taken
+    top = confidence.topk(min(share, confidence.shape[1]), dim=1).indices
+    most = torch.zeros_like(active).scatter(1, top, True) & active
+    return torch.where(confident.sum(1, keepdim=True) >= share, confident, most)
 
 
 def early_stopped(window: torch.Tensor, written: torch.Tensor, mask_id: int, eos_id: int,
@@ -228,6 +232,24 @@ def finish(x: torch.Tensor, prompt_ends: list[int], gen_length: int, eos_id: int
     return out
 
 
+def lay_out_blocks(prompt: torch.Tensor, lengths: list[int] | None, block: int, gen_length: int, mask_id: int):
+    """The prompts (left-padded ``[batch, P]``, row b's prompt its last ``lengths[b]`` columns) and ``gen_length``
+    masks after each, laid out for block diffusion: ``(x, layout, start, prompt_ends, rounds)``. A row's blocks
+    count from its own first token. Padding each row by whole blocks, so that every row's first denoised block (the
+    one holding its prompt's end) starts at column ``start``, keeps the block boundaries at the same columns in
+    every row: one window and one current block serve the whole batch. ``rounds``: the blocks each row denoises."""
+    batch, width = prompt.shape
+    lengths = [width] * batch if lengths is None else list(lengths)
+    firsts = [n // block * block for n in lengths]
+    start = max(firsts)
+    pads = [start - first for first in firsts]
+    rounds = [-(-(n + gen_length) // block) - n // block for n in lengths]
+    host = prompt.tolist()
+    x = lay_out([row[width - n:] for row, n in zip(host, lengths)], pads, start + max(rounds) * block, mask_id,
+                prompt.device)
+    return x, RowLayout(tuple(pads)), start, [pad + n for pad, n in zip(pads, lengths)], rounds
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: LLaDA2GenerateArgs,
              generator=None, on_step=None, lengths: list[int] | None = None) -> torch.Tensor:
@@ -242,20 +264,10 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     keeps its tokens and sits out the next forwards; its answer cannot change, since every position before its eos
     is decoded. The batch stops when every row has stopped, like the reference's single row."""
     settings.check()
-    batch, width = prompt.shape
+    batch = prompt.shape[0]
     block, steps = settings.denoise_block, settings.block_steps
-    lengths = [width] * batch if lengths is None else list(lengths)
-    # A row's blocks count from its own first token. Padding each row by whole blocks, so that every row's first
-    # denoised block (the one holding its prompt's end) starts at the same column, keeps the block boundaries at
-    # the same columns in every row: one window and one current block serve the whole batch.
-    firsts = [n // block * block for n in lengths]
-    start = max(firsts)
-    pads = [start - first for first in firsts]
-    rounds = [-(-(n + settings.gen_length) // block) - n // block for n in lengths]  # blocks each row denoises
-    host = prompt.tolist()
-    x = lay_out([row[width - n:] for row, n in zip(host, lengths)], pads, start + max(rounds) * block, mask_id, prompt.device)
-    layout = RowLayout(tuple(pads))
-    prompt_ends = [pad + n for pad, n in zip(pads, lengths)]
+    x, layout, start, prompt_ends, rounds = lay_out_blocks(prompt, lengths, block, settings.gen_length, mask_id)
+    pads = list(layout.pads)
     generated = torch.arange(x.shape[1], device=x.device) >= torch.tensor(prompt_ends, device=x.device).unsqueeze(1)
     generators = row_generators(generator, batch)
     schedule = transfer_schedule(block, steps).tolist()
@@ -270,8 +282,7 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
         # the experts its tokens use (dMoE's expert count).
         current_block = torch.zeros_like(window, dtype=torch.bool)
         current_block[:, end - block:] = True
-        # Masks left per row, kept on the host from here on (one transfer per block): whether a step is needed and
-        # how many positions a row can still give are then known without asking the device.
+        # Masks left per row, on the host: whether a row needs a step is known without asking the device.
         remaining = (tokens == mask_id).sum(1).cpu().tolist()
         for step in range(steps):
             rows = [b for b in range(batch) if not stopped[b] and remaining[b]]
@@ -284,15 +295,16 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
             draws = generator if generators is None else [generators[b] for b in rows]
             candidate, probability = sample_tokens(logits.float(), settings, draws)
             confidence = probability.masked_fill(~active, float("-inf"))
-            chosen, taken = choose_transfers(confidence, active, schedule[step], settings.threshold,
-                                             [remaining[b] for b in rows])
-            for b, took in zip(rows, taken):
-                remaining[b] -= took
+            chosen = choose_transfers(confidence, active, schedule[step], settings.threshold)
             decoded = torch.where(chosen, candidate, tokens if some is None else tokens[rows])
             if some is None:
                 tokens.copy_(decoded)  # no boolean indexing: no synchronisation
             else:
                 tokens[rows] = decoded
+            # Counted again, as the reference does each step (a position given the mask token stays masked): the
+            # step's one transfer to the host.
+            for b, left in zip(rows, (decoded == mask_id).sum(1).cpu().tolist()):
+                remaining[b] = left
             if on_step:
                 on_step()
             if settings.eos_early_stop:

@@ -20,7 +20,7 @@ Written from the public ``generate`` of LLaDA2.1's Hub modeling file, as copied 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators
-from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, check_cache_options, left_pad,
-                                        refreshes)
-from retrofit.eval.sampler_llada2 import draw, finish, keep_top_k, keep_top_p
+from retrofit.eval.padding import block_logits, row_generators
+from retrofit.eval.sampler_base import SamplerSettings, check_cache_options
+from retrofit.eval.sampler_llada2 import (BlockDiffusionArgs, LLaDA2Sampler, choose_transfers, draw, finish, keep_top_k,
+                                          keep_top_p, lay_out_blocks)
 from retrofit.models.kv_cache import BlockCache
 
 # (threshold, editing_threshold) of the published decoding modes.
@@ -56,7 +56,9 @@ class LLaDA21SamplerSettings(SamplerSettings):
     early_stop: bool = False
 
 
-class LLaDA21Sampler(Sampler):
+class LLaDA21Sampler(LLaDA2Sampler):
+    """LLaDA2.0's sampler class (its batching and plan) with LLaDA2.1's settings and decoding."""
+
     kind = "llada2.1"
     display_name = "LLaDA2.1"
     settings_class = LLaDA21SamplerSettings
@@ -77,54 +79,35 @@ class LLaDA21Sampler(Sampler):
             max_post_steps=options.max_post_steps, eos_early_stop=options.early_stop, cache=options.cache,
             cache_refresh=options.cache_refresh)
 
-    def generate(self, model, prompts, mask_id, eos_id, generators=None, device="cpu"):
-        ids, lengths = left_pad(prompts, mask_id, device)
-        return generate(model, ids, mask_id, eos_id, self.settings, generators, lengths=lengths)
-
-    def forwards(self) -> Forwards:
-        # Each block: at most one step per num_to_transfer of its positions while masks remain, then the post
-        # steps; full forwards at the refreshes (the first step, every cache_refresh steps), cached ones between.
-        s = self.settings
-        blocks = -(-s.gen_length // s.denoise_block) + 1
-        steps = s.block_steps_at_most
-        full = sum(s.refreshes(step) for step in range(steps))
-        return Forwards(blocks * full, blocks * (steps - full), at_most=True)
+    @staticmethod
+    def decode(*args, **kwargs) -> torch.Tensor:
+        return generate(*args, **kwargs)
 
 
 @dataclass(frozen=True)
-class LLaDA21GenerateArgs:
-    """The reference ``generate`` arguments and defaults (``steps`` and ``minimal_topk`` left out: unused)."""
+class LLaDA21GenerateArgs(BlockDiffusionArgs):
+    """The reference ``generate`` arguments and defaults (``steps`` and ``minimal_topk`` left out: unused; top-k
+    of 0 or less keeps every token, as the reference's)."""
 
-    gen_length: int = 2048
-    denoise_block: int = 32
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    threshold: float = 0.95
     editing_threshold: float = 0.9
     max_post_steps: int = 16
     num_to_transfer: int = 1
-    eos_early_stop: bool = False
-    cache: Literal["none", "prefix", "dual"] = "none"  # prefix and dual: the same (no suffix in the window)
-    cache_refresh: int = 0
-
-    def refreshes(self, step: int) -> bool:
-        return refreshes(step, self.cache, self.cache_refresh)
 
     @property
-    def block_steps_at_most(self) -> int:
+    def block_steps(self) -> int:
+        """Forwards a block takes at most: one per ``num_to_transfer`` of its positions while masks remain (each
+        fills at least that many), then the post steps. Unless the model predicts its own mask token: that
+        position stays masked and is decoded again, as in the reference (trained checkpoints practically never
+        predict it)."""
         return -(-self.denoise_block // self.num_to_transfer) + self.max_post_steps
 
     def check(self) -> None:
-        for name in ("gen_length", "denoise_block", "num_to_transfer"):
-            if getattr(self, name) < 1:
-                raise RetrofitError(f"{name} ({getattr(self, name)}) must be at least 1")
+        super().check() if not (self.top_k is not None and self.top_k <= 0) else \
+            BlockDiffusionArgs.check(replace(self, top_k=None))
+        if self.num_to_transfer < 1:
+            raise RetrofitError(f"num_to_transfer ({self.num_to_transfer}) must be at least 1")
         if self.max_post_steps < 0:
             raise RetrofitError(f"max_post_steps ({self.max_post_steps}) must not be negative")
-        if self.temperature < 0:
-            raise RetrofitError(f"temperature ({self.temperature}) must not be negative")
-        if not 0 < self.threshold <= 1:
-            raise RetrofitError(f"threshold ({self.threshold}) must be in (0, 1]")
         if self.editing_threshold < 0:
             raise RetrofitError(f"editing_threshold ({self.editing_threshold}) must not be negative")
 
@@ -144,27 +127,14 @@ def sample_tokens(logits: torch.Tensor, settings: LLaDA21GenerateArgs, generator
 
 
 def choose_writes(candidate: torch.Tensor, probability: torch.Tensor, old: torch.Tensor, editable: torch.Tensor,
-                  masks_left: list[int], settings: LLaDA21GenerateArgs, mask_id: int) -> tuple[torch.Tensor, list[int], list[bool]]:
-    """Which positions of each row this step writes, how many masks each row fills, and whether it edited any
-    token. ``editable``: the block's non-prompt positions. One transfer of counts to the host per step."""
+                  settings: LLaDA21GenerateArgs, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions of each row this step writes, and which of them are edits. ``editable``: the block's
+    non-prompt positions. Decided on the device: no transfer to the host."""
     active = old == mask_id
     confidence = probability.masked_fill(~active, float("-inf"))
-    confident = confidence > settings.threshold
+    fills = choose_transfers(confidence, active, settings.num_to_transfer, settings.threshold)
     edits = ~active & editable & (probability > settings.editing_threshold) & (candidate != old)
-    confident_counts, edit_counts = torch.stack([confident.sum(1), edits.sum(1)]).cpu().tolist()
-    fills = torch.zeros_like(active)
-    filled = []
-    for row, (sure, left) in enumerate(zip(confident_counts, masks_left)):
-        if not left:
-            filled.append(0)
-        elif sure >= settings.num_to_transfer:
-            fills[row] = confident[row]
-            filled.append(sure)
-        else:
-            take = min(settings.num_to_transfer, left)
-            fills[row, confidence[row].topk(take).indices] = True
-            filled.append(take)
-    return fills | edits, filled, [n > 0 for n in edit_counts]
+    return fills | edits, edits
 
 
 @torch.no_grad()
@@ -174,18 +144,8 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     rest set to eos). ``lengths``: each row's prompt length when the rows are left-padded to P; ``generator``: one,
     or a list of one per row."""
     settings.check()
-    batch, width = prompt.shape
-    block = settings.denoise_block
-    lengths = [width] * batch if lengths is None else list(lengths)
-    firsts = [n // block * block for n in lengths]
-    start = max(firsts)
-    pads = [start - first for first in firsts]
-    rounds = [-(-(n + settings.gen_length) // block) - n // block for n in lengths]  # blocks each row denoises
-    host = prompt.tolist()
-    x = lay_out([row[width - n:] for row, n in zip(host, lengths)], pads, start + max(rounds) * block, mask_id,
-                prompt.device)
-    layout = RowLayout(tuple(pads))
-    prompt_ends = [pad + n for pad, n in zip(pads, lengths)]
+    batch, block = prompt.shape[0], settings.denoise_block
+    x, layout, start, prompt_ends, rounds = lay_out_blocks(prompt, lengths, block, settings.gen_length, mask_id)
     columns = torch.arange(x.shape[1], device=x.device)
     prompt_part = columns < torch.tensor(prompt_ends, device=x.device).unsqueeze(1)
     generators = row_generators(generator, batch)
@@ -215,16 +175,18 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
                                   settings.refreshes(step), maskable=current_block, attention_blocks=block)
             draws = generator if generators is None else [generators[b] for b in rows]
             candidate, probability = sample_tokens(logits.float(), settings, draws)
-            writes, filled, edited = choose_writes(candidate, probability, old, editable[rows],
-                                                   [masks_left[b] for b in rows], settings, mask_id)
+            writes, edits = choose_writes(candidate, probability, old, editable[rows], settings, mask_id)
             decoded = torch.where(writes, candidate, old)
             if some is None:
                 tokens.copy_(decoded)
             else:
                 tokens[rows] = decoded
-            for b, n, changed in zip(rows, filled, edited):
+            # Masks are counted again, as the reference does each step: a write may itself be the mask token.
+            # One transfer to the host per step.
+            masks_now, edited = torch.stack([(decoded == mask_id).sum(1), edits.sum(1)]).cpu().tolist()
+            for b, left, changed in zip(rows, masks_now, edited):
                 done[b] = not masks_left[b] and not changed  # a step that began unmasked and edited nothing
-                masks_left[b] -= n
+                masks_left[b] = left
             step += 1
             if on_step:
                 on_step()
