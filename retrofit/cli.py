@@ -489,7 +489,9 @@ def evaluate(
     if not names:
         raise RetrofitError("--tasks is empty; e.g. --tasks gsm8k or --tasks mmlu,arc")
     if write_tasks is not None:
-        _write_task_files(names, data_dir, write_tasks, model)
+        model_args = {**({"sampler": sampler} if sampler else {}), **({"router": router} if router else {}),
+                      **sampler_options, **router_flags}
+        _write_task_files(names, data_dir, write_tasks, model, model_args, _lm_eval_options(chat, num_fewshot, limit))
         return
     output = output or Path("out") / "eval" / f"{Path(model).name}-{'-'.join(names)}.json"
     check_writable(output.parent, "the results into")
@@ -681,8 +683,22 @@ def _family_of_model(model: str):
     return family_of(checkpoint_config(CheckpointDir(resolve_source(model, flag="--model").path)))
 
 
-def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, model: str) -> None:
-    """The offline task files, and the lm_eval line that runs them on ``model`` (--model), as printed."""
+def _lm_eval_options(chat, num_fewshot: Optional[int], limit: Optional[int]) -> list[str]:
+    """lm-eval's own flags for the chat settings, shots and limit of this run."""
+    chat = chat.resolved()
+    options = ["--num_fewshot", str(num_fewshot)] if num_fewshot is not None else []
+    options += ["--limit", str(limit)] if limit is not None else []
+    if chat.apply_chat_template:
+        options += ["--apply_chat_template", "--fewshot_as_multiturn", str(chat.fewshot_as_multiturn).lower()]
+    if chat.system_instruction is not None:
+        options += ["--system_instruction", chat.system_instruction]
+    return options
+
+
+def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, model: str,
+                      model_args: dict | None = None, options: list[str] | None = None) -> None:
+    """The offline task files, and the lm_eval line that runs them on ``model`` (--model) with this run's settings,
+    as printed."""
     from retrofit.eval.tasks import expand, lm_eval_command, write_local_tasks
 
     if data_dir is None:
@@ -693,7 +709,8 @@ def _write_task_files(names: list[str], data_dir: Optional[Path], folder: Path, 
         raise RetrofitError(f"no offline variant for {', '.join(names)}; offline variants exist for mmlu, arc, gsm8k")
     tasks = ",".join(written.values())
     out_console.print(f"[green]wrote[/] {escape(str(folder))}: {escape(tasks)}")
-    out_console.print(f"run: {escape(lm_eval_command(model, folder, tasks))}", highlight=False, soft_wrap=True)
+    out_console.print(f"run: {escape(lm_eval_command(model, folder, tasks, model_args, options))}", highlight=False,
+                      soft_wrap=True)
 
 
 def _results_table(record: dict, per_subject: bool = False) -> Table:

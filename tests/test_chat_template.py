@@ -5,6 +5,7 @@ sending templated prompts, and the one-line refusals."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,18 +114,23 @@ def test_eval_sends_templated_prompts(tmp_path, snapshot):
 
 @pytest.mark.slow
 def test_lm_eval_command_line_applies_the_template(tmp_path, snapshot):
+    """`--write-tasks` prints the lm_eval line with this run's chat settings, shots, limit and sampler options;
+    run as printed, lm-eval sends templated prompts through the adapter."""
     tasks = tmp_path / "tasks"
-    assert runner.invoke(app, ["eval", "--tasks", "gsm8k", "--data-dir", str(shared_data_dir()), "--write-tasks",
-                               str(tasks), "--model", str(snapshot)]).exit_code == 0
-    lm_eval = Path(sys.executable).with_name("lm_eval")
-    command = [str(lm_eval), "--model", "retrofit", "--model_args", f"pretrained={snapshot},gen_length=8,progress=false",
-               "--include_path", str(tasks), "--tasks", "retrofit_gsm8k", "--limit", "1", "--num_fewshot", "1",
-               "--apply_chat_template", "--log_samples", "--output_path", str(tmp_path / "out")]
+    result = runner.invoke(app, ["eval", "--tasks", "gsm8k", "--data-dir", str(shared_data_dir()), "--write-tasks",
+                                 str(tasks), "--model", str(snapshot), "--apply-chat-template", "--num-fewshot", "1",
+                                 "--limit", "1", "--gen-length", "8"])
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split()).split("run: ")[1]
+    assert printed.endswith("--num_fewshot 1 --limit 1 --apply_chat_template --fewshot_as_multiturn true")
+    assert f"pretrained={snapshot},gen_length=8 " in printed
+    command = [str(Path(sys.executable).with_name("lm_eval")), *shlex.split(printed)[1:], "--log_samples",
+               "--output_path", str(tmp_path / "out"), "--model_args", f"pretrained={snapshot},gen_length=8,progress=false"]
     subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
     [samples] = list((tmp_path / "out").rglob("samples_*.jsonl"))
     prompt = json.loads(samples.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.startswith("<role>SYSTEM</role>detailed thinking off<|role_end|><role>HUMAN</role>Question:")
-    assert prompt.endswith("<role>ASSISTANT</role>")
+    assert prompt.count("<role>HUMAN</role>") == 2 and prompt.endswith("<role>ASSISTANT</role>")
 
 
 def test_a_base_model_without_template_is_refused_before_loading(tmp_path, snapshot):

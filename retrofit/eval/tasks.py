@@ -164,10 +164,13 @@ def write_local_tasks(tasks: list[str], data_dir: Path, workdir: Path) -> dict[s
     return mapping
 
 
-def lm_eval_command(model: str, folder: Path, tasks: str) -> str:
+def lm_eval_command(model: str, folder: Path, tasks: str, model_args: dict | None = None,
+                    options: list[str] | None = None) -> str:
     """The ``lm_eval`` command line that runs the task files written into ``folder`` on ``model``, quoted for a
-    shell: what ``retrofit eval --write-tasks`` prints (a test runs it as printed)."""
+    shell: what ``retrofit eval --write-tasks`` prints (a test runs it as printed). ``model_args``: the sampler and
+    router options (``key=value`` after ``pretrained``); ``options``: lm-eval's own flags (chat template, shots)."""
     import shlex
 
-    return shlex.join(["lm_eval", "--model", "retrofit", "--model_args", f"pretrained={model}", "--include_path",
-                       str(folder), "--tasks", tasks])
+    args = ",".join([f"pretrained={model}", *(f"{k}={v}" for k, v in (model_args or {}).items())])
+    return shlex.join(["lm_eval", "--model", "retrofit", "--model_args", args, "--include_path", str(folder),
+                       "--tasks", tasks, *(options or [])])
