@@ -465,14 +465,14 @@ def evaluate(
         _print_protocols()
         return
     preset = load_protocol(protocol) if protocol else None
+    chosen = dict(tasks=tasks, num_fewshot=num_fewshot, sampler=sampler, sampler_options=sampler_options,
+                  apply_chat_template=bool(apply_chat_template), fewshot_as_multiturn=fewshot_as_multiturn,
+                  system_instruction=system_instruction)
     if preset is not None:  # the preset's values where no flag was given
-        chosen = preset.merged(dict(tasks=tasks, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
-                                    fewshot_as_multiturn=fewshot_as_multiturn, system_instruction=system_instruction,
-                                    sampler=sampler, sampler_options=sampler_options))
-        tasks, num_fewshot, sampler, sampler_options = (chosen[k] for k in ("tasks", "num_fewshot", "sampler",
-                                                                              "sampler_options"))
-        apply_chat_template, fewshot_as_multiturn, system_instruction = (
-            chosen[k] for k in ("apply_chat_template", "fewshot_as_multiturn", "system_instruction"))
+        chosen = preset.merged({**chosen, "apply_chat_template": apply_chat_template})
+    tasks, num_fewshot, sampler, sampler_options = (chosen.pop(k) for k in ("tasks", "num_fewshot", "sampler",
+                                                                          "sampler_options"))
+    chat = ChatSettings(**chosen)
     if tasks is None:
         raise RetrofitError("--tasks is needed, e.g. --tasks gsm8k (or a published protocol: --protocol NAME; "
                             "--protocol list names them)")
@@ -482,8 +482,6 @@ def evaluate(
         raise RetrofitError(f"--num-fewshot {num_fewshot}: must be 0 or more")
     at_least_one(mc_num=mc_num, batch_size=batch_size)  # before the tasks are indexed (seconds)
     check_sampler_options(sampler_options)
-    chat = ChatSettings(apply_chat_template=bool(apply_chat_template), fewshot_as_multiturn=fewshot_as_multiturn,
-                        system_instruction=system_instruction)
     chat.resolved()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
