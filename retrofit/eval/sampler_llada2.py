@@ -40,8 +40,8 @@ class LLaDA2SamplerSettings(SamplerSettings):
         "the current block only"))
     cache_refresh: int = Field(default=0, ge=0, description="also refresh the cache every this many steps")
     early_stop: bool = Field(default=False, description=(
-        "llada2, llada2.1: stop a row once its answer is decoded up to an eos (the reference's eos_early_stop; "
-        "llada2.1 checks after each block)"))
+        "stop a row once its answer is decoded up to an eos (the reference's eos_early_stop; llada2.1 checks "
+        "after each block)"))
     sampling: Literal["reference", "greedy"] | None = Field(default=None, description=(
         "at temperature 0: reference (draw from the softmax, as the published generate() does; the default) or "
         "greedy (argmax)"))

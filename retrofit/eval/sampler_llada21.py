@@ -43,14 +43,14 @@ class LLaDA21SamplerSettings(SamplerSettings):
 
     type: Literal["llada2.1"] = "llada2.1"
     sampler_mode: Literal["speed", "quality"] = Field(default="quality", description=(
-        "LLaDA2.1's decoding mode: speed (threshold 0.5, every changed prediction written back) or quality "
+        "decoding mode: speed (threshold 0.5, every changed prediction written back) or quality "
         "(threshold 0.7, edits above 0.5); --threshold and --editing-threshold override its values"))
     threshold: float | None = Field(default=None, gt=0, le=1)
     editing_threshold: float | None = Field(default=None, ge=0, description=(
-        "llada2.1 token editing: a written token whose prediction changed is replaced when the new one is more "
-        "confident than this (0: always; above 1: never)"))
+        "token editing: a written token whose prediction changed is replaced when the new one is more confident "
+        "than this (0: always; above 1: never)"))
     max_post_steps: int = Field(default=16, ge=0, description=(
-        "llada2.1: forwards a block may still take for edits once it holds no mask"))
+        "forwards a block may still take for edits once it holds no mask"))
     cache: Literal["none", "prefix", "dual"] = "none"
     cache_refresh: int = Field(default=0, ge=0)
     early_stop: bool = False
