@@ -148,9 +148,9 @@ def _router_names() -> str:
 def _model_names() -> str:
     """Every name --src/--model takes besides paths and Hub ids, from the registries."""
     from retrofit.models import hub_models
-    from retrofit.sources import EMBEDDED, GENERATED
+    from retrofit.sources import BUILT, EMBEDDED, GENERATED
 
-    return ", ".join([*hub_models(), *EMBEDDED, *GENERATED])
+    return ", ".join([*hub_models(), *EMBEDDED, *BUILT, *GENERATED])
 
 
 @app.command()

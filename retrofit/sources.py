@@ -17,6 +17,11 @@ from retrofit.models import hub_models
 EMBEDDED: dict[str, str] = {"tiny": "the embedded tiny pretrained model"}
 # Models generated on first use into the cache: random weights, for trying the pipeline, not for quality.
 GENERATED = {"tiny-random": "a tiny random-weight LLaDA-MoE (seed 0), generated on first use"}
+# Pretrained models too large to ship, built into the cache by a documented command (name -> (what, command)).
+BUILT: dict[str, tuple[str, str]] = {
+    "small": ("the pretrained small LLaDA-MoE (64 experts, top-8)",
+              "`make small` in a retrofit checkout (about 30 min on 2 CPU cores)"),
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what retrofit reads: config, safetensors weights, tokenizer. Never *.py (no remote code) or *.bin.
@@ -46,6 +51,13 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source | Non
         return Source(path=path, name=path.name, origin=src, linkable=not is_own_model(path))
     if src in GENERATED:
         return Source(path=_generated_path(src), name=src, origin=src, linkable=False)
+    if src in BUILT:
+        path = built_path(src)
+        if not (path / "config.json").is_file():
+            what, command = BUILT[src]
+            raise RetrofitError(f"{flag} {src}: {what} is not built on this machine yet ({path}); build it with "
+                                f"{command}")
+        return Source(path=path, name=src, origin=src, linkable=False)
     if src in EMBEDDED:
         embedded = _embedded_path(src)
         if embedded is None:
@@ -58,7 +70,7 @@ def resolve_source(src: str, download=None, flag: str = "--src") -> Source | Non
     if not _HUB_ID.match(repo_id) or looks_like_path(src) or _in_local_folder(src, registry):
         if looks_like_path(src) or _in_local_folder(src, registry):
             raise RetrofitError(f"{flag} {src}: no such directory{_what_is_there(local)}")
-        names = ", ".join([*registry, *EMBEDDED, *GENERATED])
+        names = ", ".join([*registry, *EMBEDDED, *BUILT, *GENERATED])
         raise RetrofitError(f"unknown {flag} {src!r}: use one of {names}, a Hub id (org/name), "
                             f"or a local directory ({flag} PATH)")
     path = (download or hub_snapshot)(repo_id, flag)
@@ -86,7 +98,7 @@ def _what_is_there(path: Path) -> str:
 def is_own_model(path: Path) -> bool:
     """Whether ``path`` is (inside) a model retrofit ships or generates, however the user named it."""
     path = Path(path).resolve()
-    own = [Path(__file__).resolve().parent / "assets", *(_generated_root(name) for name in GENERATED)]
+    own = [Path(__file__).resolve().parent / "assets", *(_generated_root(name) for name in [*GENERATED, *BUILT])]
     return any(path == root or root in path.parents for root in own)
 
 
@@ -110,6 +122,11 @@ def _embedded_path(name: str) -> Path | None:
 
 def _generated_root(name: str) -> Path:
     return (cache_dir() / f"{name}-v1").resolve()
+
+
+def built_path(name: str) -> Path:
+    """Where a model of ``BUILT`` lives once built (the cache, as the generated ones)."""
+    return _generated_root(name)
 
 
 def _generated_path(name: str) -> Path:

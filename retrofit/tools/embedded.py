@@ -1,10 +1,12 @@
-"""Pack the pretrained tiny model into the package (``--src tiny``) with a record of how good it is.
+"""Pack a model retrofit pretrains itself, with a record of how good it is: ``tiny`` into the package
+(``--src tiny``), ``small`` (64 experts, top-8: too large to ship) into the cache, where ``--src small`` finds it.
 
-`make tiny` trains it with the project's own code (recipes/tiny-pretrain.yaml) and then runs
-``python -m retrofit.tools.embedded [--data-dir DIR] out/tiny-pretrain``: the weights are stored in bf16, the
-held-out masked-token loss of exactly what ships is measured on GSM8K test text next to a unigram baseline (GSM8K
-train counts), and both go into the model card and ``training.json`` beside the weights. ``DIR`` holds gsm8k/;
-its default, ../shared/data, is relative to the working directory (the repository root, where `make tiny` runs).
+`make tiny` / `make small` train it with the project's own code (recipes/<name>-pretrain.yaml) and then run
+``python -m retrofit.tools.embedded [--name small] [--data-dir DIR] out/<name>-pretrain``: the weights are stored in
+bf16, the held-out masked-token loss of exactly what is packed is measured on GSM8K test text next to a unigram
+baseline (GSM8K train counts), and both go into the model card and ``training.json`` beside the weights. ``DIR``
+holds gsm8k/; its default, ../shared/data, is relative to the working directory (the repository root, where make
+runs).
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from retrofit.tools.checkout import DATA_DIR, gsm8k_problem
 # The package's own asset, written in place: `make tiny` refreshes the checkout's copy, which then ships.
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 FIELDS = ["question", "answer"]
+# name -> (card title, what it is for)
+PACKED = {"tiny": ("retrofit tiny (embedded default model)",
+                   "It exists to show every retrofit command working offline on a CPU; it knows GSM8K-style text and "
+                   "nothing else."),
+          "small": ("retrofit small (64 experts, top-8)",
+                    "It exists to measure the papers' routing claims at their geometry (LLaDA-MoE's 64 experts, "
+                    "top-8) on a CPU; it knows GSM8K-style text and nothing else.")}
+
+
+def destination(name: str) -> Path:
+    from retrofit.sources import built_path
+
+    return ASSET if name == "tiny" else built_path(name)
 
 
 def measure(model_dir: Path, gsm8k: Path, heldout_examples: int = 400) -> dict:
@@ -45,7 +60,7 @@ def measure(model_dir: Path, gsm8k: Path, heldout_examples: int = 400) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def pack(trained: Path, gsm8k: Path, dest: Path = ASSET) -> dict:
+def pack(trained: Path, gsm8k: Path, dest: Path = ASSET, name: str = "tiny", heldout_examples: int = 400) -> dict:
     ckpt = CheckpointDir(trained)
     model = load_model(ckpt)
     metrics_file = trained / "metrics.jsonl"
@@ -56,21 +71,22 @@ def pack(trained: Path, gsm8k: Path, dest: Path = ASSET) -> dict:
                                                    model.config.router_settings)
         write_json(tmp / "config.json", config | {"torch_dtype": "bfloat16"})
         copy_tokenizer_files(ckpt.path, tmp)
-        record = measure(tmp, gsm8k)  # measured on exactly what ships (bf16 weights)
-        record.update(steps=steps, recipe="recipes/tiny-pretrain.yaml", data="GSM8K train (question + answer)",
-                      heldout="GSM8K test, first 400 examples")
+        record = measure(tmp, gsm8k, heldout_examples)  # measured on exactly what ships (bf16 weights)
+        record.update(steps=steps, recipe=f"recipes/{name}-pretrain.yaml", data="GSM8K train (question + answer)",
+                      heldout=f"GSM8K test, first {heldout_examples} examples")
         write_json(tmp / "training.json", record)
-        (tmp / "README.md").write_text(card(record, model.config))
+        (tmp / "README.md").write_text(card(record, model.config, name))
     return record
 
 
-def card(record: dict, config) -> str:
+def card(record: dict, config, name: str = "tiny") -> str:
     c = config
-    body = f"""A tiny LLaDA-MoE-architecture masked diffusion model ({record['parameters']:,} parameters:
+    title, purpose = PACKED[name]
+    body = f"""A {name} LLaDA-MoE-architecture masked diffusion model ({record['parameters']:,} parameters:
 {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts top-{c.num_experts_per_tok},
 expert size {c.expert_intermediate_size}, vocabulary {c.vocab_size}), token-choice routing, trained from
-scratch by retrofit itself: `make tiny` (BPE tokenizer trained on GSM8K train text with `tokenizers`, then
-`retrofit finetune recipes/tiny-pretrain.yaml`: all parameters, load-balancing loss, masked-diffusion
+scratch by retrofit itself: `make {name}` (BPE tokenizer trained on GSM8K train text with `tokenizers`, then
+`retrofit finetune {record['recipe']}`: all parameters, load-balancing loss, masked-diffusion
 objective, {record['steps']} steps of 32 x 128 tokens). Stored in bf16.
 
 | held-out text (GSM8K test) | nats/token | perplexity |
@@ -78,14 +94,16 @@ objective, {record['steps']} steps of 32 x 128 tokens). Stored in bf16.
 | this model, masked-token loss | {record['heldout_masked_token_loss']:.3f} | {record['heldout_perplexity']:.1f} |
 | unigram baseline | {record['unigram_baseline_loss']:.3f} | {record['unigram_perplexity']:.1f} |
 
-It exists to show every retrofit command working offline on a CPU; it knows GSM8K-style text and nothing else.
+{purpose}
 """
-    return model_card("retrofit tiny (embedded default model)", body, tags=["llada-moe", "tc-routing"])
+    return model_card(title, body, tags=["llada-moe", "tc-routing"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m retrofit.tools.embedded", description=__doc__.splitlines()[0])
     parser.add_argument("trained", type=Path, metavar="TRAINED_MODEL_DIR", help="what `make tiny` trained")
+    parser.add_argument("--name", choices=sorted(PACKED), default="tiny",
+                        help="tiny (into the package) or small (into the cache, for --src small)")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR,
                         help=f"local data holding gsm8k/train.jsonl and gsm8k/test.jsonl (default {DATA_DIR})")
     args = parser.parse_args(argv)
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if problem:  # before packing, which replaces the shipped model
         parser.error(problem)
     try:
-        record = pack(args.trained, args.data_dir / "gsm8k")
+        record = pack(args.trained, args.data_dir / "gsm8k", destination(args.name), args.name)
     except RetrofitError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(record, indent=2))
