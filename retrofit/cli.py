@@ -632,6 +632,9 @@ def study(
     toy: bool = typer.Option(False, "--toy", help="A few steps and one seed, written under --work only: checks that "
                                                   "the study runs (seconds), never replaces its README."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per variant (default 3; 1 with --toy)."),
+    model: str = typer.Option("tiny", "--model", metavar="NAME", help="The model every run starts from: tiny "
+                              "(8 experts, top-2; reports in studies/NAME/) or small (64 experts, top-8, `make "
+                              "small`; reports in studies/NAME/small/)."),
     studies_dir: Path = typer.Option(Path("studies"), "--studies-dir", help="Where the studies' recipes and READMEs "
                                                                            "are (run from the repository root)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Run folders and results (default out/studies/NAME, "
@@ -643,15 +646,22 @@ def study(
 
     from retrofit.studies import STUDIES
     from retrofit.studies.base import run_study, scale
+    from retrofit.studies.models import STUDY_MODELS
 
     if name not in STUDIES:
         raise RetrofitError(f"unknown study {name!r}; use {', '.join(STUDIES)}")
     if seeds is not None and seeds < 1:
         raise RetrofitError(f"--seeds {seeds}: must be at least 1")
+    if model not in STUDY_MODELS:
+        raise RetrofitError(f"--model {model}: the studies run on {' or '.join(STUDY_MODELS)}")
     chosen = STUDIES[name]
-    size = scale(toy, seeds)
-    work = work or Path("out") / ("studies-toy" if toy else "studies") / name
-    out = work / "report" if toy else studies_dir / name
+    size = scale(toy, seeds, model)
+    if model != "tiny":
+        from retrofit.sources import resolve_source
+
+        resolve_source(model)  # not built yet: said now, in one line, not in the first run
+    work = work or Path(size.work_folder(chosen))
+    out = work / "report" if toy else studies_dir / name / size.model.folder
     columns = [TextColumn("run {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=err_console, transient=True) as bar:

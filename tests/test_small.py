@@ -27,7 +27,7 @@ def test_small_is_refused_until_built(cache):
 
 
 def test_packed_small_is_found_and_never_linked(tmp_path, cache):
-    trained = tiny_snapshot(tmp_path / "trained", seed=4, experts=16, top_k=4)
+    trained = tiny_snapshot(tmp_path / "trained", seed=4, num_experts=16, num_experts_per_tok=4)
     record = pack(trained, shared_data_dir() / "gsm8k", built_path("small"), "small", heldout_examples=20)
     source = resolve_source("small")
     assert source.path == built_path("small") and not source.linkable and is_own_model(source.path)

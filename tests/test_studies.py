@@ -81,3 +81,50 @@ def test_a_difference_needs_seeds_and_must_exceed_their_spread():
     assert "one seed" in verdict(1.0, 0.0, 2.0, 0.0, 1)
     assert "no difference" in verdict(1.0, 0.2, 1.1, 0.1, 3)
     assert verdict(1.0, 0.01, 1.1, 0.02, 3).startswith("lower by 0.100")
+
+
+# --- the studies at the papers' geometry: --model small -----------------------------------------------------------
+
+
+def test_small_scales_the_studies_settings():
+    from retrofit.studies.schedules import matched
+
+    small = scale(toy=False, model="small")
+    assert small.overrides == ("model.source=small",) and small.model.experts == 64 and small.model.top_k == 8
+    routers = [r.overrides[0] for r in STUDIES["schedules"].runs(small)]
+    assert all("k_min: 4, k_max: 12" in r for r in routers)
+    for name in ("linear", "linear-reverse", "cosine"):  # matched FLOPs: E[k] x factor = top-k
+        k, factor = matched(name, small.model)
+        assert k * factor == pytest.approx(8)
+    guards = {r.params["guard"] for r in STUDIES["block-tradeoff"].runs(small) if "guard" in r.params}
+    assert guards == {8, 12, 16}
+    assert small.command(STUDIES["convergence"]) == "retrofit study convergence --model small"
+    assert small.work_folder(STUDIES["convergence"]) == "out/studies-small/convergence/"
+    assert scale(toy=True).work_folder(STUDIES["schedules"]) == "out/studies-toy/schedules/"
+
+
+def test_small_must_be_built_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETROFIT_CACHE", str(tmp_path / "cache"))
+    line = one_line_error(runner.invoke(app, ["study", "schedules", "--model", "small", "--toy", "--work",
+                                              str(tmp_path / "w")]))
+    assert "make small" in line
+    assert "--model big" in one_line_error(runner.invoke(app, ["study", "schedules", "--model", "big"]))
+
+
+@pytest.mark.slow
+def test_block_tradeoff_runs_on_small_at_toy_size(tmp_path, monkeypatch):
+    """The 64-expert geometry end to end at toy size (a random stand-in for `make small` in the cache)."""
+    from retrofit.sources import built_path
+    from tests.helpers import tiny_snapshot
+
+    monkeypatch.setenv("RETROFIT_CACHE", str(tmp_path / "cache"))
+    tiny_snapshot(built_path("small"), seed=5, hidden_size=32, num_experts=64, num_experts_per_tok=8,
+                  expert_intermediate_size=8)
+    work = tmp_path / "block"
+    monkeypatch.chdir(REPO)
+    result = runner.invoke(app, ["study", "block-tradeoff", "--model", "small", "--toy", "--work", str(work),
+                                 "--studies-dir", str(REPO / "studies")])
+    assert result.exit_code == 0, result.output
+    readme = (work / "report" / "README.md").read_text()
+    assert "Setup: `small` (64 experts, top-8)" in readme and "retrofit study block-tradeoff --model small" in readme
+    assert json.loads((work / "p0.6-g8-seed0" / "result.json").read_text())["guard"] == 8

@@ -17,6 +17,7 @@ from typing import Callable
 
 from retrofit.errors import RetrofitError
 from retrofit.io.writer import atomic_file
+from retrofit.studies.models import STUDY_MODELS, StudyModel
 
 RESULT_FILE = "result.json"
 
@@ -28,6 +29,17 @@ class Scale:
     name: str
     seeds: int
     overrides: tuple[str, ...] = ()  # recipe overrides every fine-tuning run of the study gets
+    model: StudyModel = STUDY_MODELS["tiny"]
+
+    def command(self, study: "Study") -> str:
+        """The study's command as its README states it."""
+        return (f"{study.command}{'' if self.model.name == 'tiny' else ' --model ' + self.model.name}"
+                f"{' --toy' if self.toy else ''}")
+
+    def work_folder(self, study: "Study") -> str:
+        """Where the command keeps its runs, relative to the repository root."""
+        model = "" if self.model.name == "tiny" else f"-{self.model.name}"
+        return f"out/studies{model}{'-toy' if self.toy else ''}/{study.name}/"
 
     @property
     def toy(self) -> bool:
@@ -38,10 +50,13 @@ TOY_OVERRIDES = ("optim.max_steps=2", "optim.warmup_steps=0", "data.max_examples
                  "heldout.every=1", "heldout.samples=1", "checkpoint.every=1", "logging.every=1")
 
 
-def scale(toy: bool, seeds: int | None = None) -> Scale:
+def scale(toy: bool, seeds: int | None = None, model: str = "tiny") -> Scale:
+    """``model``: a name of :data:`STUDY_MODELS`; every fine-tuning starts from it (the recipes name tiny)."""
+    chosen = STUDY_MODELS[model]
+    source = () if model == "tiny" else (f"model.source={model}",)
     if toy:
-        return Scale("toy", seeds or 1, TOY_OVERRIDES)
-    return Scale("full", seeds or 3)
+        return Scale("toy", seeds or 1, (*source, *TOY_OVERRIDES), chosen)
+    return Scale("full", seeds or 3, source, chosen)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import save_figure, series_style, plt, WIDE
 
 THRESHOLDS = (0.2, 0.4, 0.6, 0.8, 0.9)
-GUARDS = (2, 3, 4)  # tiny has 8 experts, top-2: a guard below 2 cannot give each token its k
-TUNED = ((0.6, 2), (0.8, 3))  # the settings fine-tuned: the demo's, and a milder one
+# The guard sizes and the settings fine-tuned are the model's (retrofit.studies.models): a guard below top-k cannot
+# give each token its k.
 BLOCK = 32
 TARGET_FEWER, TARGET_LOSS = 3.0, 0.02
 
@@ -30,10 +30,11 @@ class BlockTradeoff(Study):
     command = "retrofit study block-tradeoff"
 
     def runs(self, scale: Scale) -> list[Run]:
-        grid = [(p, g) for p in THRESHOLDS for g in GUARDS] if not scale.toy else [(0.6, 2)]
+        model = scale.model
+        grid = [(p, g) for p in THRESHOLDS for g in model.guards] if not scale.toy else [(0.6, model.guards[0])]
         runs = [Run("tc", 0, params={"router": "{type: tc}"})]
         runs += [Run(f"p{p}-g{g}", 0, params={"router": _router(p, g), "p": p, "guard": g}) for p, g in grid]
-        for p, g in TUNED[:1] if scale.toy else TUNED:
+        for p, g in model.tuned[:1] if scale.toy else model.tuned:
             for mode in ("routers", "routers+lora"):
                 runs += [Run(f"p{p}-g{g}-{mode.replace('+', '-')}", seed,
                              (f"model.router={_router(p, g)}", f"trainable.mode={mode}", f"optim.seed={seed}"),
@@ -46,7 +47,7 @@ class BlockTradeoff(Study):
             result = finetune_run(recipe, [*run.overrides, *scale.overrides], work, progress)
             model_dir, router = result["model"], None
         else:
-            result, model_dir, router = {}, "tiny", run.params["router"]
+            result, model_dir, router = {}, scale.model.name, run.params["router"]
         progress("measuring")
         result.update(measure(recipe, scale, model_dir, router))
         result.update({k: v for k, v in run.params.items() if k != "router"})
@@ -86,21 +87,22 @@ class BlockTradeoff(Study):
             "The question (dMoE): the tokens of a denoising block vote, a core set of experts (cumulative vote up to "
             "p, at least `guard` experts) is kept for the block, and each token takes its top-k inside it. How many "
             "unique experts per block does that save, for how much loss, and does fine-tuning recover the loss?", "",
-            f"Setup: `tiny` (8 experts, top-2). Held-out masked-token loss on GSM8K test text (same seeded masks for "
+            f"Setup: `{scale.model.name}` ({scale.model.experts} experts, top-{scale.model.top_k}). Held-out "
+            f"masked-token loss on GSM8K test text (same seeded masks for "
             f"every row) and unique experts per {BLOCK}-token block, per MoE layer and forward, counted during that "
             f"evaluation. Grid: core threshold p in {', '.join(map(str, THRESHOLDS))} × guard size in "
-            f"{', '.join(map(str, GUARDS))}, without training. Then two settings fine-tuned for "
+            f"{', '.join(map(str, scale.model.guards))}, without training. Then two settings fine-tuned for "
             f"{steps} steps with distillation from the TC model (recipe `recipe.yaml`): "
             f"routers only, and routers + LoRA on the attention projections, {seeds_text(n)} each. Scale: {scale.name}.",
             "",
-            f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
-            f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",
+            f"Command: `{scale.command(self)}` (resumable; run folders and results in `{scale.work_folder(self)}`).",
+            "",
             "## Without training", "", *rows, "",
             "## After fine-tuning", "", *tuned_rows, "",
             "Spread: ± one standard deviation over seeds.", "",
             "## Findings", "", *findings, "",
-            "GSM8K scores are left out: `tiny` answers 0 to 1 of 8 GSM8K questions with any router (`make demo`), so "
-            "they cannot show a trade-off at this size.", "",
+            f"GSM8K scores are left out: a model of `{scale.model.name}`'s size answers next to no GSM8K question "
+            "with any router (`tiny`: 0 to 1 of 8, `make demo`), so they cannot show a trade-off.", "",
             "## Figure", "", f"![{figure.stem}]({figure.name})", "",
         ]
         path = out / "README.md"

@@ -59,13 +59,13 @@ class Convergence(Study):
             "its routers and briefly fine-tuning them. Does EC reach TC's loss, how fast, and does distillation from "
             "the TC model help? The TC control is trained the same way and as long, so that what fine-tuning alone "
             "buys is not credited to EC.", "",
-            f"Setup: `tiny` (the embedded 3-layer, 8-expert top-2 model), EC at capacity factor 1.0 (TC's FLOPs), "
+            f"Setup: `{scale.model.name}` ({scale.model.about}), EC at capacity factor 1.0 (TC's FLOPs), "
             f"{steps} steps of router fine-tuning ({tokens:,} tokens of GSM8K train text, recipe `recipe.yaml`), "
             f"held-out masked-token loss on GSM8K test text with the same seeded masks for every run, "
             f"{seeds_text(len(next(iter(groups.values()))))} per variant (the seed sets the data order and the noise). "
             f"Scale: {scale.name}.", "",
-            f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
-            f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",
+            f"Command: `{scale.command(self)}` (resumable; run folders and results in `{scale.work_folder(self)}`).",
+            "",
             *rows, "",
             f"Swapping TC for EC costs {gap:.3f} nats/token before any training (TC {tc_start:.3f}, EC "
             f"{ec_start:.3f}). Spread: ± one standard deviation over seeds.", "",

@@ -1,5 +1,6 @@
 """Study 4, EC-DLM's headline claim: pretrained from the same initialisation on the same tokens, does expert
-choice converge faster than token choice (the paper: about 2x in wall-clock), here at `tiny`'s size?"""
+choice converge faster than token choice (the paper: about 2x in wall-clock), here at the study model's size
+(``--model``: tiny's or small's architecture)?"""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_sprea
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import curves
 
-# The architecture of `tiny` (`make tiny`), and its tokenizer's training text.
-TINY_DIMS = {"hidden_size": 128, "layers": 3, "heads": 4, "experts": 8, "top_k": 2, "expert_size": 160}
+# The vocabulary of tiny's and small's tokenizer, trained on the same text (`make tiny`, `make small`).
 VOCAB = 1536
 VARIANTS = {
     "tc+balance": ("model.router={type: tc}", "objective.balance_loss=0.01", "objective.z_loss=0.0"),
@@ -32,7 +32,8 @@ class FromScratch(Study):
     def execute(self, run: Run, study_dir: Path, work: Path, scale: Scale, progress) -> dict:
         progress("initialising")
         init = initial_model(work.parent / f"init-seed{run.seed}", run.seed, study_dir / "recipe.yaml", scale)
-        return finetune_run(study_dir / "recipe.yaml", [*run.overrides, f"model.source={init}", *scale.overrides],
+        # The initialisation last: the scale's own model.source (the study model) does not apply here.
+        return finetune_run(study_dir / "recipe.yaml", [*run.overrides, *scale.overrides, f"model.source={init}"],
                             work, progress)
 
     def report(self, results: dict[str, dict], runs: list[Run], out: Path, scale: Scale) -> Path:
@@ -59,20 +60,21 @@ class FromScratch(Study):
                         f"{ec['curve'][-1]['loss'] - target:+.3f} | "
                         + (f"{reach:,.0f} ({total / reach:.2f}x fewer) |" if reach else f"not within {total:,} |"))
         last = groups["ec"][0]["curve"][-1]
+        dims = scale.model.dims
         body = [
             f"# {self.title}", "",
             "The question (EC-DLM): pretrained from scratch, an expert-choice DLM reached the same loss as token "
             "choice in about half the wall-clock time (8×H200, 512 experts). Does EC converge faster here?", "",
-            f"Setup: the architecture of `tiny` ({TINY_DIMS['layers']} layers, hidden {TINY_DIMS['hidden_size']}, "
-            f"{TINY_DIMS['experts']} experts top-{TINY_DIMS['top_k']}, BPE vocabulary {VOCAB}) from one random "
+            f"Setup: the architecture of `{scale.model.name}` ({dims['layers']} layers, hidden {dims['hidden_size']}, "
+            f"{dims['experts']} experts top-{dims['top_k']}, BPE vocabulary {VOCAB}) from one random "
             f"initialisation per seed, pretrained twice on the same tokens in the same order ({last['step']} steps, "
             f"{last['tokens']:,} tokens of GSM8K train text, recipe `recipe.yaml`): token choice with the "
             "load-balancing loss (0.01), and expert choice at capacity factor 1.0 (the same FLOPs) with a z-loss of "
             "1e-3 and no balance loss, as EC-DLM. Held-out masked-token loss on GSM8K test text. Wall-clock is "
             "training time only (evaluation excluded), on this machine's 2 CPU cores, fp32. "
             f"{seeds_text(len(next(iter(groups.values()))))}, each seed also the initialisation's. Scale: {scale.name}.", "",
-            f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
-            f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",
+            f"Command: `{scale.command(self)}` (resumable; run folders and results in `{scale.work_folder(self)}`).",
+            "",
             *rows, "",
             "Spread: ± one standard deviation over seeds.", "",
             "## Findings", "", *_findings(groups), "",
@@ -97,7 +99,7 @@ def initial_model(path: Path, seed: int, recipe: Path, scale: Scale) -> Path:
     data = data if data.is_absolute() or data.is_file() else recipe_dir / data
     texts = [f"{r['question']}\n{r['answer']}" for r in map(json.loads, data.read_text().splitlines()) if r]
     texts = texts[:200] if scale.toy else texts  # a toy run only checks the path: a quick tokenizer
-    dims = TOY_DIMS if scale.toy else TINY_DIMS
+    dims = TOY_DIMS if scale.toy else scale.model.dims
     return create_tiny(path, seed=seed, max_shard_bytes=1 << 30, force=True, dtype=torch.float32,
                        tokenizer_texts=texts, vocab_size=VOCAB, **dims)
 

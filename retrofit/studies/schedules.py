@@ -10,15 +10,15 @@ from retrofit.routers.schedules import ScheduleSettings, expected_k
 from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text, verdict
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import by_ratio
+from retrofit.studies.models import StudyModel
 
 SCHEDULES = ("constant", "linear", "linear-reverse", "cosine", "cosine-reverse", "gaussian", "gaussian-reverse")
-K_MIN, K_MAX, TOP_K = 1, 3, 2  # around tiny's top-2, as EC-DLM's 8..32 around its constant 20
-
-
-def matched(name: str) -> tuple[float, float]:
-    """(expected k of the schedule under uniform mask ratios, the capacity factor that brings it to TOP_K)."""
-    k = expected_k(ScheduleSettings(name=name, k_min=K_MIN, k_max=K_MAX), TOP_K)
-    return k, TOP_K / k
+def matched(name: str, model: StudyModel) -> tuple[float, float]:
+    """(expected k of the schedule under uniform mask ratios, the capacity factor that brings it to the model's
+    top-k). Its k(r) runs between the model's ``k_range`` (around top-k, as EC-DLM's 8..32 around 20)."""
+    low, high = model.k_range
+    k = expected_k(ScheduleSettings(name=name, k_min=low, k_max=high), model.top_k)
+    return k, model.top_k / k
 
 
 class Schedules(Study):
@@ -28,10 +28,11 @@ class Schedules(Study):
 
     def runs(self, scale: Scale) -> list[Run]:
         runs = []
+        low, high = scale.model.k_range
         for name in SCHEDULES:
-            _, factor = matched(name)
+            _, factor = matched(name, scale.model)
             router = (f"model.router={{type: ec, capacity_factor: {factor:.6f}, schedule: {{name: {name}, "
-                      f"k_min: {K_MIN}, k_max: {K_MAX}}}}}")
+                      f"k_min: {low}, k_max: {high}}}}}")
             runs += [Run(name, seed, (router, f"optim.seed={seed}")) for seed in range(scale.seeds)]
         return runs
 
@@ -55,30 +56,32 @@ class Schedules(Study):
         rows = [head, "|" + "---|" * (5 + len(ratios))]
         finals = {}
         for variant, seeds in groups.items():
-            k, factor = matched(variant)
+            k, factor = matched(variant, scale.model)
             finals[variant] = [s["curve"][-1]["loss"] for s in seeds]
             cells = [variant, f"{k:.3f}", f"{factor:.3f}", fmt([s["curve"][0]["loss"] for s in seeds]),
                      fmt(finals[variant])] + [fmt(after[variant][r]) for r in ratios]
             rows.append("| " + " | ".join(cells) + " |")
         steps = next(iter(groups.values()))[0]["curve"][-1]["step"]
         n = len(next(iter(groups.values())))
+        model = scale.model
         body = [
             f"# {self.title}", "",
             "The question (EC-DLM): expert choice makes capacity a knob that can follow the denoising timestep. At the "
             "same expected experts per token, is the schedule that spends more capacity at low mask ratios "
             "(linear-reverse) the best, as the paper found?", "",
-            f"Setup: `tiny` (8 experts, top-2) with EC routers; every schedule runs k(r) between {K_MIN} and {K_MAX} "
-            f"experts per token, and a capacity factor brings its expectation under uniform mask ratios to exactly "
-            f"{TOP_K} (TC's FLOPs; column E[k(r)] × capacity factor = {TOP_K}). Each run fine-tunes the routers for "
+            f"Setup: `{model.name}` ({model.experts} experts, top-{model.top_k}) with EC routers; every schedule runs "
+            f"k(r) between {model.k_range[0]} and {model.k_range[1]} experts per token, and a capacity factor brings "
+            f"its expectation under uniform mask ratios to exactly {model.top_k} (TC's FLOPs; column E[k(r)] × "
+            f"capacity factor = {model.top_k}). Each run fine-tunes the routers for "
             f"{steps} steps with distillation from the TC model (recipe `recipe.yaml`), {seeds_text(n)} per schedule. "
             "Held-out masked-token loss on GSM8K test text: overall (t ~ U(0, 1)) and at fixed mask ratios r, where "
             f"every token is masked with probability r and the router sees r. Scale: {scale.name}.", "",
-            f"Command: `{self.command}{' --toy' if scale.toy else ''}` (resumable; run folders and results in "
-            f"`out/studies{'-toy' if scale.toy else ''}/{self.name}/`).", "",
+            f"Command: `{scale.command(self)}` (resumable; run folders and results in `{scale.work_folder(self)}`).",
+            "",
             *rows, "",
             "Spread: ± one standard deviation over seeds. 'before' is the converted model with the schedule, before "
             "fine-tuning.", "",
-            "## Findings", "", *_findings(finals, after, before, ratios), "",
+            "## Findings", "", *_findings(finals, after, before, ratios, model), "",
             "What this measures: only the routers train here, from a checkpoint trained with constant top-2. The "
             "paper's mechanism (tokens in low-mask-ratio contexts learn more per unit of compute) acts on every "
             "weight during pretraining, which a router fine-tune cannot reproduce; the overall loss also weighs "
@@ -91,7 +94,7 @@ class Schedules(Study):
         return path
 
 
-def _findings(finals, after, before, ratios) -> list[str]:
+def _findings(finals, after, before, ratios, model: StudyModel) -> list[str]:
     order = sorted(finals, key=lambda v: mean_spread(finals[v])[0])
     best = order[0]
     c, sc = mean_spread(finals["constant"])
@@ -115,8 +118,9 @@ def _findings(finals, after, before, ratios) -> list[str]:
     gain = mean_spread(after["constant"][low])[0] - mean_spread(after["linear-reverse"][low])[0]
     cost = mean_spread(after["linear"][low])[0] - mean_spread(after["constant"][low])[0]
     if cost > gain > 0:  # at r=low linear-reverse runs k_max and linear k_min experts per token
-        lines.append(f"- At r={low}, {K_MAX} experts per token instead of {TOP_K} (linear-reverse) lower the loss by "
-                     f"{gain:.3f}, {K_MIN} instead of {TOP_K} (linear) raise it by {cost:.3f}: the loss is convex in "
+        lines.append(f"- At r={low}, {model.k_range[1]} experts per token instead of {model.top_k} (linear-reverse) "
+                     f"lower the loss by {gain:.3f}, {model.k_range[0]} instead of {model.top_k} (linear) raise it by "
+                     f"{cost:.3f}: the loss is convex in "
                      f"the experts a token gets, so at matched FLOPs a schedule loses more where it takes capacity "
                      "away than it wins where it adds it.")
     for when, table in (("Before", before), ("After", after)):
