@@ -41,25 +41,18 @@ BENCH_EVAL_ARGS ?= --guard-size 2 --limit 8 --gen-length 128
 bench-eval: setup
 	$(PY) -m retrofit.tools.bench_eval --model $(EVAL_MODEL) --out bench/results $(BENCH_EVAL_ARGS)
 
-# Retrain the embedded tiny model (retrofit/assets/tiny) from scratch with the project's own code (~15 min on 2 cores).
-tiny: setup
-	$(VENV)/bin/retrofit create-tiny out/tiny-init --force --tokenizer-data ../shared/data/gsm8k/train.jsonl \
-		--vocab-size 1536 --hidden-size 128 --layers 3 --heads 4 --experts 8 --top-k 2 --expert-size 160 \
-		--shard-kb 100000
-	rm -rf out/tiny-pretrain
-	$(VENV)/bin/retrofit finetune recipes/tiny-pretrain.yaml
-	$(PY) -m retrofit.tools.embedded out/tiny-pretrain
-
-# Build `small` (--src small): LLaDA-MoE's routing geometry, 64 experts top-8, hidden 128, 4 layers, expert 64,
-# pretrained from scratch like tiny (same tokenizer and data) in about 30 min on 2 cores; 14 MB in bf16, too large
+# The models retrofit pretrains itself from scratch with its own code, on GSM8K train text with one BPE tokenizer:
+# `make tiny` retrains the embedded one (retrofit/assets/tiny; 8 experts top-2; ~15 min on 2 cores); `make small`
+# builds `small` (--src small: LLaDA-MoE's routing geometry, 64 experts top-8; ~34 min), 14 MB in bf16, too large
 # to ship, so it is packed into the cache (~/.cache/retrofit/small-v1, or $$RETROFIT_CACHE).
-small: setup
-	$(VENV)/bin/retrofit create-tiny out/small-init --force --tokenizer-data ../shared/data/gsm8k/train.jsonl \
-		--vocab-size 1536 --hidden-size 128 --layers 4 --heads 4 --experts 64 --top-k 8 --expert-size 64 \
-		--shard-kb 100000
-	rm -rf out/small-pretrain
-	$(VENV)/bin/retrofit finetune recipes/small-pretrain.yaml
-	$(PY) -m retrofit.tools.embedded --name small out/small-pretrain
+SHAPE_tiny  = --hidden-size 128 --layers 3 --heads 4 --experts 8 --top-k 2 --expert-size 160
+SHAPE_small = --hidden-size 128 --layers 4 --heads 4 --experts 64 --top-k 8 --expert-size 64
+tiny small: setup
+	$(VENV)/bin/retrofit create-tiny out/$@-init --force --tokenizer-data ../shared/data/gsm8k/train.jsonl \
+		--vocab-size 1536 $(SHAPE_$@) --shard-kb 100000
+	rm -rf out/$@-pretrain
+	$(VENV)/bin/retrofit finetune recipes/$@-pretrain.yaml
+	$(PY) -m retrofit.tools.embedded --name $@ out/$@-pretrain
 
 # The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/).
 # Times on 2 CPU cores (measured alongside other work): convergence 34 min, schedules 22 min, block-tradeoff
