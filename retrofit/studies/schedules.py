@@ -82,7 +82,8 @@ class Schedules(Study):
             "Spread: ± one standard deviation over seeds. 'before' is the converted model with the schedule, before "
             "fine-tuning.", "",
             "## Findings", "", *_findings(finals, after, before, ratios, model), "",
-            "What this measures: only the routers train here, from a checkpoint trained with constant top-2. The "
+            f"What this measures: only the routers train here, from a checkpoint trained with constant "
+            f"top-{model.top_k}. The "
             "paper's mechanism (tokens in low-mask-ratio contexts learn more per unit of compute) acts on every "
             "weight during pretraining, which a router fine-tune cannot reproduce; the overall loss also weighs "
             "high mask ratios more, since their losses are larger.", "",
