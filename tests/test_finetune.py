@@ -32,13 +32,22 @@ def strong_tiny(tmp_path_factory) -> Path:
     return tiny_snapshot(tmp_path_factory.mktemp("m") / "tiny", model, max_shard_bytes=64 * 1024)
 
 
+def small_stand_in(tmp_path):
+    """A random model of small's routing geometry, as `make small` writes first."""
+    return tiny_snapshot(tmp_path / "small-init", hidden_size=32, num_experts=64, num_experts_per_tok=8,
+                         expert_intermediate_size=8)
+
+
 def test_every_shipped_recipe_validates(tmp_path):
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     shipped = {"ec.yaml", "ec-timestep.yaml", "block.yaml", "tiny-ec.yaml", "llada2-block.yaml"}
     assert {p.name for p in recipes} >= shipped
+    small_init = small_stand_in(tmp_path)
     for path in recipes:
-        # tiny-pretrain starts from the random model `make tiny` writes first; tiny has its shapes (and vocabulary)
-        made_first = ["model.source=tiny"] if path.name == "tiny-pretrain.yaml" else []
+        # tiny-pretrain starts from the random model `make tiny` writes first; tiny has its shapes (and vocabulary);
+        # small-pretrain from `make small`'s, here a stand-in of its routing geometry
+        made_first = {"tiny-pretrain.yaml": ["model.source=tiny"],
+                      "small-pretrain.yaml": [f"model.source={small_init}"]}.get(path.name, [])
         # Another output directory: one that `make demo` already filled would be refused, rightly, without --resume.
         elsewhere = f"checkpoint.output_dir={tmp_path / path.stem}"
         result = runner.invoke(app, ["validate", str(path), *made_first, elsewhere])

@@ -90,7 +90,8 @@ def test_small_scales_the_studies_settings():
     from retrofit.studies.schedules import matched
 
     small = scale(toy=False, model="small")
-    assert small.overrides == ("model.source=small",) and small.model.experts == 64 and small.model.top_k == 8
+    assert small.overrides == (f"model.source={small.model.source}",) and small.model.source.endswith("small-v1")
+    assert small.model.experts == 64 and small.model.top_k == 8
     routers = [r.overrides[0] for r in STUDIES["schedules"].runs(small)]
     assert all("k_min: 4, k_max: 12" in r for r in routers)
     for name in ("linear", "linear-reverse", "cosine"):  # matched FLOPs: E[k] x factor = top-k

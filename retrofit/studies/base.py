@@ -53,7 +53,7 @@ TOY_OVERRIDES = ("optim.max_steps=2", "optim.warmup_steps=0", "data.max_examples
 def scale(toy: bool, seeds: int | None = None, model: str = "tiny") -> Scale:
     """``model``: a name of :data:`STUDY_MODELS`; every fine-tuning starts from it (the recipes name tiny)."""
     chosen = STUDY_MODELS[model]
-    source = () if model == "tiny" else (f"model.source={model}",)
+    source = () if model == "tiny" else (f"model.source={chosen.source}",)
     if toy:
         return Scale("toy", seeds or 1, (*source, *TOY_OVERRIDES), chosen)
     return Scale("full", seeds or 3, source, chosen)

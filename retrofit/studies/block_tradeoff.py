@@ -47,7 +47,7 @@ class BlockTradeoff(Study):
             result = finetune_run(recipe, [*run.overrides, *scale.overrides], work, progress)
             model_dir, router = result["model"], None
         else:
-            result, model_dir, router = {}, scale.model.name, run.params["router"]
+            result, model_dir, router = {}, scale.model.source, run.params["router"]
         progress("measuring")
         result.update(measure(recipe, scale, model_dir, router))
         result.update({k: v for k, v in run.params.items() if k != "router"})

@@ -25,6 +25,14 @@ class StudyModel:
         return self.dims["experts"]
 
     @property
+    def source(self) -> str:
+        """Its ``model.source``: a built model by its path, so that a folder of the same name beside a recipe (its
+        reports: studies/<study>/small/) is never taken for it."""
+        from retrofit.sources import built_path
+
+        return self.name if self.name == "tiny" else str(built_path(self.name))
+
+    @property
     def folder(self) -> str:
         """Where its reports go under ``studies/<study>/``: tiny's at the top (they came first), others beside."""
         return "" if self.name == "tiny" else self.name
