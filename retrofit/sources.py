@@ -20,7 +20,7 @@ GENERATED = {"tiny-random": "a tiny random-weight LLaDA-MoE (seed 0), generated 
 # Pretrained models too large to ship, built into the cache by a documented command (name -> (what, command)).
 BUILT: dict[str, tuple[str, str]] = {
     "small": ("the pretrained small LLaDA-MoE (64 experts, top-8)",
-              "`make small` in a retrofit checkout (about 30 min on 2 CPU cores)"),
+              "`make small` in a retrofit checkout (about 35 min on 2 CPU cores)"),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
