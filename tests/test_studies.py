@@ -30,8 +30,10 @@ def test_every_study_has_a_recipe_that_validates():
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_each_study_runs_at_toy_size(name, tmp_path, monkeypatch):
     work = tmp_path / name
+    committed = {p: p.read_bytes() for p in (REPO / "studies" / name).rglob("*") if p.is_file()}
     result = run_toy(name, work, monkeypatch)
     assert result.exit_code == 0, result.output
+    assert {p: p.read_bytes() for p in committed} == committed, "a toy run never touches the committed reports"
     readme = (work / "report" / "README.md").read_text()
     runs = STUDIES[name].runs(scale(toy=True))
     for run in runs:
@@ -44,6 +46,10 @@ def test_each_study_runs_at_toy_size(name, tmp_path, monkeypatch):
     pngs = list((work / "report").glob("*.png"))
     assert pngs and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "## Findings" in readme and "retrofit study " + name in readme
+    # Its claims, judged from its own results (one seed: a difference cannot be shown), and those results kept.
+    assert "## tiny vs small" in readme and ("**inconclusive**" in readme or "**did not hold**" in readme)
+    kept = json.loads((work / "report" / "results.json").read_text())
+    assert [r["id"] for r in kept["runs"]] == [run.id for run in runs] and kept["scale"] == "toy"
 
 
 @pytest.mark.slow
@@ -128,4 +134,4 @@ def test_block_tradeoff_runs_on_small_at_toy_size(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     readme = (work / "report" / "README.md").read_text()
     assert "Setup: `small` (64 experts, top-8)" in readme and "retrofit study block-tradeoff --model small" in readme
-    assert json.loads((work / "p0.6-g8-seed0" / "result.json").read_text())["guard"] == 8
+    assert json.loads((work / "p0.6-g16-seed0" / "result.json").read_text())["guard"] == 16

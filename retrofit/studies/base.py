@@ -4,7 +4,8 @@ A study is a question (``studies/<name>/README.md`` answers it), a base recipe (
 and a list of :class:`Run`: a variant (one row of the table) at one seed, as overrides of the recipe. Each run
 writes ``<work>/<run id>/result.json`` once it is complete; running the study again skips completed runs and
 resumes an interrupted fine-tuning from its last checkpoint, so a long study survives an interruption. The report
-is rebuilt from all results at the end.
+is rebuilt from all results at the end, and the results are kept beside it (``results.json``): the claims and the
+comparison between study models are made from those (:mod:`retrofit.studies.claims`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class Study:
     def report(self, results: dict[str, dict], runs: list[Run], out: Path, scale: Scale) -> Path:
         raise NotImplementedError
 
+    def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
+        """The claims this study tests (:class:`retrofit.studies.claims.Claim`), judged from its results: the
+        same list, in the same order, at every scale and model."""
+        raise NotImplementedError
+
 
 def run_study(study: Study, study_dir: Path, work: Path, out: Path, scale: Scale,
               progress: Callable | None = None) -> Path:
@@ -116,7 +122,15 @@ def run_study(study: Study, study_dir: Path, work: Path, out: Path, scale: Scale
         results[run.id] = result
     if progress:
         progress(len(runs), len(runs), None, "report")
-    return study.report(results, runs, out, scale)
+    readme = study.report(results, runs, out, scale)
+    from retrofit.studies import claims  # it reads results through this module
+
+    claims.save_results(out, study, results, runs, scale)
+    if scale.toy:  # a toy report stands alone: its own claims only, never the committed READMEs
+        claims.write_section(readme, claims.section(study, {scale.model.name: study.claims(results, runs, scale)}))
+    else:
+        claims.refresh_sections(study, study_dir)
+    return readme
 
 
 def by_variant(results: dict[str, dict], runs: list[Run]) -> dict[str, list[dict]]:

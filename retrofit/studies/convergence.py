@@ -78,6 +78,33 @@ class Convergence(Study):
         return path
 
 
+    def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
+        from retrofit.studies.claims import HELD, INCONCLUSIVE, NOT_HELD, Claim, lower
+
+        groups = by_variant(results, runs)
+        tc_start, ec_start = groups["tc"][0]["curve"][0]["loss"], groups["ec"][0]["curve"][0]["loss"]
+        finals = {v: [s["curve"][-1]["loss"] for s in seeds] for v, seeds in groups.items()}
+        best = min((v for v in finals if v != "tc"), key=lambda v: mean_spread(finals[v])[0])
+        mean, spread = mean_spread(finals[best])
+        # "Reaches": within the seeds' spread counts; only TC's loss lower beyond it says no (one seed: unknown).
+        reached = (NOT_HELD if lower([tc_start], finals[best]) == HELD
+                   else HELD if len(finals[best]) > 1 else INCONCLUSIVE)
+        steps = groups["ec"][0]["curve"][-1]["step"]
+        won = (ec_start - mean) / max(ec_start - tc_start, 1e-9)
+        retrofit = Claim(
+            "EC-DLM", "A TC checkpoint given EC routers reaches TC's loss after brief router fine-tuning.",
+            reached,
+            f"best EC variant ({best}) {mean:.3f} ± {spread:.3f} after {steps} steps against TC's {tc_start:.3f}: "
+            f"{won:.0%} of the {ec_start - tc_start:.3f} nats/token the swap costs won back")
+        a, b = finals["ec+lora+distill"], finals["ec+lora"]
+        distill = Claim(
+            "retrofit", "Distillation from the TC model lowers the retrofitted model's loss.", lower(a, b),
+            f"with LoRA {mean_spread(b)[0]:.3f} → {mean_spread(a)[0]:.3f} with distillation, routers only "
+            f"{mean_spread(finals['ec'])[0]:.3f} → {mean_spread(finals['ec+distill'])[0]:.3f} (spread "
+            f"{max(mean_spread(x)[1] for x in (a, b)):.3f})")
+        return [retrofit, distill]
+
+
 def _speed(groups: dict[str, list[dict]]) -> str:
     """How fast: the first evaluation by which each EC variant has 90% of its own final gain (mean curve)."""
     parts, firsts = [], []

@@ -95,6 +95,23 @@ class Schedules(Study):
         return path
 
 
+    def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
+        from retrofit.studies.claims import Claim, lower
+
+        finals = {v: [s["curve"][-1]["loss"] for s in seeds] for v, seeds in by_variant(results, runs).items()}
+        order = sorted(finals, key=lambda v: mean_spread(finals[v])[0])
+        rival = next(v for v in order if v != "linear-reverse")  # the best other schedule
+        # Held: lower than the best other schedule beyond the spread; not held: that one lower beyond it.
+        verdict = lower(finals["linear-reverse"], finals[rival])
+        mean, spread = mean_spread(finals["linear-reverse"])
+        return [Claim(
+            "EC-DLM", "At matched FLOPs, linear-reverse capacity (more experts at low mask ratios) is the best "
+            "schedule.", verdict,
+            f"after router fine-tuning: linear-reverse {mean:.3f} ± {spread:.3f}, ranked {order.index('linear-reverse') + 1} of {len(order)}; "
+            f"{'runner-up' if order[0] == 'linear-reverse' else 'best'} {rival} {mean_spread(finals[rival])[0]:.3f} "
+            f"± {mean_spread(finals[rival])[1]:.3f}; constant {mean_spread(finals['constant'])[0]:.3f}")]
+
+
 def _findings(finals, after, before, ratios, model: StudyModel) -> list[str]:
     order = sorted(finals, key=lambda v: mean_spread(finals[v])[0])
     best = order[0]
