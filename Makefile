@@ -54,7 +54,9 @@ tiny small: setup
 	$(VENV)/bin/retrofit finetune recipes/$@-pretrain.yaml
 	$(PY) -m retrofit.tools.embedded --name $@ out/$@-pretrain
 
-# The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/).
+# The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/), or on
+# `small` with STUDY_ARGS="--model small" (after `make small`; studies/<name>/small/). `make studies` then writes
+# the README's summary of the claims from every study's results.json.
 # Times on 2 CPU cores (measured alongside other work): convergence 34 min, schedules 22 min, block-tradeoff
 # 29 min, from-scratch 14 min.
 STUDIES = study-convergence study-schedules study-block-tradeoff study-from-scratch
@@ -62,6 +64,7 @@ $(STUDIES): study-%: setup
 	$(VENV)/bin/retrofit study $* $(STUDY_ARGS)
 
 studies: $(STUDIES)
+	$(PY) -m retrofit.studies.claims --write README.md
 
 # The whole tool on the embedded tiny model: convert, fine-tune, evaluate, one comparison table.
 # Options go through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--limit 32"` (see `python -m retrofit.tools.demo --help`).

@@ -641,7 +641,8 @@ def study(
                                                              "out/studies-toy/NAME with --toy)."),
 ):
     """Run one of the papers' claims as a study: every variant and seed (skipping those already complete, resuming
-    an interrupted one), then the study's README.md with its table and figures."""
+    an interrupted one), then the study's README.md with its table, figures and claims judged (held, did not hold,
+    inconclusive), its results beside it (results.json), and the tiny vs small section of each size's README."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from retrofit.studies import STUDIES

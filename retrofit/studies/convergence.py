@@ -114,10 +114,13 @@ def _speed(groups: dict[str, list[dict]]) -> str:
         steps = [r["step"] for r in seeds[0]["curve"]]
         mean = [sum(s["curve"][i]["loss"] for s in seeds) / len(seeds) for i in range(len(steps))]
         gain = mean[0] - mean[-1]
+        if gain <= 0:  # nothing to have in hand: its loss ends where it started, or higher
+            parts.append(f"{variant} never (its loss rises, {-gain:.3f})")
+            continue
         first = next((step for step, loss in zip(steps, mean) if mean[0] - loss >= 0.9 * gain), steps[-1])
         parts.append(f"{variant} by step {first}")
         firsts.append(first)
-    flat = max(firsts) <= steps[-1] * 2 / 3
+    flat = bool(firsts) and max(firsts) <= steps[-1] * 2 / 3
     return ("- How fast: 90% of each variant's final gain is in hand " + ", ".join(parts) + " (held-out "
             f"evaluations every {steps[1] - steps[0]} steps)"
             + ("; the curves flatten well before the last step." if flat else "."))
