@@ -277,7 +277,7 @@ def create_tiny(
         out_console.print(f"[green]wrote[/] {escape(str(path))}: {preset}, {len(shards)} shard(s), "
                           f"{total / 1e9:.2f} GB of weights, tokenizer, config.json")
         return
-    from retrofit.tiny import create_tiny as build
+    from retrofit.tiny import create_tiny as build, tiny_shape
 
     if family not in FAMILIES:
         raise RetrofitError(f"unknown --family {family!r}; use {', '.join(FAMILIES)}")
@@ -286,9 +286,8 @@ def create_tiny(
     if tokenizer_data is not None:
         whole_at_least("--vocab-size", vocab_size, 258)  # the 256 byte tokens and the 2 special tokens
     chosen = FAMILIES[family]
-    dims = dict(family=chosen, **chosen.tiny_dims(hidden_size=hidden_size, layers=layers, heads=heads,
-                                                   experts=experts, top_k=top_k, expert_size=expert_size))
-    dims.pop("vocab_size")  # the byte tokenizer's, or --vocab-size with --tokenizer-data
+    dims = dict(family=chosen, **tiny_shape(chosen, hidden_size=hidden_size, layers=layers, heads=heads,
+                                            experts=experts, top_k=top_k, expert_size=expert_size))
     texts = None
     if tokenizer_data is not None:
         from retrofit.io.text_data import read_texts

@@ -260,3 +260,14 @@ def test_bf16_logits_are_bit_identical_to_the_reference_order_over_long_sequence
         reference = reference_order_logits(tensors, loaded.config, ids)
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours, reference), f"max diff {(ours.float() - reference.float()).abs().max()}"
+
+
+def test_a_tiny_config_refuses_keys_that_are_not_config_fields():
+    """A generic shape name (layers=, experts=) is no config field: it used to be kept and read by nothing, so the
+    model silently took the default shape. It goes through tiny_shape instead."""
+    from retrofit.tiny import tiny_shape
+
+    with pytest.raises(TypeError, match="not LLaDA-MoE config fields: experts, layers"):
+        hub_config_dict(layers=3, experts=16)
+    config = hub_config_dict(**tiny_shape(layers=3, experts=16, top_k=4))
+    assert (config["num_hidden_layers"], config["num_experts"], config["num_experts_per_tok"]) == (3, 16, 4)

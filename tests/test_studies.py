@@ -50,6 +50,12 @@ def test_each_study_runs_at_toy_size(name, tmp_path, monkeypatch):
     assert "## tiny vs small" in readme and ("**inconclusive**" in readme or "**did not hold**" in readme)
     kept = json.loads((work / "report" / "results.json").read_text())
     assert [r["id"] for r in kept["runs"]] == [run.id for run in runs] and kept["scale"] == "toy"
+    if name == "from-scratch":  # the initialisation has the shape asked for (unknown config keys once dropped it)
+        from retrofit.studies.from_scratch import TOY_DIMS
+        from retrofit.tiny import tiny_shape
+
+        config = json.loads((work / "init-seed0" / "config.json").read_text())
+        assert {k: config[k] for k in tiny_shape(**TOY_DIMS)} == tiny_shape(**TOY_DIMS)
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_section_says_what_changed_with_the_size(tmp_path):
     assert lines[0] == lines[-1] == SECTION and "## tiny vs small" in text
     assert "| EC-DLM: A is best. | **inconclusive**: x 1.0 | **held**: x 0.9 |" in text
     assert "- A is best. Changed with the size: inconclusive at `tiny`, held at `small`." in text
-    assert "- B helps. Held at both sizes." in text
+    assert "- B helps. The same at both sizes: held." in text
     alone = "\n".join(section(study, {"tiny": tiny}))
     assert "Not run yet at small: `retrofit study schedules --model small` adds it here." in alone
 

@@ -154,7 +154,8 @@ def _tuning_claim(tc: dict, grid: dict, tuned: dict):
     return Claim("dMoE", "Fine-tuning with block routing on wins back at least half the loss the core set costs "
                  "(dMoE fine-tunes the whole model; here routers, or routers + LoRA).", verdict,
                  f"best of {len(won)} ({top}): {before / tc['loss'] - 1:+.1%} → "
-                 f"{mean_spread(after)[0] / tc['loss'] - 1:+.1%} of TC's loss, {share:.0%} of the gap won back")
+                 f"{mean_spread(after)[0] / tc['loss'] - 1:+.1%} of TC's loss, {round(share, 2) + 0.0:.0%} of the gap "
+                 "won back")  # + 0.0: a share that rounds to -0 prints as 0%
 
 
 def _split(results: dict[str, dict], runs: list[Run]) -> tuple[dict, dict, dict]:

@@ -99,8 +99,8 @@ def section(study: Study, by_model: dict[str, list[Claim]]) -> list[str]:
         for i, claim in enumerate(first):
             verdicts = [by_model[n][i].verdict for n in names]
             if len(set(verdicts)) == 1:
-                lines.append(f"- {claim.claim} {verdicts[0].capitalize()} at "
-                             f"{'both sizes' if len(names) == 2 else 'every size'}.")
+                lines.append(f"- {claim.claim} The same at {'both sizes' if len(names) == 2 else 'every size'}: "
+                             f"{verdicts[0]}.")
             else:
                 lines.append(f"- {claim.claim} Changed with the size: "
                              + ", ".join(f"{v} at `{n}`" for n, v in zip(names, verdicts)) + ".")

@@ -26,8 +26,7 @@ class FromScratch(Study):
     command = "retrofit study from-scratch"
 
     def runs(self, scale: Scale) -> list[Run]:
-        steps = f"optim.max_steps={scale.model.scratch_steps}"
-        return [Run(variant, seed, (*overrides, steps, f"optim.seed={seed}")) for seed in range(scale.seeds)
+        return [Run(variant, seed, (*overrides, f"optim.seed={seed}")) for seed in range(scale.seeds)
                 for variant, overrides in VARIANTS.items()]
 
     def execute(self, run: Run, study_dir: Path, work: Path, scale: Scale, progress) -> dict:
@@ -109,7 +108,7 @@ def initial_model(path: Path, seed: int, recipe: Path, scale: Scale) -> Path:
     """One random initialisation per seed, shared by both routers' runs (written once, atomically)."""
     import torch
 
-    from retrofit.tiny import create_tiny
+    from retrofit.tiny import create_tiny, tiny_shape
     from retrofit.training.recipe import load_recipe
 
     if (path / "config.json").is_file():
@@ -119,9 +118,9 @@ def initial_model(path: Path, seed: int, recipe: Path, scale: Scale) -> Path:
     data = data if data.is_absolute() or data.is_file() else recipe_dir / data
     texts = [f"{r['question']}\n{r['answer']}" for r in map(json.loads, data.read_text().splitlines()) if r]
     texts = texts[:200] if scale.toy else texts  # a toy run only checks the path: a quick tokenizer
-    dims = TOY_DIMS if scale.toy else scale.model.dims
+    shape = TOY_DIMS if scale.toy else scale.model.dims
     return create_tiny(path, seed=seed, max_shard_bytes=1 << 30, force=True, dtype=torch.float32,
-                       tokenizer_texts=texts, vocab_size=VOCAB, **dims)
+                       tokenizer_texts=texts, vocab_size=VOCAB, **tiny_shape(**shape))
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> float | None:

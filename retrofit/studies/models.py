@@ -15,7 +15,6 @@ class StudyModel:
     k_range: tuple[int, int]  # the capacity schedules' k(r) bounds, around its top-k
     guards: tuple[int, ...]  # the block router's guard sizes in the trade-off grid (at least top-k)
     tuned: tuple[tuple[float, int], ...]  # (core threshold, guard) settings the block study fine-tunes
-    scratch_steps: int  # the from-scratch study's pretraining steps per run (4,096 tokens each)
 
     @property
     def top_k(self) -> int:
@@ -43,11 +42,9 @@ STUDY_MODELS = {
     # `make tiny`: 8 experts top-2. k 1..3 around 2, as EC-DLM's 8..32 around its constant 20.
     "tiny": StudyModel("tiny", "the embedded 3-layer, 8-expert top-2 model",
                        {"hidden_size": 128, "layers": 3, "heads": 4, "experts": 8, "top_k": 2, "expert_size": 160},
-                       (1, 3), (2, 3, 4), ((0.6, 2), (0.8, 3)), 600),
+                       (1, 3), (2, 3, 4), ((0.6, 2), (0.8, 3))),
     # `make small`: LLaDA-MoE's 64 experts top-8; dMoE's block router keeps at least 16 (guard 16, p 0.6).
-    # From scratch: 1000 steps, a third of `make small`'s pretraining: further down the curve than tiny's 600 (which
-    # left the seeds apart), and six runs still fit one session's CPU time.
     "small": StudyModel("small", "the 4-layer, 64-expert top-8 model of `make small`",
                         {"hidden_size": 128, "layers": 4, "heads": 4, "experts": 64, "top_k": 8, "expert_size": 64},
-                        (4, 12), (8, 12, 16), ((0.6, 16), (0.8, 12)), 1000),
+                        (4, 12), (8, 12, 16), ((0.6, 16), (0.8, 12))),
 }

@@ -109,7 +109,8 @@ class Schedules(Study):
             "schedule.", verdict,
             f"after router fine-tuning: linear-reverse {mean:.3f} ± {spread:.3f}, ranked {order.index('linear-reverse') + 1} of {len(order)}; "
             f"{'runner-up' if order[0] == 'linear-reverse' else 'best'} {rival} {mean_spread(finals[rival])[0]:.3f} "
-            f"± {mean_spread(finals[rival])[1]:.3f}; constant {mean_spread(finals['constant'])[0]:.3f}")]
+            f"± {mean_spread(finals[rival])[1]:.3f}"
+            + (f"; constant {mean_spread(finals['constant'])[0]:.3f}" if rival != "constant" else ""))]
 
 
 def _findings(finals, after, before, ratios, model: StudyModel) -> list[str]:

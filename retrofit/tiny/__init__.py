@@ -35,10 +35,22 @@ TINY_EOS_ID, TINY_MASK_ID = 256, 257  # the byte tokenizer's special tokens
 
 def hub_config_dict(family: ModelFamily = LLADA_MOE, **dims) -> dict:
     """A config.json shaped like the family's public one (LLaDA-MoE's has no ``mask_token_id``), tiny by default."""
+    unknown = sorted(set(dims) - set(family.config_class().to_dict()))
+    if unknown:  # a config class keeps unknown keys as attributes, which no layer reads: the shape would be lost
+        raise TypeError(f"not {family.display_name} config fields: {', '.join(unknown)} (a generic shape such as "
+                        "layers= or experts= goes through tiny_shape)")
     d = {**family.tiny_dims(), **dims}
     eos, pad = d.pop("eos_token_id", TINY_EOS_ID), d.pop("pad_token_id", TINY_EOS_ID)
     mask = d.pop("mask_token_id", TINY_MASK_ID)  # not in the Hub's config.json; only keeps the config valid
     return family.hub_config(family.config_class(**d, eos_token_id=eos, pad_token_id=pad, mask_token_id=mask))
+
+
+def tiny_shape(family: ModelFamily = LLADA_MOE, **shape) -> dict:
+    """Config fields of a tiny ``family`` model of a generic shape (create-tiny's: hidden_size, layers, heads,
+    experts, top_k, expert_size), without the vocabulary, which the tokenizer sets."""
+    dims = family.tiny_dims(**shape)
+    dims.pop("vocab_size")
+    return dims
 
 
 def build_tiny_model(seed: int = 0, router=None, mask_token_id: int = TINY_MASK_ID,
