@@ -645,7 +645,8 @@ def study(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from retrofit.studies import STUDIES
-    from retrofit.studies.base import run_study, scale
+    from retrofit.studies.base import scale
+    from retrofit.studies.runner import run_study
     from retrofit.studies.models import STUDY_MODELS
 
     if name not in STUDIES:
