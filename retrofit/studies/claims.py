@@ -30,6 +30,11 @@ class Claim:
     verdict: str  # HELD, NOT_HELD or INCONCLUSIVE
     measured: str  # the numbers the verdict rests on
 
+    @property
+    def cell(self) -> str:
+        """The verdict and its numbers, as one table cell."""
+        return f"**{self.verdict}**: {self.measured}"
+
 
 def lower(a: list[float], b: list[float]) -> str:
     """Whether ``a`` is lower than ``b`` (the claim): held or not only when the means are further apart than the
@@ -92,7 +97,7 @@ def section(study: Study, by_model: dict[str, list[Claim]]) -> list[str]:
     lines += ["| claim | " + " | ".join(map(_model_column, names)) + " |", "|---|" + "---|" * len(names)]
     first = by_model[names[0]]
     for i, claim in enumerate(first):
-        cells = [f"**{by_model[n][i].verdict}**: {by_model[n][i].measured}" for n in names]
+        cells = [by_model[n][i].cell for n in names]
         lines.append(f"| {claim.source}: {claim.claim} | " + " | ".join(cells) + " |")
     if len(names) > 1:
         lines.append("")
@@ -107,15 +112,17 @@ def section(study: Study, by_model: dict[str, list[Claim]]) -> list[str]:
     return [*lines, "", SECTION]
 
 
+def _between(text: str, marker: str, block: str) -> str:
+    """``text`` with what its two ``marker`` lines enclose replaced by ``block`` (markers included in it)."""
+    head, _, rest = text.partition(marker)
+    return head + block + rest.partition(marker)[2]
+
+
 def write_section(readme: Path, lines: list[str]) -> None:
     """Put ``lines`` in place of the README's section (after its last line when it has none)."""
     text = readme.read_text()
     block = "\n".join(lines)
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        text = head + block + rest.partition(SECTION)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    text = _between(text, SECTION, block) if SECTION in text else text.rstrip("\n") + "\n\n" + block + "\n"
     with atomic_file(readme) as tmp:
         tmp.write_text(text)
 
@@ -146,8 +153,7 @@ def summary_table(studies_dir: Path) -> str:
         if not by_model:
             continue
         for i, claim in enumerate(next(iter(by_model.values()))):
-            cells = [f"**{by_model[m][i].verdict}**: {by_model[m][i].measured}" if m in by_model else "not run"
-                     for m in STUDY_MODELS]
+            cells = [by_model[m][i].cell if m in by_model else "not run" for m in STUDY_MODELS]
             lines.append(f"| [{name}](studies/{name}/README.md) | {claim.source}: {claim.claim} | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -157,8 +163,7 @@ def write_summary(readme: Path, studies_dir: Path) -> None:
     text = readme.read_text()
     if text.count(SUMMARY) != 2:
         raise SystemExit(f"{readme}: needs two {SUMMARY} lines around the summary table")
-    head, _, rest = text.partition(SUMMARY)
-    text = head + SUMMARY + "\n" + summary_table(studies_dir) + "\n" + SUMMARY + rest.partition(SUMMARY)[2]
+    text = _between(text, SUMMARY, f"{SUMMARY}\n{summary_table(studies_dir)}\n{SUMMARY}")
     with atomic_file(readme) as tmp:
         tmp.write_text(text)
 
