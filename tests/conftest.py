@@ -3,7 +3,12 @@ functions live in tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before anything imports huggingface_hub, which reads its offline switch once, at import: set later (by the
+# fixture below alone), an in-process run still tries the network and waits out its retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
