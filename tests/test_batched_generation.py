@@ -71,6 +71,25 @@ def test_each_row_of_a_padded_batch_generates_what_it_generates_alone(family, ro
     assert batched_stats == _counts(model.routing_stats())
 
 
+@pytest.mark.parametrize("sampler_name", ["llada2", "llada2.1"])
+def test_rows_of_a_padded_batch_stop_early_as_they_do_alone(sampler_name):
+    """The eos early stop, decided on the device for all rows at once: with an eos the random model often writes
+    (its most frequent token in a first run), rows of unequal prompts stop at different steps or not at all, each as
+    it does alone."""
+    model = _model("llada2", ROUTERS["tc"], sharp=True)
+    mask, prompts = model.config.mask_token_id, _prompts(model)
+    options = {"gen_length": 12, "denoise_block": 4, "threshold": 0.5, "temperature": 0.0}
+    first = make_sampler(sampler_name, options).generate(model, prompts, mask, model.config.eos_token_id,
+                                                         _generators(len(prompts)))
+    eos = int(first.flatten().mode().values)
+    sampler = make_sampler(sampler_name, {**options, "early_stop": True})
+    together = sampler.generate(model, prompts, mask, eos, _generators(len(prompts)))
+    alone = torch.cat([sampler.generate(model, [p], mask, eos, [g]) for p, g in zip(prompts, _generators(len(prompts)))])
+    assert torch.equal(together, alone)
+    stops = [bool((row == eos).any()) for row in together]
+    assert any(stops) and not all(stops), "some rows stop early, others run to the end"
+
+
 @pytest.mark.parametrize("family", sorted(FAMILY_OPTIONS))
 def test_padding_is_invisible_to_the_logits(family):
     """The forward itself (fp64): a left-padded row's logits at its own positions equal its unpadded forward's,

@@ -94,7 +94,8 @@ def test_forward_and_backward_never_synchronise_with_the_host(family, kind):
 
 
 @cuda
-def test_the_llada2_sampler_synchronises_once_a_step_and_once_a_block():
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_the_llada2_sampler_synchronises_once_a_step_and_once_a_block(early_stop):
     import warnings
 
     from retrofit.eval.sampler_llada2 import LLaDA2GenerateArgs, generate
@@ -102,7 +103,7 @@ def test_the_llada2_sampler_synchronises_once_a_step_and_once_a_block():
     torch.manual_seed(0)
     model = _model("llada2", "tc", torch.bfloat16, "cuda")
     prompt = torch.randint(0, 250, (2, 8), device="cuda")
-    args = LLaDA2GenerateArgs(gen_length=16, denoise_block=8, steps=4, sampling="greedy")
+    args = LLaDA2GenerateArgs(gen_length=16, denoise_block=8, steps=4, sampling="greedy", eos_early_stop=early_stop)
     generate(model, prompt, 257, 256, args)  # warm-up
     torch.cuda.set_sync_debug_mode("warn")
     try:

@@ -62,11 +62,18 @@ def forward_rows(model, input_ids: torch.Tensor, layout: RowLayout, rows: list[i
     if kwargs.get("kv_cache") is not None:
         kwargs["kv_cache"].select(rows if rows is not None else range(input_ids.shape[0]))
     if rows is not None and len(rows) < input_ids.shape[0]:
-        index = torch.tensor(rows).to(device, non_blocking=True)
-        input_ids, mask, positions, maskable = (None if t is None else t.index_select(0, index)
-                                                for t in (input_ids, mask, positions, maskable))
+        input_ids, mask, positions, maskable = take_rows(rows, input_ids, mask, positions, maskable)
     return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, maskable=maskable,
                  **kwargs).logits
+
+
+def take_rows(rows: list[int] | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``rows`` of each tensor (None: all rows, the tensors themselves), selected on the device: the row numbers
+    are sent over, nothing comes back."""
+    if rows is None:
+        return tensors
+    index = torch.tensor(rows).to(next(t for t in tensors if t is not None).device, non_blocking=True)
+    return tuple(None if t is None else t.index_select(0, index) for t in tensors)
 
 
 def row_generators(generator, batch: int) -> list | None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from retrofit.errors import RetrofitError
-from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators
+from retrofit.eval.padding import RowLayout, block_logits, lay_out, row_generators, take_rows
 from retrofit.eval.sampler_base import (Forwards, Sampler, SamplerSettings, block_forwards, check_cache_options,
                                         left_pad, refreshes)
 from retrofit.models.kv_cache import BlockCache
@@ -202,23 +202,21 @@ def choose_transfers(confidence: torch.Tensor, active: torch.Tensor, share: int,
     return torch.where(confident.sum(1, keepdim=True) >= share, confident, most)
 
 
-def early_stopped(window: torch.Tensor, written: torch.Tensor, mask_id: int, eos_id: int,
-                  starts: list[int], prompt_ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def early_stopped(written: torch.Tensor, mask_id: int, eos_id: int, window: torch.Tensor, starts: torch.Tensor,
+                  prompt_ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows that meet the reference's eos early stop (spec §5.2 step 4), and which of them stop with no answer.
-    Row b's tokens start at column ``starts[b]`` and its prompt ends at ``prompt_ends[b]``. A row meets the stop
-    when this step wrote an eos and every position from the prompt's end to the first eos of the window is
-    decoded. The reference looks for that eos in the whole window, the prompt included. When the prompt holds an
-    eos, the decoded check is vacuous and the reference returns only the prompt, an empty answer."""
-    batch = window.shape[0]
-    stopped = torch.zeros(batch, dtype=torch.bool)
-    empty = torch.zeros(batch, dtype=torch.bool)
-    for row in range(batch):
-        if not bool((written[row] == eos_id).any()):
-            continue
-        first = starts[row] + int((window[row, starts[row]:] == eos_id).nonzero()[0, 0])
-        if bool((window[row, prompt_ends[row]:first] != mask_id).all()):
-            stopped[row], empty[row] = True, first < prompt_ends[row]
-    return stopped, empty
+    Row b's tokens start at column ``starts[b]`` and its prompt ends at ``prompt_ends[b]`` (``[batch, 1]``). A row
+    meets the stop when this step wrote an eos and every position from the prompt's end to the first eos of the
+    window is decoded. The reference looks for that eos in the whole window, the prompt included. When the prompt
+    holds an eos, the decoded check is vacuous and the reference returns only the prompt, an empty answer. Decided
+    on the device: no transfer to the host."""
+    columns = torch.arange(window.shape[1], device=window.device)
+    eos = (window == eos_id) & (columns >= starts)
+    # argmax gives the first of equal maxima: the first eos; a row without one has nothing before "the end"
+    first = torch.where(eos.any(1), eos.int().argmax(1), window.shape[1]).unsqueeze(1)
+    undecoded = ((window == mask_id) & (columns >= prompt_ends) & (columns < first)).any(1)
+    stopped = (written == eos_id).any(1) & ~undecoded
+    return stopped, stopped & (first < prompt_ends).squeeze(1)
 
 
 def finish(x: torch.Tensor, prompt_ends: list[int], gen_length: int, eos_id: int, empty: torch.Tensor) -> torch.Tensor:
@@ -228,8 +226,7 @@ def finish(x: torch.Tensor, prompt_ends: list[int], gen_length: int, eos_id: int
     answer are all eos."""
     out = torch.stack([x[row, end:end + gen_length] for row, end in enumerate(prompt_ends)])
     out = out.masked_fill((out == eos_id).cumsum(1) > 0, eos_id)
-    out[empty.to(out.device)] = eos_id
-    return out
+    return out.masked_fill(empty.to(out.device).unsqueeze(1), eos_id)  # no boolean index: no synchronisation
 
 
 def lay_out_blocks(prompt: torch.Tensor, lengths: list[int] | None, block: int, gen_length: int, mask_id: int):
@@ -267,8 +264,9 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
     batch = prompt.shape[0]
     block, steps = settings.denoise_block, settings.block_steps
     x, layout, start, prompt_ends, rounds = lay_out_blocks(prompt, lengths, block, settings.gen_length, mask_id)
-    pads = list(layout.pads)
-    generated = torch.arange(x.shape[1], device=x.device) >= torch.tensor(prompt_ends, device=x.device).unsqueeze(1)
+    # Where each row's tokens start and its prompt ends, ``[batch, 1]`` on the device, for the early stop
+    starts, ends = (torch.tensor(c).unsqueeze(1).to(x.device, non_blocking=True) for c in (layout.pads, prompt_ends))
+    generated = torch.arange(x.shape[1], device=x.device) >= ends
     generators = row_generators(generator, batch)
     schedule = transfer_schedule(block, steps).tolist()
     cache = BlockCache() if settings.cache != "none" else None
@@ -301,19 +299,21 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
                 tokens.copy_(decoded)  # no boolean indexing: no synchronisation
             else:
                 tokens[rows] = decoded
-            # Counted again, as the reference does each step (a position given the mask token stays masked): the
-            # step's one transfer to the host.
-            for b, left in zip(rows, (decoded == mask_id).sum(1).cpu().tolist()):
-                remaining[b] = left
-            if on_step:
-                on_step()
+            # The step's one transfer to the host: each row's masks, counted again as the reference does each step
+            # (a position given the mask token stays masked), and the eos early stop's verdicts.
+            found = [(decoded == mask_id).sum(1)]
             if settings.eos_early_stop:
                 written = candidate.masked_fill(~chosen, mask_id)
-                now, now_empty = early_stopped(window[rows], written, mask_id, eos_id, [pads[b] for b in rows],
-                                               [prompt_ends[b] for b in rows])
-                for b, hit, none in zip(rows, now.tolist(), now_empty.tolist()):
-                    stopped[b] = stopped[b] or hit
-                    empty[b] = bool(empty[b]) or none
+                found += early_stopped(written, mask_id, eos_id, *take_rows(some, window, starts, ends))
+            left, *verdicts = torch.stack([f.long() for f in found]).cpu().tolist()
+            for b, count in zip(rows, left):
+                remaining[b] = count
+            if on_step:
+                on_step()
+            if verdicts:
+                for b, hit, none in zip(rows, *verdicts):
+                    stopped[b] = stopped[b] or bool(hit)
+                    empty[b] = bool(empty[b]) or bool(none)
                 if all(stopped):
                     return finish(x, prompt_ends, settings.gen_length, eos_id, empty)
         # The block-level stop looks up to the block's end, which can run past gen_length.

@@ -191,12 +191,14 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
             if on_step:
                 on_step()
         if settings.eos_early_stop:
-            stopped = [gone or _answered(x[b, prompt_ends[b]:end], mask_id, eos_id) for b, gone in enumerate(stopped)]
+            answered = _answered(window, ~prompt_part[:, :end], mask_id, eos_id).cpu().tolist()  # once a block
+            stopped = [gone or hit for gone, hit in zip(stopped, answered)]
         if all(stopped):
             break
     return finish(x, prompt_ends, settings.gen_length, eos_id, torch.zeros(batch, dtype=torch.bool))
 
 
-def _answered(generated: torch.Tensor, mask_id: int, eos_id: int) -> bool:
-    """The reference's early stop after a block: the generated part holds no mask and an eos."""
-    return not bool((generated == mask_id).any()) and bool((generated == eos_id).any())
+def _answered(window: torch.Tensor, generated: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
+    """The reference's early stop after a block, per row: the generated part (``generated``) holds no mask and an
+    eos. Decided on the device."""
+    return ~((window == mask_id) & generated).any(1) & ((window == eos_id) & generated).any(1)
