@@ -10,6 +10,7 @@ from retrofit.cli import app
 from retrofit.studies import STUDIES
 from retrofit.studies.base import mean_spread, scale, verdict
 from retrofit.studies.from_scratch import tokens_to_reach
+from retrofit.studies.claims import HELD, INCONCLUSIVE, lower
 from tests.helpers import REPO, one_line_error, runner
 
 
@@ -90,9 +91,12 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 def test_a_difference_needs_seeds_and_must_exceed_their_spread():
     assert mean_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert "one seed" in verdict(1.0, 0.0, 2.0, 0.0, 1)
-    assert "no difference" in verdict(1.0, 0.2, 1.1, 0.1, 3)
-    assert verdict(1.0, 0.01, 1.1, 0.02, 3).startswith("lower by 0.100")
+    assert "one seed" in verdict([1.0], [2.0])
+    assert "no difference" in verdict([0.8, 1.0, 1.2], [1.0, 1.1, 1.2])  # spreads 0.2 and 0.1
+    assert verdict([0.99, 1.0, 1.01], [1.08, 1.1, 1.12]).startswith("lower by 0.100")
+    # the claims' verdict is the same rule
+    assert lower([1.0], [2.0]) == lower([0.8, 1.0, 1.2], [1.0, 1.1, 1.2]) == INCONCLUSIVE
+    assert lower([0.99, 1.0, 1.01], [1.08, 1.1, 1.12]) == HELD != lower([1.08, 1.1, 1.12], [0.99, 1.0, 1.01])
 
 
 # --- the studies at the papers' geometry: --model small -----------------------------------------------------------

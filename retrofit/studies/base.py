@@ -112,15 +112,25 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def verdict(a: float, spread_a: float, b: float, spread_b: float, seeds: int) -> str:
-    """Whether a lower mean ``a`` than ``b`` is a difference: only when the means are further apart than the
-    larger seed spread; one seed never decides."""
-    if seeds < 2:
+def beyond_spread(a: list[float], b: list[float]) -> bool | None:
+    """The studies' one rule for a difference between two sets of seeds: their means lie further apart than the
+    larger seed spread. None when neither side has two seeds to give a spread (one seed never decides)."""
+    if max(len(a), len(b)) < 2:
+        return None
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    return abs(ma - mb) > max(sa, sb)
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """Whether the seeds ``a`` end lower than ``b``, in words (:func:`beyond_spread`)."""
+    beyond = beyond_spread(a, b)
+    if beyond is None:
         return "one seed, no spread to judge the difference by"
-    noise = max(spread_a, spread_b)
-    if abs(a - b) <= noise:
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    noise = max(sa, sb)
+    if not beyond:
         return f"no difference beyond the seeds' spread ({noise:.3f})"
-    return f"{'lower' if a < b else 'higher'} by {abs(a - b):.3f}, more than the seeds' spread ({noise:.3f})"
+    return f"{'lower' if ma < mb else 'higher'} by {abs(ma - mb):.3f}, more than the seeds' spread ({noise:.3f})"
 
 
 def seeds_text(n: int) -> str:

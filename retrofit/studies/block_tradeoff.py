@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text
+from retrofit.studies.claims import HELD, INCONCLUSIVE, NOT_HELD, Claim, lower
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import save_figure, series_style, plt, WIDE
 
@@ -115,7 +116,6 @@ class BlockTradeoff(Study):
 
 def _core_claim(tc: dict, grid: dict, paper: tuple[float, int]):
     """``paper``: the model's counterpart of dMoE's setting (p 0.6, guard 16 of 64), stated beside the best."""
-    from retrofit.studies.claims import HELD, NOT_HELD, Claim
 
     fewer = {v: tc["unique_per_block"] / r["unique_per_block"] for v, r in grid.items()}
     cost = {v: r["loss"] / tc["loss"] - 1 for v, r in grid.items()}
@@ -139,7 +139,6 @@ def _core_claim(tc: dict, grid: dict, paper: tuple[float, int]):
 
 
 def _tuning_claim(tc: dict, grid: dict, tuned: dict):
-    from retrofit.studies.claims import HELD, INCONCLUSIVE, NOT_HELD, Claim, lower
 
     won = {}
     for variant, seeds in tuned.items():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrofit.io.writer import atomic_file
-from retrofit.studies.base import Run, Scale, Study, mean_spread, scale
+from retrofit.studies.base import Run, Scale, Study, beyond_spread, mean_spread, scale
 from retrofit.studies.models import STUDY_MODELS
 
 RESULTS_FILE = "results.json"
@@ -37,12 +37,11 @@ class Claim:
 
 
 def lower(a: list[float], b: list[float]) -> str:
-    """Whether ``a`` is lower than ``b`` (the claim): held or not only when the means are further apart than the
-    larger seed spread; inconclusive otherwise, and when neither side has seeds to give a spread."""
-    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
-    if max(len(a), len(b)) < 2 or abs(ma - mb) <= max(sa, sb):
+    """Whether ``a`` is lower than ``b`` (the claim), by the studies' rule for a difference
+    (:func:`~retrofit.studies.base.beyond_spread`); inconclusive where the rule sees none."""
+    if not beyond_spread(a, b):
         return INCONCLUSIVE
-    return HELD if ma < mb else NOT_HELD
+    return HELD if mean_spread(a)[0] < mean_spread(b)[0] else NOT_HELD
 
 
 # --- results beside each report ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text, verdict
+from retrofit.studies.claims import HELD, INCONCLUSIVE, NOT_HELD, Claim, lower
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import curves
 
@@ -79,7 +80,6 @@ class Convergence(Study):
 
 
     def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
-        from retrofit.studies.claims import HELD, INCONCLUSIVE, NOT_HELD, Claim, lower
 
         groups = by_variant(results, runs)
         tc_start, ec_start = groups["tc"][0]["curve"][0]["loss"], groups["ec"][0]["curve"][0]["loss"]
@@ -142,10 +142,9 @@ def _findings(finals: dict[str, list[float]], tc_start: float, ec_start: float) 
     lines.append(f"- The TC control moves from {tc_start:.3f} to {tc_mean:.3f} ± {tc_std:.3f} under the same "
                  f"fine-tuning; the best EC variant stays {best_mean - tc_mean:+.3f} from it.")
     for with_, without in (("ec+distill", "ec"), ("ec+lora+distill", "ec+lora")):
-        a, sa = mean_spread(finals[with_])
-        b, sb = mean_spread(finals[without])
+        a, b = mean_spread(finals[with_])[0], mean_spread(finals[without])[0]
         lines.append(f"- Distillation from the TC model, {without} → {with_}: {b:.3f} → {a:.3f}; "
-                     f"{verdict(a, sa, b, sb, len(finals[with_]))}.")
+                     f"{verdict(finals[with_], finals[without])}.")
     a, b = mean_spread(finals["ec+lora"])[0], mean_spread(finals["ec"])[0]
     lines.append(f"- LoRA on the attention projections beside the routers changes the result by {a - b:+.3f} "
                  "nats/token (ec+lora against ec).")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text
+from retrofit.studies.claims import Claim, lower
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import curves
 
@@ -86,7 +87,6 @@ class FromScratch(Study):
 
 
     def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
-        from retrofit.studies.claims import Claim, lower
 
         groups = by_variant(results, runs)
         pairs = list(zip(groups["tc+balance"], groups["ec"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from retrofit.routers.schedules import ScheduleSettings, expected_k
 from retrofit.studies.base import Run, Scale, Study, by_variant, fmt, mean_spread, seeds_text, verdict
+from retrofit.studies.claims import Claim, lower
 from retrofit.studies.execute import finetune_run
 from retrofit.studies.figures import by_ratio
 from retrofit.studies.models import StudyModel
@@ -96,7 +97,6 @@ class Schedules(Study):
 
 
     def claims(self, results: dict[str, dict], runs: list[Run], scale: Scale) -> list:
-        from retrofit.studies.claims import Claim, lower
 
         finals = {v: [s["curve"][-1]["loss"] for s in seeds] for v, seeds in by_variant(results, runs).items()}
         order = sorted(finals, key=lambda v: mean_spread(finals[v])[0])
@@ -116,13 +116,14 @@ class Schedules(Study):
 def _findings(finals, after, before, ratios, model: StudyModel) -> list[str]:
     order = sorted(finals, key=lambda v: mean_spread(finals[v])[0])
     best = order[0]
-    c, sc = mean_spread(finals["constant"])
+    c = mean_spread(finals["constant"])[0]
     lines = [f"- Ranking after fine-tuning (overall held-out loss, lowest first): {', '.join(order)}."]
     for name in dict.fromkeys(("linear-reverse", best)):  # the paper's pick, then this run's best
         if name == "constant":
             continue
-        a, sa = mean_spread(finals[name])
-        lines.append(f"- {name} against constant: {a:.3f} against {c:.3f}; {verdict(a, sa, c, sc, len(finals[name]))}.")
+        a = mean_spread(finals[name])[0]
+        lines.append(f"- {name} against constant: {a:.3f} against {c:.3f}; "
+                     f"{verdict(finals[name], finals['constant'])}.")
     if best == "constant":
         lines.append("- No schedule beats constant capacity on the overall held-out loss after fine-tuning.")
     low, high = ratios[0], ratios[-1]
