@@ -229,6 +229,15 @@ def finish(x: torch.Tensor, prompt_ends: list[int], gen_length: int, eos_id: int
     return out.masked_fill(empty.to(out.device).unsqueeze(1), eos_id)  # no boolean index: no synchronisation
 
 
+def denoised_block(window: torch.Tensor, block: int) -> torch.Tensor:
+    """``[batch, width]`` bool, True on the window's last ``block`` columns: the block being denoised. Its mask ratio
+    is what capacity schedules read, and routing statistics count the experts its tokens use (dMoE's expert
+    count)."""
+    current = torch.zeros_like(window, dtype=torch.bool)
+    current[:, -block:] = True
+    return current
+
+
 def lay_out_blocks(prompt: torch.Tensor, lengths: list[int] | None, block: int, gen_length: int, mask_id: int):
     """The prompts (left-padded ``[batch, P]``, row b's prompt its last ``lengths[b]`` columns) and ``gen_length``
     masks after each, laid out for block diffusion: ``(x, layout, start, prompt_ends, rounds)``. A row's blocks
@@ -276,10 +285,7 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
         end = start + (current + 1) * block
         window, tokens = x[:, :end], x[:, end - block:end]  # views: writes land in x
         stopped = [gone or current >= count for gone, count in zip(stopped, rounds)]  # past its last block
-        # The block being denoised: its mask ratio is what capacity schedules read, and routing statistics count
-        # the experts its tokens use (dMoE's expert count).
-        current_block = torch.zeros_like(window, dtype=torch.bool)
-        current_block[:, end - block:] = True
+        current_block = denoised_block(window, block)
         # Masks left per row, on the host: whether a row needs a step is known without asking the device.
         remaining = (tokens == mask_id).sum(1).cpu().tolist()
         for step in range(steps):

@@ -30,8 +30,8 @@ from pydantic import Field
 from retrofit.errors import RetrofitError
 from retrofit.eval.padding import block_logits, row_generators
 from retrofit.eval.sampler_base import SamplerSettings, check_cache_options
-from retrofit.eval.sampler_llada2 import (BlockDiffusionArgs, LLaDA2Sampler, choose_transfers, draw, finish, keep_top_k,
-                                          keep_top_p, lay_out_blocks)
+from retrofit.eval.sampler_llada2 import (BlockDiffusionArgs, LLaDA2Sampler, choose_transfers, denoised_block, draw,
+                                          finish, keep_top_k, keep_top_p, lay_out_blocks)
 from retrofit.models.kv_cache import BlockCache
 
 # (threshold, editing_threshold) of the published decoding modes.
@@ -155,8 +155,7 @@ def generate(model, prompt: torch.Tensor, mask_id: int, eos_id: int, settings: L
         end = start + (current + 1) * block
         window, tokens = x[:, :end], x[:, end - block:end]  # views: writes land in x
         stopped = [gone or current >= count for gone, count in zip(stopped, rounds)]
-        current_block = torch.zeros_like(window, dtype=torch.bool)
-        current_block[:, end - block:] = True
+        current_block = denoised_block(window, block)
         editable = ~prompt_part[:, end - block:end]
         masks_left = (tokens == mask_id).sum(1).cpu().tolist()
         post_steps, done = [0] * batch, list(stopped)
