@@ -21,7 +21,7 @@ from retrofit.eval.sharded import LockstepModel
 from retrofit.models import FAMILIES
 from retrofit.routers import router_settings
 from retrofit.tiny import build_tiny_model
-from tests.helpers import Request, one_line_error, runner, tiny_snapshot, write_arc_mmlu
+from tests.helpers import Request, one_line_error, runner, shared_data_dir, tiny_snapshot, write_arc_mmlu
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_eval_errors_are_one_line(lm, tmp_path):
     line = one_line_error(runner.invoke(app, ["eval", "--model", "./missing", "--tasks", "gsm8k"]))
     assert "no such directory" in line
     line = one_line_error(runner.invoke(app, ["eval", "--model", str(lm.path), "--tasks", "gsm8k", "--gen-length", "10",
-                                        "--denoise-block", "4"]))
+                                        "--denoise-block", "4", "--data-dir", str(shared_data_dir())]))
     assert "multiple of the denoising block" in line
 
 
