@@ -136,3 +136,56 @@ def test_ec_gemms_alone_are_the_matmuls_of_the_ec_path():
         with BatchedMatmulFlops() as only:
             alone()
         assert full.flops == only.flops > 0
+
+
+class PretendGpu(bench.Placement):
+    """The GPU's code paths (its extra rows, its targets, bf16) on this CPU: nothing here needs CUDA itself."""
+
+    @property
+    def cuda(self) -> bool:
+        return True
+
+    def sync(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "pretend GPU, bf16"
+
+
+def test_each_layer_row_has_the_weight_read_limit():
+    layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2)
+    table = bench.moe_layer_table(layer, (TOKENS,), repeats=1)
+    assert table["copy_gb_per_s"] > 0
+    rows = {r["implementation"]: r for r in table["rows"]}
+    assert rows[bench.BATCHED]["unique_experts"] == rows[bench.CEILING]["unique_experts"] == 8  # EC: every expert
+    assert 0 < rows[bench.GROUPED]["unique_experts"] <= 8
+    # the limit is the touched experts' weights (fp32 here) over the measured bandwidth
+    per_expert = {r["limit_ms"] / r["unique_experts"] for r in table["rows"]}
+    assert max(per_expert) == pytest.approx(min(per_expert))
+    assert min(per_expert) == pytest.approx(3 * 64 * 32 * 4 / (table["copy_gb_per_s"] * 1e9) * 1e3)
+
+
+def test_the_gpu_tables_targets_and_report_run_in_bf16(tmp_path):
+    where = PretendGpu(torch.device("cpu"), torch.bfloat16)
+    layer = bench.MoeLayer(d=64, f=32, experts=8, top_k=2, where=where)
+    assert layer.gate.dtype == layer.experts.gate_proj.dtype == layer.tokens(2).dtype == torch.bfloat16
+    env = bench.environment(repeats=1, where=where)
+    results = {"environment": env, "moe_layer": bench.moe_layer_table(layer, (TOKENS,), repeats=1),
+               "block": bench.block_table(layer, BLOCK, repeats=1),
+               "llada2": bench.llada2_tables((TOKENS,), repeats=1, config=LLADA2_TINY, block=BLOCK, where=where)}
+    assert [r["implementation"] for r in results["moe_layer"]["rows"]][-2:] == [bench.BLOCKED, bench.CEILING]
+    results["targets"] = bench.targets(results, tokens=TOKENS)
+    assert [t["target"] for t in results["targets"]][:4] == [
+        f"TC fwd at {TOKENS} tokens", f"TC fwd+bwd at {TOKENS} tokens", f"EC fwd at {TOKENS} tokens",
+        f"block fwd / TC fwd at {TOKENS} tokens"]
+    assert len(results["targets"]) == 8  # no 8,192-token rows here: the dense-rate goals wait for them
+    text = bench_report.write_report(results, tmp_path, bench.CEILING)
+    assert "Tables 1, 2 and 5 ran on pretend GPU, bf16" in text and "limit ms" in text
+    assert "## 3." not in text and "## 4." not in text  # --layers-only: the CPU tables left out
+
+
+def test_a_gpu_asked_for_without_cuda_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.placement("auto") == bench.CPU
+    with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
+        bench.placement("cuda")

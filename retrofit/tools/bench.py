@@ -1,7 +1,13 @@
-"""CPU benchmark of retrofit's MoE paths: ``python -m retrofit.tools.bench [--out DIR] [--quick]``.
+"""Benchmark of retrofit's MoE paths: ``python -m retrofit.tools.bench [--out DIR] [--quick] [--device D]
+[--layers-only]``.
 
-Everything is measured side by side in one process (fp32, 2 threads; each figure the median of repeated runs
-after a warm-up run), so the tables compare implementations on the same machine at the same moment:
+Everything is measured side by side in one process (each figure the median of repeated runs after a warm-up
+run), so the tables compare implementations on the same machine at the same moment. On a CPU, fp32 with 2
+threads. Where CUDA is present (``--device auto``, the default), tables 1, 2 and 5 run in bf16 on the GPU, at the
+token counts a GPU is used with, each timing closed by a CUDA synchronisation; tables 3 and 4 stay CPU figures
+(``--layers-only`` leaves them out). Every layer row also has a *limit*: the bytes of expert weights it must read
+(the experts it touches) over the device's measured copy bandwidth, the time below which no implementation can go
+at small token counts:
 
 1. one MoE layer at LLaDA-MoE size: the reference modeling code's per-expert loop, the grouped token-choice
    path and the batched expert-choice path (time, speed-up, achieved FLOP rate against a dense matmul);
@@ -54,7 +60,9 @@ from retrofit.training.trainable import make_trainable
 THREADS = 2
 LLADA_MOE = dict(d=2048, f=1024, experts=64, top_k=8)
 LAYER_TOKENS = (64, 512, 2048)
+GPU_LAYER_TOKENS = (512, 2048, 8192, 32768)  # issue 23's table: one sequence to a large batch
 TARGET_TOKENS = 512
+GPU_DENSE_TOKENS = 8192  # where the GPU targets ask for a share of the dense-matmul rate
 TC, EC = router_settings(type="tc"), router_settings(type="ec", capacity_factor=1.0)  # EC: the same FLOPs as TC
 BLOCK = router_settings(type="block", block_length=32, core_threshold=0.6, guard_size=16)  # dMoE's evaluation
 # LLaDA2.0's sigmoid scores saturate: once most logits are more than a few units from 0 the chosen experts all
@@ -78,20 +86,64 @@ BATCHED_BY_LOGIT = "EC batched, topk-then-softmax"
 CEILING = "EC GEMMs alone"
 
 
-def median_ms(fns: dict, repeats: int, warmup: int = WARMUP) -> dict:
+@dataclass(frozen=True)
+class Placement:
+    """Where the layer tables run: fp32 on the CPU, or bf16 on a GPU, whose timings end with a synchronisation
+    (a kernel launch returns before the kernel has run)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> str:
+        return f"{torch.cuda.get_device_name(self.device)}, bf16" if self.cuda else "CPU, fp32"
+
+
+CPU = Placement()
+
+
+def placement(name: str) -> Placement:
+    """``auto`` (a GPU where CUDA is present), ``cpu`` or ``cuda``."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return CPU
+    if not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: this torch sees no CUDA device; leave out --device (auto) or give cpu")
+    return Placement(torch.device("cuda"), torch.bfloat16)
+
+
+def median_ms(fns: dict, repeats: int, warmup: int = WARMUP, sync: Callable[[], None] = lambda: None) -> dict:
     """Median wall time in ms of each function of ``fns``, timed in interleaved rounds (each function once per
     round) so that a change in machine load hits every contender alike; the warm-up rounds absorb one-off
-    costs (first allocations, kernel choice) and the median ignores the odd slowed run."""
+    costs (first allocations, kernel choice, a GPU library's start-up) and the median ignores the odd slowed
+    run. ``sync`` waits for the device before a timing ends."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    sync()
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             start = time.perf_counter()
             fn()
+            sync()
             times[key].append(time.perf_counter() - start)
     return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+
+
+def copy_bandwidth(where: Placement, megabytes: int = 256) -> float:
+    """Bytes per second a copy within the device moves (each byte read once and written once), the median of 5
+    after a warm-up: the rate at which expert weights can at best be read, the limit column's denominator."""
+    source = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=where.device)
+    target = torch.empty_like(source)
+    ms = median_ms({"copy": partial(target.copy_, source)}, 5, sync=where.sync)["copy"]
+    return 2 * source.nbytes / (ms / 1e3)
 
 
 # ------------------------------------------------------------------------------------------ MoE layer
@@ -107,28 +159,34 @@ class MoeLayer:
     """
 
     def __init__(self, d: int, f: int, experts: int, top_k: int, seed: int = 0, gate_std: float = 0.5,
-                 scoring: Scoring = SOFTMAX, slot_sum_fp32: bool = False, shared: int = 0, bias_std: float = 0.0):
-        self.gen = torch.Generator().manual_seed(seed)
+                 scoring: Scoring = SOFTMAX, slot_sum_fp32: bool = False, shared: int = 0, bias_std: float = 0.0,
+                 where: Placement = CPU):
+        self.gen = torch.Generator().manual_seed(seed)  # drawn on the CPU, so every device gets the same weights
         self.d, self.f, self.num_experts, self.top_k, self.scoring = d, f, experts, top_k, scoring
-        self.experts = StackedExperts(experts, d, f, slot_sum_fp32).requires_grad_(False)
-        self.fill(self.experts)
-        self.gate = nn.Parameter(torch.randn(experts, d, generator=self.gen) * gate_std)
+        self.where = where
+        self.experts = self.fill(StackedExperts(experts, d, f, slot_sum_fp32).requires_grad_(False))
+        self.gate = nn.Parameter(self.placed(torch.randn(experts, d, generator=self.gen) * gate_std))
         self.shared = self.fill(SwiGLU(d, shared).requires_grad_(False)) if shared else None
-        self.expert_bias = torch.randn(experts, generator=self.gen) * bias_std if scoring.uses_expert_bias else None
+        self.expert_bias = (torch.randn(experts, generator=self.gen).mul(bias_std).to(where.device)
+                            if scoring.uses_expert_bias else None)
 
     @classmethod
-    def llada2(cls, config: LLaDA2Config, seed: int = 0) -> "MoeLayer":
+    def llada2(cls, config: LLaDA2Config, seed: int = 0, where: Placement = CPU) -> "MoeLayer":
         """One MoE layer of a LLaDA2.0 model as its SharedExpertMoe builds it: the family's group-limited sigmoid,
         fp32 slot sum and shared expert (``LLaDA2Config()``: LLaDA2.0-mini's)."""
         return cls(config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok,
                    seed, gate_std=LLADA2_GATE_STD, scoring=LLADA2.scoring(config), slot_sum_fp32=True,
-                   shared=config.moe_intermediate_size * config.num_shared_experts, bias_std=LLADA2_BIAS_STD)
+                   shared=config.moe_intermediate_size * config.num_shared_experts, bias_std=LLADA2_BIAS_STD,
+                   where=where)
+
+    def placed(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.where.device, self.where.dtype)
 
     def fill(self, module: nn.Module) -> nn.Module:
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape, generator=self.gen) * 0.02)
-        return module
+        return module.to(self.where.device, self.where.dtype)
 
     def shape(self) -> dict:
         """What the report's headings name: the sizes, and the shared expert and scoring where not LLaDA-MoE's."""
@@ -138,11 +196,16 @@ class MoeLayer:
         return shape if self.scoring == SOFTMAX else shape | {"scoring": repr(self.scoring)}
 
     def tokens(self, count: int) -> torch.Tensor:
-        return torch.randn(count, self.d, generator=self.gen)
+        return self.placed(torch.randn(count, self.d, generator=self.gen))
+
+    def weight_bytes(self, experts: int) -> int:
+        """The bytes of weights a forward touching ``experts`` routed experts reads (the shared expert too)."""
+        shared = 0 if self.shared is None else self.shared.gate_proj.out_features
+        return 3 * self.d * (self.f * experts + shared) * self.where.dtype.itemsize
 
     def router(self, settings: RouterSettings) -> Router:
         """A router of the given kind and the layer's scoring that shares (not copies) its gate weight and bias."""
-        router = build_router(settings, self.d, self.num_experts, self.top_k, self.scoring)
+        router = build_router(settings, self.d, self.num_experts, self.top_k, self.scoring).to(self.where.device)
         router.weight = self.gate
         if self.expert_bias is not None:
             router.expert_bias = self.expert_bias
@@ -185,7 +248,7 @@ class Implementation:
 
     def routing(self, x: torch.Tensor):
         with torch.no_grad():
-            return self.router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0]))
+            return self.router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0], x.device))
 
 
 def routed(layer: MoeLayer, settings: RouterSettings, kernel: str = "auto") -> Implementation:
@@ -196,7 +259,7 @@ def routed(layer: MoeLayer, settings: RouterSettings, kernel: str = "auto") -> I
     def run(x: torch.Tensor) -> torch.Tensor:
         layer.experts.kernel = kernel
         try:
-            return layer.mlp(x, router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0])))
+            return layer.mlp(x, router(x.unsqueeze(0), RoutingContext.unpadded(1, x.shape[0], x.device)))
         finally:
             layer.experts.kernel = "auto"
 
@@ -205,13 +268,15 @@ def routed(layer: MoeLayer, settings: RouterSettings, kernel: str = "auto") -> I
 
 def implementations(layer: MoeLayer) -> dict[str, Implementation]:
     """The rows of the layer table (EC in both of its orders); the loop re-implements the TC router's choice
-    inline, as the reference code does, so the TC router only counts its pairs."""
+    inline, as the reference code does, so the TC router only counts its pairs. On a GPU, block routing too
+    (its goal there: no slower than token choice at any size)."""
     return {
         LOOP: Implementation(layer.router(TC), partial(tc_loop, layer)),
         GROUPED: routed(layer, TC),
         **({GROUPED_MM: routed(layer, TC, "grouped")} if GROUPED_MM_AVAILABLE else {}),
         BATCHED: routed(layer, EC),
         BATCHED_BY_LOGIT: routed(layer, router_settings(EC, ec_order="topk-then-softmax")),
+        **({BLOCKED: routed(layer, BLOCK)} if layer.where.cuda else {}),
     }
 
 
@@ -229,8 +294,8 @@ class EcGemms:
         capacity = count * layer.top_k // layer.num_experts
         ex, gen = layer.experts, layer.gen
         self.weights = ex.gate_proj.transpose(1, 2), ex.up_proj.transpose(1, 2), ex.down_proj.transpose(1, 2)
-        self.chosen = torch.randn(layer.num_experts, capacity, layer.d, generator=gen)
-        self.hidden = torch.randn(layer.num_experts, capacity, layer.f, generator=gen)
+        self.chosen = layer.placed(torch.randn(layer.num_experts, capacity, layer.d, generator=gen))
+        self.hidden = layer.placed(torch.randn(layer.num_experts, capacity, layer.f, generator=gen))
         self.pairs = layer.num_experts * capacity
 
     def forward(self) -> None:
@@ -262,34 +327,41 @@ def pass_figures(ms: float, baseline_ms: float, flops: float, dense_gflops: floa
     return {"ms": ms, "speedup": baseline_ms / ms, "gflops": gflops, "pct_dense": 100 * gflops / dense_gflops}
 
 
+def unique_experts(impl: Implementation, x: torch.Tensor) -> int:
+    """How many of the layer's experts the implementation's routing runs (the weights it must read)."""
+    return int(impl.routing(x).pairs()[1].unique().numel())
+
+
 def layer_figures(layer: MoeLayer, count: int, repeats: int, impls: dict[str, Implementation], baseline: str,
-                  ceiling: bool) -> tuple[dict, list[dict]]:
+                  ceiling: bool, bandwidth: float) -> tuple[dict, list[dict]]:
     """The dense-matmul reference and one row per implementation at ``count`` tokens, timed together (with the
     EC matmuls alone when ``ceiling``); speed-ups are against the ``baseline`` implementation.
 
     The reference multiplies ``[count·k', d] x [d, 3f]`` with k' = k plus the shared expert's width in experts:
     the FLOPs of the experts' forward in one matmul, the ceiling an MoE implementation can approach. Useful
     FLOPs are :meth:`MoeLayer.flops`; fwd+bwd counts twice those, since with frozen experts backward runs only
-    the input-gradient matmuls."""
+    the input-gradient matmuls. ``limit_ms``: the expert weights the row touches read at ``bandwidth``."""
     x = layer.tokens(count)
-    a = torch.randn(layer.flops(count * layer.top_k, count) // (6 * layer.d * layer.f), layer.d)
-    b = torch.randn(layer.d, 3 * layer.f)
+    a = layer.placed(torch.randn(layer.flops(count * layer.top_k, count) // (6 * layer.d * layer.f), layer.d))
+    b = layer.placed(torch.randn(layer.d, 3 * layer.f))
     fns = {"dense": partial(torch.matmul, a, b)}
     for name, impl in impls.items():
         fns[name, "fwd"] = partial(forward, impl.run, x)
         fns[name, "fwd+bwd"] = partial(forward_backward, impl.run, x, layer.gate)
     pairs_of = {name: impl.routing(x).indices.numel() for name, impl in impls.items()}
+    touched = {name: unique_experts(impl, x) for name, impl in impls.items()}
     if ceiling:
         gemms = EcGemms(layer, count)
         fns[CEILING, "fwd"], fns[CEILING, "fwd+bwd"] = gemms.forward, gemms.forward_backward
-        pairs_of[CEILING] = gemms.pairs
-    times = median_ms(fns, repeats)
+        pairs_of[CEILING], touched[CEILING] = gemms.pairs, layer.num_experts
+    times = median_ms(fns, repeats, sync=layer.where.sync)
     dense = {"tokens": count, "shape": f"[{a.shape[0]}, {layer.d}] x [{layer.d}, {b.shape[1]}]",
              "ms": times["dense"], "gflops": 2 * a.numel() * b.shape[1] / times["dense"] / 1e6}
     rows = []
     for name, pairs in pairs_of.items():
         flops = layer.flops(pairs, count)
-        row = {"tokens": count, "implementation": name, "pairs": pairs}
+        row = {"tokens": count, "implementation": name, "pairs": pairs, "unique_experts": touched[name],
+               "limit_ms": layer.weight_bytes(touched[name]) / bandwidth * 1e3}
         for kind, multiple in (("fwd", 1), ("fwd+bwd", 2)):
             row[kind] = pass_figures(times[name, kind], times[baseline, kind], multiple * flops, dense["gflops"])
         rows.append(row)
@@ -303,11 +375,13 @@ def moe_layer_table(layer: MoeLayer, tokens: tuple[int, ...], repeats: int,
     the dense-matmul reference of each."""
     rows, dense = [], []
     impls = implementations_of(layer)
+    bandwidth = copy_bandwidth(layer.where)
     for count in tokens:
-        reference, count_rows = layer_figures(layer, count, repeats, impls, baseline, ceiling)
+        reference, count_rows = layer_figures(layer, count, repeats, impls, baseline, ceiling, bandwidth)
         dense.append(reference)
         rows += count_rows
-    return {"shape": layer.shape(), "baseline": baseline, "rows": rows, "dense": dense}
+    return {"shape": layer.shape(), "baseline": baseline, "rows": rows, "dense": dense,
+            "copy_gb_per_s": bandwidth / 1e9}
 
 
 # ---------------------------------------------------------------------------------------- block routing
@@ -319,9 +393,13 @@ def block_table(layer: MoeLayer, settings: RouterSettings, repeats: int) -> dict
     tokens, so its time should follow the unique-expert count."""
     x = layer.tokens(settings.block_length)
     impls = swapped_routers(layer, settings)
-    times = median_ms({name: partial(forward, impl.run, x) for name, impl in impls.items()}, repeats)
-    rows = [{"router": name, "tokens": x.shape[0], "ms": times[name],
-             "unique_experts": int(impl.routing(x).pairs()[1].unique().numel())} for name, impl in impls.items()]
+    times = median_ms({name: partial(forward, impl.run, x) for name, impl in impls.items()}, repeats,
+                      sync=layer.where.sync)
+    bandwidth = copy_bandwidth(layer.where)
+    rows = [{"router": name, "tokens": x.shape[0], "ms": times[name], "unique_experts": unique_experts(impl, x)}
+            for name, impl in impls.items()]
+    for row in rows:
+        row["limit_ms"] = layer.weight_bytes(row["unique_experts"]) / bandwidth * 1e3
     tc = rows[0]
     for row in rows:
         row["unique_ratio"] = tc["unique_experts"] / row["unique_experts"]
@@ -445,10 +523,22 @@ def block_checks(table: dict, prefix: str, speedup_goal: float) -> list[tuple]:
 
 
 def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
-    """The project's goals, each with the figure measured in this run and whether it was met. For LLaDA2.0-mini
-    block routing only has to be no slower than the family's token choice (1x): dMoE's claim for it is about
-    unique experts, and its layer time is reported rather than promised."""
-    layer = {r["implementation"]: r for r in results["moe_layer"]["rows"] if r["tokens"] == tokens}
+    """The project's goals, each with the figure measured in this run and whether it was met: the GPU's
+    (:func:`gpu_checks`) where the layers ran on one, else the CPU's (:func:`cpu_checks`)."""
+    checks = gpu_checks(results, tokens) if results["environment"].get("gpu") else cpu_checks(results, tokens)
+    return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit, "gemms_alone": alone,
+             "met": value >= bound if op == ">=" else value <= bound}
+            for name, value, op, bound, unit, alone in checks]
+
+
+def rows_at(table: dict, tokens: int) -> dict[str, dict]:
+    return {r["implementation"]: r for r in table["rows"] if r["tokens"] == tokens}
+
+
+def cpu_checks(results: dict, tokens: int) -> list[tuple]:
+    """For LLaDA2.0-mini block routing only has to be no slower than the family's token choice (1x): dMoE's
+    claim for it is about unique experts, and its layer time is reported rather than promised."""
+    layer = rows_at(results["moe_layer"], tokens)
     ec, ceiling = layer[BATCHED]["fwd+bwd"], layer[CEILING]["fwd+bwd"]
     checks = [
         (f"EC fwd+bwd vs TC loop at {tokens} tokens", ec["speedup"], ">=", 1.5, "x", ceiling["speedup"]),
@@ -456,22 +546,44 @@ def targets(results: dict, tokens: int = TARGET_TOKENS) -> list[dict]:
          ceiling["pct_dense"]),
         *block_checks(results["block"], "", 2.0),
         *block_checks(results["llada2"]["block"], "LLaDA2.0-mini: ", 1.0),
-        ("routers-only training peak / inference peak (LLaDA-MoE layer size)", results["memory"]["ratio"], "<=",
-         1.3, "x", None),
     ]
-    return [{"target": name, "measured": value, "op": op, "bound": bound, "unit": unit, "gemms_alone": alone,
-             "met": value >= bound if op == ">=" else value <= bound}
-            for name, value, op, bound, unit, alone in checks]
+    if "memory" in results:
+        checks.append(("routers-only training peak / inference peak (LLaDA-MoE layer size)",
+                       results["memory"]["ratio"], "<=", 1.3, "x", None))
+    return checks
+
+
+def gpu_checks(results: dict, tokens: int, dense_tokens: int = GPU_DENSE_TOKENS) -> list[tuple]:
+    """Issue 23's goals for an H200-class GPU in bf16: the layer at ``tokens`` within a few weight reads, block
+    routing never slower than token choice and twice as fast over one block, and at ``dense_tokens`` a fair share
+    of the dense-matmul rate (where the run reached that size)."""
+    layer = rows_at(results["moe_layer"], tokens)
+    tc, ec, block = layer[GROUPED], layer[BATCHED], layer[BLOCKED]
+    checks = [
+        (f"TC fwd at {tokens} tokens", tc["fwd"]["ms"], "<=", 1.5, " ms", None),
+        (f"TC fwd+bwd at {tokens} tokens", tc["fwd+bwd"]["ms"], "<=", 3.0, " ms", None),
+        (f"EC fwd at {tokens} tokens", ec["fwd"]["ms"], "<=", 1.5, " ms", layer[CEILING]["fwd"]["ms"]),
+        (f"block fwd / TC fwd at {tokens} tokens", block["fwd"]["ms"] / tc["fwd"]["ms"], "<=", 1.0, "x", None),
+        *block_checks(results["block"], "", 2.0),
+        *block_checks(results["llada2"]["block"], "LLaDA2.0-mini: ", 1.0),
+    ]
+    large = rows_at(results["moe_layer"], dense_tokens)
+    for name, label in ((GROUPED, "TC"), (BATCHED, "EC")):
+        if name in large:
+            checks.append((f"{label} fwd share of dense-matmul rate at {dense_tokens} tokens",
+                           large[name]["fwd"]["pct_dense"], ">=", 40.0, "%", large[CEILING]["fwd"]["pct_dense"]))
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def environment(repeats: int) -> dict:
+def environment(repeats: int, where: Placement = CPU) -> dict:
     """What the figures depend on besides the code; the load average shows whether other work shared the
-    CPU (with 2 threads on a busy machine every parallel region waits for a free core)."""
+    CPU (with 2 threads on a busy machine every parallel region waits for a free core). ``device``: where the
+    layer tables ran."""
     return {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": repeats, "warmup": WARMUP, "load_avg_1min": [os.getloadavg()[0]]}
+            "device": where.describe(), "gpu": where.cuda, "repeats": repeats, "warmup": WARMUP, "load_avg_1min": [os.getloadavg()[0]]}
 
 
 def cpu_name() -> str:
@@ -491,10 +603,10 @@ def layer_tables(layer_of: Callable[[], MoeLayer], tokens: tuple[int, ...], repe
 
 
 def llada2_tables(tokens: tuple[int, ...], repeats: int, config: LLaDA2Config | None = None,
-                  block: RouterSettings = BLOCK) -> dict:
+                  block: RouterSettings = BLOCK, where: Placement = CPU) -> dict:
     """Table 5: an LLaDA2.0 MoE layer (``config``; LLaDA2.0-mini when None) under its own token choice, expert
     choice and ``block`` routing, and one denoising block under each; speed-ups are against its token choice."""
-    return layer_tables(partial(MoeLayer.llada2, config or LLaDA2Config()), tokens, repeats, block,
+    return layer_tables(partial(MoeLayer.llada2, config or LLaDA2Config(), where=where), tokens, repeats, block,
                         implementations_of=partial(swapped_routers, block=block), baseline=GROUPED, ceiling=False)
 
 
@@ -506,22 +618,33 @@ def timed(seconds: dict, name: str, measure: Callable[[], dict]) -> dict:
     return result
 
 
-def run(quick: bool) -> dict:
-    """All tables at the sizes of the brief; ``quick`` runs once per figure and drops 2048 tokens."""
+def layer_token_counts(quick: bool, where: Placement) -> tuple[int, ...]:
+    """The layer tables' token counts: the CPU's, or a GPU's; ``quick`` keeps the target sizes."""
+    if where.cuda:
+        return (TARGET_TOKENS, GPU_DENSE_TOKENS) if quick else GPU_LAYER_TOKENS
+    return tuple(t for t in LAYER_TOKENS if not (quick and t > TARGET_TOKENS))
+
+
+def run(quick: bool, where: Placement = CPU, layers_only: bool = False) -> dict:
+    """All tables at the sizes of the brief; ``quick`` runs once per figure and drops the largest sizes; the
+    layer tables on ``where``; ``layers_only``: tables 1, 2 and 5 alone."""
     torch.set_num_threads(THREADS)
     repeats = 1 if quick else 5
-    tokens = tuple(t for t in LAYER_TOKENS if not (quick and t > TARGET_TOKENS))
-    env = environment(repeats)
+    tokens = layer_token_counts(quick, where)
+    env = environment(repeats, where)
     seconds = env["seconds"] = {}
-    llada_moe = timed(seconds, "llada_moe", partial(layer_tables, partial(MoeLayer, **LLADA_MOE), tokens, repeats))
+    llada_moe = timed(seconds, "llada_moe", partial(layer_tables, partial(MoeLayer, **LLADA_MOE, where=where),
+                                                    tokens, repeats))
     results = {
         "environment": env,
         "moe_layer": llada_moe["layer"],
         "block": llada_moe["block"],
-        "llada2": timed(seconds, "llada2", partial(llada2_tables, tokens, repeats)),
-        "model": timed(seconds, "model", partial(model_table, MODEL_DIMS, repeats)),
-        "memory": timed(seconds, "memory", partial(memory_table, MODEL_DIMS if quick else LAYER_SIZE_MODEL)),
+        "llada2": timed(seconds, "llada2", partial(llada2_tables, tokens, repeats, where=where)),
     }
+    if not layers_only:  # CPU figures wherever the layers ran
+        results["model"] = timed(seconds, "model", partial(model_table, MODEL_DIMS, repeats))
+        results["memory"] = timed(seconds, "memory",
+                                  partial(memory_table, MODEL_DIMS if quick else LAYER_SIZE_MODEL))
     seconds["total"] = sum(seconds.values())
     env["load_avg_1min"].append(os.getloadavg()[0])
     results["targets"] = targets(results)
@@ -531,9 +654,13 @@ def run(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m retrofit.tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for bench.md/json")
-    parser.add_argument("--quick", action="store_true", help="one run per figure, no 2048-token layer")
+    parser.add_argument("--quick", action="store_true", help="one run per figure, the largest layer sizes left out")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where tables 1, 2 and 5 run: auto (a GPU in bf16 where CUDA is present), cpu, cuda")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="tables 1, 2 and 5 only (3 and 4 are CPU figures of the tiny model)")
     args = parser.parse_args(argv)
-    print(write_report(run(args.quick), args.out, CEILING))
+    print(write_report(run(args.quick, placement(args.device), args.layers_only), args.out, CEILING))
 
 
 if __name__ == "__main__":

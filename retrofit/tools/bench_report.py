@@ -36,16 +36,22 @@ def layer_tables(table: dict) -> list[str]:
     rows = [[r["tokens"], r["implementation"]] + [v for p in passes for v in
             (r[p]["ms"], f"{num(r[p]['speedup'])}x", r[p]["gflops"], f"{num(r[p]['pct_dense'])}%")]
             for r in table["rows"]]
+    if "copy_gb_per_s" in table:  # the weight-read limit (results written before it have none)
+        headers += ["experts touched", "limit ms"]
+        rows = [row + [r["unique_experts"], r["limit_ms"]] for row, r in zip(rows, table["rows"])]
     dense = [[d["tokens"], d["shape"], d["ms"], d["gflops"]] for d in table["dense"]]
-    return [*md_table(headers, rows), "", "Dense-matmul reference (same FLOPs as the forward's expert work):", "",
-            *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
+    limit = ([f"Limit: the bytes of the expert weights a row touches over this device's copy bandwidth, "
+              f"{num(table['copy_gb_per_s'])} GB/s (read + write, measured).", ""] if "copy_gb_per_s" in table else [])
+    return [*md_table(headers, rows), "", *limit, "Dense-matmul reference (same FLOPs as the forward's expert work):",
+            "", *md_table(["tokens", "matmul", "ms", "GFLOP/s"], dense), ""]
 
 
 def block_lines(table: dict) -> list[str]:
-    body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x"]
-            for r in table["rows"]]
+    body = [[r["router"], r["unique_experts"], r["ms"], f"{num(r['unique_ratio'])}x", f"{num(r['speedup'])}x",
+             *([r["limit_ms"]] if "limit_ms" in r else [])] for r in table["rows"]]
+    limit = ["limit ms"] if table["rows"] and "limit_ms" in table["rows"][0] else []
     return [*md_table(["router", "unique experts", "MoE fwd ms", "TC / this (unique experts)",
-                       "TC / this (time)"], body), ""]
+                       "TC / this (time)", *limit], body), ""]
 
 
 def layer_markdown(table: dict) -> list[str]:
@@ -112,7 +118,7 @@ def targets_markdown(checks: list[dict], ceiling: str) -> list[str]:
              "" if c["gemms_alone"] is None else f"{num(c['gemms_alone'])}{c['unit']}"] for c in checks]
     return ["## Targets", "",
             f"The last column is the same figure for `{ceiling}` (table 1): the batched matmuls with everything "
-            "else free, i.e. the most the EC path could reach with this CPU's matmul library.", "",
+            "else free, i.e. the most the EC path could reach with this device's matmul library.", "",
             *md_table(["target", "measured", "goal", "result", ceiling], body), ""]
 
 
@@ -130,12 +136,15 @@ def total_time(env: dict) -> str:
 def render(results: dict, ceiling: str) -> str:
     """The whole ``bench.md``; ``ceiling`` names table 1's matmuls-alone row, which the targets compare against."""
     env = results["environment"]
+    gpu = (f" Tables 1, 2 and 5 ran on {env['device']}, each timing ended by a CUDA synchronisation; tables 3 and 4 "
+           "on the CPU." if env.get("gpu") else "")
     head = ["# retrofit benchmark", "",
             f"CPU {env['cpu']}, torch {env['torch']}, {env['threads']} threads, fp32; median of {env['repeats']} "
-            f"runs after {env['warmup']} warm-up. 1-minute load average (start → end): "
+            f"runs after {env['warmup']} warm-up.{gpu} 1-minute load average (start → end): "
             f"{' → '.join(f'{x:.2f}' for x in env['load_avg_1min'])}.{total_time(env)}", ""]
-    lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"])
-             + model_markdown(results["model"]) + memory_markdown(results["memory"])
+    cpu_tables = ((model_markdown(results["model"]) if "model" in results else [])
+                  + (memory_markdown(results["memory"]) if "memory" in results else []))
+    lines = (head + layer_markdown(results["moe_layer"]) + block_markdown(results["block"]) + cpu_tables
              + llada2_markdown(results["llada2"], env.get("seconds", {}))
              + targets_markdown(results["targets"], ceiling))
     return "\n".join(lines)
