@@ -200,3 +200,32 @@ def test_bench_7b_targets_read_the_run():
     assert met["finetune peak RSS / eval (load + forward) peak"] is False  # 15/11 = 1.36x
     assert met["convert -> finetune -> eval --limit 1 completes"] is False  # eval failed
     assert "| NO |" in markdown(result)
+
+
+def test_bench_7b_forward_worker_times_every_router(tmp_path):
+    """The worker's per-router work (a forward, generation, a router-only step), here at its CPU shapes on tiny."""
+    from retrofit.tiny import build_tiny_model
+    from retrofit.tools.bench_7b import CPU_SHAPES, ROUTERS, forward_worker, router_markdown
+    from tests.helpers import tiny_snapshot
+
+    result = forward_worker(str(tiny_snapshot(tmp_path / "tiny", build_tiny_model(seed=0))), CPU_SHAPES)
+    for figure in ("forward_s", "generate_tokens_per_s", "step_s"):
+        assert set(result[figure]) == set(ROUTERS) and all(v > 0 for v in result[figure].values())
+    assert result["device"] == "cpu" and "gpu_load_peak_bytes" not in result
+    table = router_markdown(result)
+    assert "| router | forward 1 x 128 tokens | generation, 1 prompts x 32 tokens (4 steps, blocks of 32)" in table[3]
+    assert len(table) == 5 + len(ROUTERS)
+
+
+def test_bench_7b_reads_the_gpus_memory_and_speed_on_a_gpu():
+    from retrofit.tools.bench_7b import GiB, gpu_targets
+
+    forward = {"gpu_load_peak_bytes": 15 * GiB, "gpu_forward_peak_bytes": {"tc": 16 * GiB},
+               "gpu_step_peak_bytes": {"tc": 17 * GiB}, "generate_tokens_per_s": {"tc": 450.0, "ec": 900.0,
+                                                                                "block": 300.0},
+               "step_s": {"tc": 0.12}}
+    met = {name: ok for name, _, _, ok in gpu_targets(forward, checkpoint_bytes=14 * GiB)}
+    assert met == {"eval load GPU peak / checkpoint bytes": True,  # 15/14 = 1.07x
+                   "TC router-only step GPU peak / forward peak (same tokens)": True,  # 17/16
+                   "TC generation": True, "ec generation / TC": True, "block generation / TC": False,
+                   "TC router-only step": False}

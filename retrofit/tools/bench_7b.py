@@ -6,7 +6,10 @@ resident memory from the kernel's rusage, peak anonymous memory sampled from /pr
 the page cache of the files being read):
 
 1. ``retrofit convert`` to EC and to block routing (hard links, streamed verification);
-2. loading the converted model for evaluation in bf16 and one 128-token forward per router (tc, ec, block);
+2. loading the converted model for evaluation in bf16, then per router (tc, ec, block), each after a warm-up run:
+   a forward, generation (tokens/s) and a router-only training step; a GPU's shapes where there is one (a forward
+   of 8 x 1,024 tokens, 4 prompts x 256 tokens in 64 steps of 32-token blocks, a step of 1 x 1,024), small ones on
+   a CPU; on a GPU the memory targets read the GPU's peaks, not the host's;
 3. ``retrofit finetune`` of the EC routers, a few bf16 steps on GSM8K;
 4. ``retrofit eval`` of the fine-tuned result (GSM8K, ``--limit 1``, bf16);
 5. the weights hash of a 14.7 GB directory, first and cached.
@@ -86,33 +89,141 @@ def _sample_anon(pid: int, peak: list[int]) -> None:
 # ------------------------------------------------------------------------------------------- workers
 
 
-def forward_worker(model_dir: str) -> None:
-    """Load in bf16 (timed, peak after load) and time one 128-token forward per router; prints JSON."""
+@dataclass(frozen=True)
+class Shapes:
+    """The per-router workloads of the forward worker: a forward of ``forward`` (batch, tokens); generation of
+    ``generate`` (prompts, tokens each) after ``prompt``-token prompts in ``steps`` steps, blocks of ``block``; a
+    router-only training step on ``step`` (batch, tokens)."""
+
+    forward: tuple[int, int]
+    generate: tuple[int, int]
+    prompt: int
+    steps: int
+    block: int
+    step: tuple[int, int]
+
+
+GPU_SHAPES = Shapes(forward=(8, 1024), generate=(4, 256), prompt=64, steps=64, block=32, step=(1, 1024))  # issue 23
+CPU_SHAPES = Shapes(forward=(1, FORWARD_TOKENS), generate=(1, 32), prompt=32, steps=4, block=32, step=(1, 128))
+
+
+def forward_worker(model_dir: str, shapes: Shapes | None = None) -> dict:
+    """Load in bf16 (timed, peak after load), then per router a forward, generation and a router-only training
+    step, each timed after a warm-up run of the same work (the first call pays the GPU libraries' start-up);
+    prints and returns JSON. ``shapes``: a GPU's where there is one (:data:`GPU_SHAPES`), else small ones."""
     import torch
 
     from retrofit.io.load import load_model, model_bytes
     from retrofit.routers import router_settings, swap_routers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where there is one
+    shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     start = time.perf_counter()
     model = load_model(model_dir, dtype=torch.bfloat16, device=device)
     loaded = {"load_s": time.perf_counter() - start, "load_peak_rss": _hwm(), "model_bytes": model_bytes(model),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 30000, (1, FORWARD_TOKENS), generator=gen)
-    ids[0, torch.rand(FORWARD_TOKENS, generator=gen) < 0.5] = model.config.mask_token_id
-    ids = ids.to(device)
-    forwards = {}
-    for router in ROUTERS:
-        swap_routers(model, router_settings(type=router))
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shapes": asdict(shapes)}
+    if device.type == "cuda":
+        loaded["gpu_load_peak_bytes"] = torch.cuda.max_memory_allocated()
+    measured = {"forward_s": {}, "generate_tokens_per_s": {}, "step_s": {}, "gpu_forward_peak_bytes": {},
+                "gpu_step_peak_bytes": {}}
+    # Evaluation's work for every router first, so that the peak memory it leaves is evaluation's alone (the CPU
+    # target compares fine-tuning's with it), then the training steps.
+    for figures in (_inference_figures, _training_figures):
+        for router in ROUTERS:
+            swap_routers(model, router_settings(type=router))
+            for name, value in figures(model, shapes, device).items():
+                measured[name][router] = value
+        loaded.setdefault("eval_peak_rss", _hwm())
+    result = {**loaded, **{k: v for k, v in measured.items() if v}, "peak_rss": _hwm()}
+    print(json.dumps(result))
+    return result
+
+
+def _inference_figures(model, shapes: Shapes, device) -> dict:
+    """The forward's seconds and the generated tokens per second of the model's current routers."""
+    import torch
+
+    from retrofit.eval.sampler_llada import GenerateArgs, generate
+
+    ids = _masked_ids(model, shapes.forward, device)
+    with torch.no_grad():
+        figures = {"forward_s": _seconds(lambda: model(ids), device)}
+    prompts = _masked_ids(model, (shapes.generate[0], shapes.prompt), device, mask_share=0.0)
+    settings = GenerateArgs(gen_length=shapes.generate[1], steps=shapes.steps, denoise_block=shapes.block)
+    seconds = _seconds(lambda: generate(model, prompts, model.config.mask_token_id, settings), device)
+    figures["generate_tokens_per_s"] = shapes.generate[0] * shapes.generate[1] / seconds
+    return figures
+
+
+def _training_figures(model, shapes: Shapes, device) -> dict:
+    """The router-only step's seconds of the model's current routers; on a GPU also the peak memory of a forward
+    and of a step at the step's shape."""
+    import torch
+
+    cuda = device.type == "cuda"
+    ids, figures = _masked_ids(model, shapes.step, device), {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            start = time.perf_counter()
             model(ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            forwards[router] = time.perf_counter() - start
-    gpu = {"gpu_peak_bytes": torch.cuda.max_memory_allocated()} if device.type == "cuda" else {}
-    print(json.dumps({**loaded, **gpu, "forward_s": forwards, "peak_rss": _hwm()}))
+        figures["gpu_forward_peak_bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    figures["step_s"] = _seconds(_router_step(model, ids), device)
+    if cuda:
+        figures["gpu_step_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return figures
+
+
+def _masked_ids(model, shape: tuple[int, int], device, mask_share: float = 0.5):
+    """Random ordinary tokens of ``shape``, about ``mask_share`` of them masked (a denoising step's input)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(30000, model.config.mask_token_id), shape, generator=gen)
+    ids[torch.rand(shape, generator=gen) < mask_share] = model.config.mask_token_id
+    return ids.to(device)
+
+
+def _seconds(work, device) -> float:
+    """Seconds of one run of ``work`` after a warm-up run, the device synchronised before the clock stops."""
+    import torch
+
+    work()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    work()
+    sync()
+    return time.perf_counter() - start
+
+
+def _router_step(model, ids):
+    """One router-only training step (masked-diffusion loss, AdamW on the gate weights) as ``retrofit finetune``
+    takes it: the noise drawn on the host, the batch sent to the model's device; as a function to time."""
+    import dataclasses
+
+    import torch
+
+    from retrofit.diffusion import add_noise, diffusion_loss
+    from retrofit.training.recipe import TrainableSection
+    from retrofit.training.trainable import make_trainable
+
+    make_trainable(model.train(), TrainableSection(mode="routers"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen, host = torch.Generator().manual_seed(0), ids.cpu()
+    prompt_len = torch.zeros(ids.shape[0], dtype=torch.long)
+
+    def step() -> None:
+        noise = add_noise(host, prompt_len, model.config.mask_token_id, 1e-3, gen)
+        noise = dataclasses.replace(noise, **{f.name: getattr(noise, f.name).to(ids.device)
+                                              for f in dataclasses.fields(noise)})
+        logits = model(input_ids=noise.noisy, mask_ratio=noise.t).logits
+        diffusion_loss(logits, ids, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()  # the next router's forward and generation run as evaluation does
+
+    return step
 
 
 def hash_worker(model_dir: str) -> None:
@@ -210,16 +321,54 @@ def targets(r: dict) -> list[tuple[str, str, str, bool]]:
         rows.append((f"convert --router {router}: wall time", f"{c['wall_s']:.0f} s", "<= 120 s",
                      c["rc"] == 0 and c["wall_s"] <= 120))
     f = r["forward"]
-    if "load_peak_rss" in f:
+    if "gpu_load_peak_bytes" in f:  # host memory says nothing of a model on a GPU: the GPU's own peaks
+        rows += gpu_targets(f, r["checkpoint_bytes"])
+    elif "load_peak_rss" in f:
         ratio = f["load_peak_rss"] / r["checkpoint_bytes"]
         rows.append(("eval load peak RSS / checkpoint bytes", f"{ratio:.3f}x", "<= 1.15x", ratio <= 1.15))
         ft = r["finetune"]
-        ratio = ft["peak_rss"] / f["peak_rss"]
+        ratio = ft["peak_rss"] / f.get("eval_peak_rss", f["peak_rss"])  # older results: no training steps there
         rows.append(("finetune peak RSS / eval (load + forward) peak", f"{ratio:.3f}x", "<= 1.3x",
                      ft["rc"] == 0 and ratio <= 1.3))
     chain = all(r[k]["rc"] == 0 for k in ("convert_ec", "finetune", "eval"))
     rows.append(("convert -> finetune -> eval --limit 1 completes", "yes" if chain else "no", "yes", chain))
     return rows
+
+
+def gpu_targets(f: dict, checkpoint_bytes: int) -> list[tuple[str, str, str, bool]]:
+    """Issue 23's goals for the whole model on an H200-class GPU (bf16, :data:`GPU_SHAPES`), and its memory
+    read on the GPU: the loaded weights against the checkpoint, a router-only step against a forward of the same
+    tokens."""
+    rate, step = f.get("generate_tokens_per_s", {}), f.get("step_s", {})
+    ratio = f["gpu_load_peak_bytes"] / checkpoint_bytes
+    rows = [("eval load GPU peak / checkpoint bytes", f"{ratio:.3f}x", "<= 1.15x", ratio <= 1.15)]
+    peaks = f.get("gpu_step_peak_bytes", {}), f.get("gpu_forward_peak_bytes", {})
+    if "tc" in peaks[0] and "tc" in peaks[1]:
+        ratio = peaks[0]["tc"] / peaks[1]["tc"]
+        rows.append(("TC router-only step GPU peak / forward peak (same tokens)", f"{ratio:.3f}x", "<= 1.3x",
+                     ratio <= 1.3))
+    if "tc" in rate:
+        rows.append(("TC generation", f"{rate['tc']:.0f} tok/s", ">= 400 tok/s", rate["tc"] >= 400))
+        rows += [(f"{router} generation / TC", f"{rate[router] / rate['tc']:.2f}x", ">= 1x", rate[router] >= rate["tc"])
+                 for router in ("ec", "block") if router in rate]
+    if "tc" in step:
+        rows.append(("TC router-only step", f"{step['tc'] * 1e3:.0f} ms", "<= 100 ms", step["tc"] <= 0.1))
+    return rows
+
+
+def router_markdown(f: dict) -> list[str]:
+    """Per router: the forward, generation and router-only step the forward worker timed (after a warm-up)."""
+    if "shapes" not in f or "generate_tokens_per_s" not in f:
+        return []
+    sh = f["shapes"]
+    lines = ["", f"Per router, on {f['device']}, bf16, each timed after a warm-up run:", "",
+             f"| router | forward {sh['forward'][0]} x {sh['forward'][1]} tokens | generation, {sh['generate'][0]} "
+             f"prompts x {sh['generate'][1]} tokens ({sh['steps']} steps, blocks of {sh['block']}) | router-only "
+             f"step, {sh['step'][0]} x {sh['step'][1]} tokens |", "|---|---|---|---|"]
+    for router, seconds in f["forward_s"].items():
+        lines.append(f"| {router} | {seconds * 1e3:.1f} ms | {f['generate_tokens_per_s'][router]:.1f} tok/s | "
+                     f"{f['step_s'][router] * 1e3:.1f} ms |")
+    return lines
 
 
 def markdown(r: dict) -> str:
@@ -240,13 +389,15 @@ def markdown(r: dict) -> str:
     lines += [
         run_row("convert --router ec", r["convert_ec"]),
         run_row("convert --router block", r["convert_block"]),
-        run_row(f"load bf16 + 128-token forwards ({f.get('device', '?')})", f, f"load {f.get('load_s', 0):.1f} s "
+        run_row(f"load bf16 + per-router work ({f.get('device', '?')})", f, f"load {f.get('load_s', 0):.1f} s "
                 f"(peak {f.get('load_peak_rss', 0) / GiB:.2f} GiB); forward {fwd}"
+                + (f"; evaluation's peak {f['eval_peak_rss'] / GiB:.2f} GiB" if "eval_peak_rss" in f else "")
                 + (f"; GPU peak {f['gpu_peak_bytes'] / GiB:.2f} GiB" if "gpu_peak_bytes" in f else "")),
         run_row(f"finetune, {FINETUNE_STEPS} router-only bf16 steps of 128 tokens", ft, f"step s: {steps}"),
         run_row("eval gsm8k --limit 1 (bf16, gen 32, 8 steps)", r["eval"]),
         run_row("weights hash (cold, then cached)", h, f"cold {h.get('cold_s', 0):.1f} s, cached "
                 f"{h.get('cached_s', 0):.3f} s"),
+        *router_markdown(f),
         "", "| target | measured | goal | met |", "|---|---|---|---|",
     ]
     lines += [f"| {name} | {value} | {goal} | {'yes' if ok else 'NO'} |" for name, value, goal, ok in targets(r)]
