@@ -271,3 +271,33 @@ def test_a_tiny_config_refuses_keys_that_are_not_config_fields():
         hub_config_dict(layers=3, experts=16)
     config = hub_config_dict(**tiny_shape(layers=3, experts=16, top_k=4))
     assert (config["num_hidden_layers"], config["num_experts"], config["num_experts_per_tok"]) == (3, 16, 4)
+
+
+def test_expert_choice_copies_its_tokens_once():
+    """EC's equal groups run as batched matmuls over one gathered [E, C, d] input: the forward allocates exactly
+    two tensors of that size (the gathered tokens and the down projection's output), no staging copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    num_experts, capacity, d, f = 4, 6, 8, 5
+    experts = StackedExperts(num_experts, d, f)
+    x = torch.randn(10, d)
+    tokens = torch.randint(0, 10, (num_experts, capacity))
+    routing = Routing("expert", tokens, torch.rand(num_experts, capacity), num_experts)
+    views = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default,
+             torch.ops.aten.alias.default, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+             torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and func not in views and out.numel() == num_experts * capacity * d:
+                self.sizes.append(func.__name__)
+            return out
+
+    with torch.no_grad(), Allocations() as seen:
+        experts(x, routing)
+    assert seen.sizes == ["index_select.default", "bmm.default"]
