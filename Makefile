@@ -60,8 +60,9 @@ tiny small: setup
 # The papers' claims measured on `tiny` (studies/<name>/README.md; resumable, run folders in out/studies/), or on
 # `small` with STUDY_ARGS="--model small" (after `make small`; studies/<name>/small/). `make studies` then writes
 # the README's summary of the claims from every study's results.json.
-# Times on 2 CPU cores (measured alongside other work): convergence 34 min, schedules 22 min, block-tradeoff
-# 29 min, from-scratch 14 min.
+# Times of the last full runs (2026-12-04, 2-core EPYC; the first three on one thread each, two at a time, as
+# OMP_NUM_THREADS=1 allows; from-scratch alone, its report has wall-clock): tiny: convergence ~15 min, schedules
+# ~30 min, block-tradeoff ~15 min, from-scratch 17 min; small: convergence ~25 min, from-scratch 35 min.
 STUDIES = study-convergence study-schedules study-block-tradeoff study-from-scratch
 $(STUDIES): study-%: setup
 	$(VENV)/bin/retrofit study $* $(STUDY_ARGS)
