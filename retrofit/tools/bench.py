@@ -1,5 +1,6 @@
-"""Benchmark of retrofit's MoE paths: ``python -m retrofit.tools.bench [--out DIR] [--quick] [--device D]
-[--layers-only]``.
+"""Benchmark of retrofit's MoE paths, on the CPU or a GPU: ``make bench``.
+
+``python -m retrofit.tools.bench [--out DIR] [--quick] [--device auto|cpu|cuda] [--layers-only]``.
 
 Everything is measured side by side in one process (each figure the median of repeated runs after a warm-up
 run), so the tables compare implementations on the same machine at the same moment. On a CPU, fp32 with 2
