@@ -59,8 +59,10 @@ def test_the_per_expert_loop_is_what_reads_back():
     assert any(s.startswith("tolist at moe.py") for s in syncs.seen)
 
 
-SAMPLERS = {  # sampler, its options, blocks a row can denoise (LLaDA2.x: the block holding the prompt's end too)
+SAMPLERS = {  # family, sampler options, blocks a row can denoise (LLaDA2.x: the block holding the prompt's end too)
     "llada": ("llada-moe", {"gen_length": 16, "denoise_block": 8, "steps": 8}, 2),
+    "llada dual cache, expert choice": ("llada-moe", {"gen_length": 16, "denoise_block": 8, "steps": 8,
+                                                      "cache": "dual"}, 2),
     "llada threshold": ("llada-moe", {"gen_length": 16, "denoise_block": 8, "threshold": 0.5}, 2),
     "llada dual cache": ("llada-moe", {"gen_length": 16, "denoise_block": 8, "threshold": 0.5, "cache": "dual"}, 2),
     "llada2 early stop": ("llada2", {"gen_length": 16, "denoise_block": 4, "steps": 4, "threshold": 0.5,
@@ -74,7 +76,7 @@ SAMPLERS = {  # sampler, its options, blocks a row can denoise (LLaDA2.x: the bl
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_a_sampler_reads_back_once_a_step(name):
     family, options, blocks = SAMPLERS[name]
-    model = _model(family)
+    model = _model(family, "ec" if name.endswith("expert choice") else "tc")
     sampler = make_sampler(name.split()[0], options)
     prompts = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in PROMPT_LENGTHS]
@@ -97,3 +99,17 @@ def test_the_likelihood_reads_back_once_a_flush():
         score_jobs(model, jobs, batch_size=4, mask_id=mask, device="cpu", rows_per_flush=8)
     flushes = -(-sum(len(job.rows) for job in jobs) // 8)
     assert len(syncs.seen) == flushes, syncs.seen
+
+
+def test_a_cached_expert_choice_step_reads_nothing_back():
+    """Under the key/value cache, expert choice chooses a step's tokens by the refresh's cut-offs: nothing about the
+    span (how many tokens each expert takes) is asked of the device."""
+    from retrofit.models.kv_cache import BlockCache
+
+    model = _model("llada-moe", "ec")
+    ids, cache = torch.randint(0, 250, (2, 24)), BlockCache()
+    with torch.no_grad():
+        model(ids, kv_cache=cache)  # the refresh
+        with HostSyncs() as syncs:
+            model(ids, kv_cache=cache, compute=slice(16, 24))
+    assert syncs.seen == []

@@ -621,3 +621,16 @@ def test_settings_are_per_router_and_stored_flat_sections_still_load():
         router_settings({**flat, "capacity_fator": 1.0}, stored=True)  # a misspelling is never dropped
     with pytest.raises(Exception, match="unknown router type 'xc'; use tc, ec, block"):
         router_settings(type="xc")
+
+
+def test_an_expert_layout_with_keep_lists_only_the_kept_pairs():
+    """A cached expert-choice step lists every span token for each expert and marks the chosen (``keep``):
+    statistics, through ``pairs``, see the chosen alone."""
+    from retrofit.routers.base import Routing
+
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    routing = Routing("expert", torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([[0.5, 0.0, 0.2], [0, 0, 0.7]]),
+                      2, keep=keep)
+    tokens, experts, gates = routing.pairs()
+    assert tokens.tolist() == [0, 2, 2] and experts.tolist() == [0, 0, 1]
+    assert gates.tolist() == pytest.approx([0.5, 0.2, 0.7])

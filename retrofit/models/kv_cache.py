@@ -5,8 +5,10 @@ A *refresh* is a full forward that records every attention layer's keys and valu
 *cached step* computes only a span of columns (the current block; under the prefix cache also everything after
 it): its tokens run attention and the MoE layers, and attend to the span's fresh keys and values plus the
 recorded ones outside the span. For a bidirectional model (LLaDA-MoE) the recorded ones are stale once tokens
-change, which is the approximation; per-sequence routing (expert choice) then also chooses among the span's
-tokens only. Routing statistics count what a step computed.
+change, which is the approximation. Expert choice, which chooses among a whole sequence's tokens, remembers at the
+refresh each expert's cut-off (:meth:`BlockCache.remember`) and takes the span's tokens that reach it, so a cached
+step right after a refresh routes as the full forward did; later the cut-offs are stale like the keys. Routing
+statistics count what a step computed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class BlockCache:
 
     def __init__(self) -> None:
         self._recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._remembered: dict[int, torch.Tensor] = {}  # per router, what it chose by at the refresh
         self._recorded_rows: list[int] = []
         self._selected: list[int] | None = None
         self.span: slice | None = None
@@ -44,6 +47,7 @@ class BlockCache:
             raise RuntimeError("a cached step needs a refresh first")
         if span is None:
             self._recorded.clear()
+            self._remembered.clear()
             self._recorded_rows = list(rows)
         elif not set(rows) <= set(self._recorded_rows):
             raise RuntimeError(f"rows {sorted(set(rows) - set(self._recorded_rows))} were not in the last refresh")
@@ -55,10 +59,25 @@ class BlockCache:
         if self.recording:
             self._recorded[id(layer)] = (keys, values)
             return keys, values
-        old_keys, old_values = self._recorded[id(layer)]
-        if self.rows != self._recorded_rows:
-            index = torch.tensor([self._recorded_rows.index(r) for r in self.rows], device=keys.device)
-            old_keys, old_values = old_keys.index_select(0, index), old_values.index_select(0, index)
+        old_keys, old_values = self._these_rows(*self._recorded[id(layer)])
         lo, hi = self.span.start, self.span.stop
         return (torch.cat([old_keys[:, :, :lo], keys, old_keys[:, :, hi:]], dim=2),
                 torch.cat([old_values[:, :, :lo], values, old_values[:, :, hi:]], dim=2))
+
+    def remember(self, owner: nn.Module, value: torch.Tensor) -> None:
+        """At a refresh: ``value`` (one row per batch row) for ``owner`` to recall at the cached steps."""
+        if self.recording:
+            self._remembered[id(owner)] = value
+
+    def recall(self, owner: nn.Module) -> torch.Tensor | None:
+        """At a cached step: what ``owner`` remembered at the refresh, for this step's rows (None: nothing)."""
+        value = self._remembered.get(id(owner))
+        return None if value is None or self.recording else self._these_rows(value)[0]
+
+    def _these_rows(self, *recorded: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The rows of this forward out of tensors recorded for the refresh's rows."""
+        if self.rows == self._recorded_rows:
+            return recorded
+        index = torch.tensor([self._recorded_rows.index(r) for r in self.rows]).to(recorded[0].device,
+                                                                                     non_blocking=True)
+        return tuple(t.index_select(0, index) for t in recorded)

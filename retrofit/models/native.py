@@ -106,6 +106,7 @@ class Backbone:
         whole ``input_ids``."""
         ctx = self.routing_context(input_ids, attention_mask, mask_ratio, maskable, block_start,
                                    focus=self.focus_on_maskable)
+        ctx.cache = kv_cache
         positions = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
         valid = ctx.valid
         if compute is not None:

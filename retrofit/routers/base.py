@@ -112,6 +112,10 @@ class RoutingContext:
     # (masked, maskable) counts ``[B]`` behind an observed ``mask_ratio`` (None when it was given, e.g. sampled t
     # in training): schedules round k exactly from them.
     mask_counts: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The forward's key/value cache (``retrofit.models.kv_cache.BlockCache``), where a denoising sampler keeps one:
+    # a router that chooses among a sequence's tokens remembers its choice there at a refresh, for the cached
+    # steps that compute only a span of the sequence.
+    cache: object | None = None
     _host: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -128,7 +132,7 @@ class RoutingContext:
         return RoutingContext(valid=self.valid[:, span], mask_ratio=self.mask_ratio,
                               block_start=self.block_start - span.start,
                               focus=None if self.focus is None else self.focus[:, span], padded=self.padded,
-                              mask_counts=self.mask_counts)
+                              mask_counts=self.mask_counts, cache=self.cache)
 
     def lengths_on_host(self) -> torch.Tensor:
         """Each sequence's valid length, a long CPU tensor ``[B]``. Shapes that depend on it (EC's capacities) need
@@ -167,7 +171,9 @@ class Routing:
       their weights; C is the total capacity of one expert over the batch (sum of per-sequence capacities).
 
     ``logits`` (``[T, E]``, the gate's raw output) is kept for auxiliary losses such as the router z-loss.
-    ``capacity`` (EC only) is each sequence's per-expert capacity C_b, for statistics.
+    ``capacity`` (EC only) is each sequence's per-expert capacity C_b, for statistics. ``keep`` (``[E, C]`` bool,
+    expert layout only): the pairs that are chosen, where the layout lists more (their gates are 0, so they add
+    nothing; statistics count only the chosen).
     """
 
     layout: Literal["token", "expert"]
@@ -176,6 +182,7 @@ class Routing:
     num_experts: int
     logits: torch.Tensor | None = None
     capacity: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat ``(token, expert, gate)`` triples, the layout-free view used by statistics and tests."""
@@ -185,7 +192,11 @@ class Routing:
             return tokens, self.indices.reshape(-1), self.gates.reshape(-1)
         num_experts, capacity = self.indices.shape
         experts = torch.arange(num_experts, device=self.indices.device).repeat_interleave(capacity)
-        return self.indices.reshape(-1), experts, self.gates.reshape(-1)
+        tokens, gates = self.indices.reshape(-1), self.gates.reshape(-1)
+        if self.keep is None:
+            return tokens, experts, gates
+        keep = self.keep.reshape(-1)
+        return tokens[keep], experts[keep], gates[keep]
 
 
 class Router(nn.Module):

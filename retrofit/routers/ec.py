@@ -106,10 +106,10 @@ class ExpertChoiceRouter(Router):
         tokens = routing.indices.reshape(-1)
         experts = torch.arange(self.num_experts, device=tokens.device).repeat_interleave(routing.indices.shape[1])
         flat = logits.reshape(-1, self.num_experts)
-        chosen = torch.zeros_like(flat, dtype=torch.bool).index_put_((tokens, experts),
-                                                                      torch.ones_like(tokens, dtype=torch.bool))
+        kept = (torch.ones_like(tokens, dtype=torch.bool) if routing.keep is None else routing.keep.reshape(-1))
+        chosen = torch.zeros_like(flat, dtype=torch.bool).index_put_((tokens, experts), kept)
         gates = torch.softmax(flat.masked_fill(~chosen, float("-inf")), dim=-1).nan_to_num(0.0)
-        routing.gates = gates[tokens, experts].view_as(routing.indices)
+        routing.gates = (gates[tokens, experts] * kept).view_as(routing.indices)
         return routing
 
     def capacities(self, ctx: RoutingContext) -> torch.Tensor:
@@ -126,28 +126,67 @@ class ExpertChoiceRouter(Router):
         return sequence_capacity(lengths, k, self.num_experts, self.capacity_factor, self.capacity_rounding)
 
     def select(self, probs: torch.Tensor, ctx: RoutingContext) -> Routing:
-        """``probs`` (or any per-(token, expert) score that ranks tokens) → each expert's top-C_b tokens."""
-        capacity = self.capacities(ctx)
+        """``probs`` (or any per-(token, expert) score that ranks tokens) → each expert's top-C_b tokens. Under a
+        denoising sampler's key/value cache, a cached step computes only a span of each sequence: each expert then
+        takes the span's tokens that score at least as high as the last token it took of the whole sequence at
+        the refresh (:meth:`_choose_above`), rather than its top-C among the span alone."""
+        cache = ctx.cache
+        cutoffs = cache.recall(self) if cache is not None else None
         scores = probs.masked_fill(~ctx.valid.unsqueeze(-1), float("-inf"))
-        if self.per_batch:
-            tokens, gates = self._choose_per_batch(scores, int(capacity.sum()))
+        if cutoffs is not None:
+            tokens, gates, keep, capacity = *self._choose_above(scores, cutoffs, cache.span.start), None
         else:
-            tokens, gates = self._choose_per_sequence(scores, capacity)
+            capacity, keep = self.capacities(ctx), None
+            if self.per_batch:
+                tokens, gates, cutoffs = self._choose_per_batch(scores, int(capacity.sum()))
+            else:
+                tokens, gates, cutoffs = self._choose_per_sequence(scores, capacity)
+            if cache is not None:
+                cache.remember(self, cutoffs)
         scale = self.scoring.gate_scale(probs, self.top_k, self.bias)
         if scale is not None:
             gates = gates * scale.reshape(-1)[tokens]
-        return Routing("expert", tokens, gates, self.num_experts, capacity=capacity)
+        return Routing("expert", tokens, gates, self.num_experts, capacity=capacity, keep=keep)
 
     @staticmethod
-    def _choose_per_batch(scores: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each expert's top-``total`` tokens over the whole batch (``total`` ≤ valid tokens, so no padding)."""
-        gates, tokens = scores.reshape(-1, scores.shape[-1]).T.sort(dim=-1, descending=True, stable=True)
-        return tokens[:, :total], gates[:, :total]  # ties to the earlier token, as per sequence
+    def _choose_above(scores: torch.Tensor, cutoffs: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        """The tokens of ``scores`` ``[B, S, E]`` (a span from column ``start``) that each expert would have taken
+        at the refresh: those scoring above its last pick there, those scoring the same and standing earlier (ties
+        go to the earlier token), and the last pick itself. ``cutoffs`` ``[B, E, 2]``: that score and column, per row. All B·S tokens
+        are listed for each expert, ``keep`` marking the chosen: their number varies per expert, and counting them
+        would ask the device. Right after a refresh this chooses exactly what the whole-sequence choice chose."""
+        batch, length, num_experts = scores.shape
+        cut, last = cutoffs[..., 0].unsqueeze(1), cutoffs[..., 1].unsqueeze(1)  # [B, 1, E]
+        column = (torch.arange(length, device=scores.device) + start).view(1, -1, 1)
+        # The last pick itself by its column: its score is the cut-off, so a rounding difference of the span's
+        # forward (other matmul shapes) would otherwise drop it. Padding scores −inf: never kept.
+        keep = (scores > cut) | ((scores == cut) & (column < last)) | ((column == last) & (scores > float("-inf")))
+        keep = keep.reshape(-1, num_experts).T  # [E, B·S]
+        tokens = torch.arange(batch * length, device=scores.device).expand(num_experts, -1)
+        gates = scores.reshape(-1, num_experts).T.masked_fill(~keep, 0.0)
+        return tokens, gates, keep
 
     @staticmethod
-    def _choose_per_sequence(scores: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _choose_per_batch(scores: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each expert's top-``total`` tokens over the whole batch (``total`` ≤ valid tokens, so no padding), and
+        each row's cut-offs ``[B, E, 2]`` (:meth:`_choose_above`): the expert's last pick's score, and the last
+        column of the row it may take at that score (earlier rows: all; later rows: none)."""
+        batch, length, num_experts = scores.shape
+        gates, tokens = scores.reshape(-1, num_experts).T.sort(dim=-1, descending=True, stable=True)
+        if not total:
+            return tokens[:, :0], gates[:, :0], _cutoffs(torch.full((batch, num_experts), float("inf"),
+                                                                     device=scores.device), None)
+        last = tokens[:, total - 1]  # [E], flat: row * length + column
+        row = torch.arange(batch, device=scores.device).unsqueeze(1)
+        column = torch.where(row < last // length, length, torch.where(row == last // length, last % length, -1))
+        return tokens[:, :total], gates[:, :total], _cutoffs(gates[:, total - 1].expand(batch, -1), column)
+
+    @staticmethod
+    def _choose_per_sequence(scores: torch.Tensor, capacity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
         """One topk at the largest capacity over ``[B, E, L]``, then each sequence keeps its own first C_b
-        (topk is sorted, so those are its top-C_b; C_b ≤ L_b, so none of them is padding)."""
+        (topk is sorted, so those are its top-C_b; C_b ≤ L_b, so none of them is padding); and each sequence's
+        lowest chosen score per expert ``[B, E]`` (+∞ for a sequence with no valid token)."""
         batch, length, num_experts = scores.shape
         device = scores.device
         c_max = int(capacity.max()) if batch else 0
@@ -162,4 +201,18 @@ class ExpertChoiceRouter(Router):
         idx = idx + (torch.arange(batch, device=device) * length).view(batch, 1, 1)  # flat token ids
         tokens = idx.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)  # [E, ΣC_b], in order
         gates = top.permute(1, 0, 2).reshape(num_experts, -1).index_select(1, keep)
-        return tokens, gates
+        if not c_max:
+            return tokens, gates, _cutoffs(torch.full((batch, num_experts), float("inf"), device=device), None)
+        pick = (capacity - 1).clamp(min=0).to(device, non_blocking=True).view(batch, 1, 1).expand(-1, num_experts, 1)
+        cut = top.gather(2, pick).squeeze(2).masked_fill((capacity == 0).to(device, non_blocking=True).unsqueeze(1),
+                                                         float("inf"))  # a row with no valid token takes none
+        column = (idx.gather(2, pick).squeeze(2) - (torch.arange(batch, device=device) * length).unsqueeze(1))
+        return tokens, gates, _cutoffs(cut, column)
+
+
+def _cutoffs(score: torch.Tensor, column: torch.Tensor | None) -> torch.Tensor:
+    """``[B, E, 2]``: per row and expert, the score of the last token taken and its column (ties at that score go
+    to the columns up to it); what a refresh leaves for the cached steps (:meth:`ExpertChoiceRouter._choose_above`).
+    Columns fit a float32 exactly below 2**24."""
+    column = torch.full_like(score, -1.0) if column is None else column.to(score.dtype)
+    return torch.stack([score, column], dim=-1)
