@@ -152,9 +152,10 @@ class ExpertChoiceRouter(Router):
     def _choose_above(scores: torch.Tensor, cutoffs: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
         """The tokens of ``scores`` ``[B, S, E]`` (a span from column ``start``) that each expert would have taken
         at the refresh: those scoring above its last pick there, those scoring the same and standing earlier (ties
-        go to the earlier token), and the last pick itself. ``cutoffs`` ``[B, E, 2]``: that score and column, per row. All B·S tokens
-        are listed for each expert, ``keep`` marking the chosen: their number varies per expert, and counting them
-        would ask the device. Right after a refresh this chooses exactly what the whole-sequence choice chose."""
+        go to the earlier token), and the last pick itself. ``cutoffs`` ``[B, E, 2]``: that score and column, per
+        row. All B·S tokens are listed for each expert, ``keep`` marking the chosen: their number varies per
+        expert, and counting them would ask the device. Right after a refresh this chooses exactly what the
+        whole-sequence choice chose."""
         batch, length, num_experts = scores.shape
         cut, last = cutoffs[..., 0].unsqueeze(1), cutoffs[..., 1].unsqueeze(1)  # [B, 1, E]
         column = (torch.arange(length, device=scores.device) + start).view(1, -1, 1)
