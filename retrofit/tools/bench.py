@@ -586,7 +586,8 @@ def environment(repeats: int, where: Placement = CPU) -> dict:
     CPU (with 2 threads on a busy machine every parallel region waits for a free core). ``device``: where the
     layer tables ran."""
     return {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": where.describe(), "gpu": where.cuda, "repeats": repeats, "warmup": WARMUP, "load_avg_1min": [os.getloadavg()[0]]}
+            "device": where.describe(), "gpu": where.cuda, "repeats": repeats, "warmup": WARMUP,
+            "load_avg_1min": [os.getloadavg()[0]]}
 
 
 def cpu_name() -> str:
