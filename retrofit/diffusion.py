@@ -17,6 +17,10 @@ class NoisedBatch:
     t: torch.Tensor  # [B] sampled timestep, the mask ratio timestep-aware routers read
     normaliser: torch.Tensor  # [B] tokens each sequence's loss is divided by
 
+    def to(self, device) -> "NoisedBatch":
+        """The batch on ``device`` (the noise is drawn on the host, so that it does not depend on the device)."""
+        return NoisedBatch(*(t.to(device) for t in (self.noisy, self.masked, self.p_mask, self.t, self.normaliser)))
+
 
 def add_noise(input_ids, prompt_len, mask_id: int, eps: float, generator: torch.Generator,
               t: float | None = None) -> NoisedBatch:

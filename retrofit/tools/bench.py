@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable
 
@@ -201,10 +201,16 @@ class MoeLayer:
     def tokens(self, count: int) -> torch.Tensor:
         return self.placed(torch.randn(count, self.d, generator=self.gen))
 
-    def weight_bytes(self, experts: int) -> int:
-        """The bytes of weights a forward touching ``experts`` routed experts reads (the shared expert too)."""
+    @cached_property
+    def copy_rate(self) -> float:
+        """The device's copy bandwidth, measured once per layer (:func:`copy_bandwidth`)."""
+        return copy_bandwidth(self.where)
+
+    def limit_ms(self, experts: int) -> float:
+        """The time to read the weights of a forward touching ``experts`` routed experts (the shared expert too)
+        at the device's copy bandwidth: the limit column."""
         shared = 0 if self.shared is None else self.shared.gate_proj.out_features
-        return 3 * self.d * (self.f * experts + shared) * self.where.dtype.itemsize
+        return 3 * self.d * (self.f * experts + shared) * self.where.dtype.itemsize / self.copy_rate * 1e3
 
     def router(self, settings: RouterSettings) -> Router:
         """A router of the given kind and the layer's scoring that shares (not copies) its gate weight and bias."""
@@ -330,20 +336,20 @@ def pass_figures(ms: float, baseline_ms: float, flops: float, dense_gflops: floa
     return {"ms": ms, "speedup": baseline_ms / ms, "gflops": gflops, "pct_dense": 100 * gflops / dense_gflops}
 
 
-def unique_experts(impl: Implementation, x: torch.Tensor) -> int:
-    """How many of the layer's experts the implementation's routing runs (the weights it must read)."""
-    return int(impl.routing(x).pairs()[1].unique().numel())
+def unique_experts(routing) -> int:
+    """How many of the layer's experts a routing runs (the weights it must read)."""
+    return int(routing.pairs()[1].unique().numel())
 
 
 def layer_figures(layer: MoeLayer, count: int, repeats: int, impls: dict[str, Implementation], baseline: str,
-                  ceiling: bool, bandwidth: float) -> tuple[dict, list[dict]]:
+                  ceiling: bool) -> tuple[dict, list[dict]]:
     """The dense-matmul reference and one row per implementation at ``count`` tokens, timed together (with the
     EC matmuls alone when ``ceiling``); speed-ups are against the ``baseline`` implementation.
 
     The reference multiplies ``[count·k', d] x [d, 3f]`` with k' = k plus the shared expert's width in experts:
     the FLOPs of the experts' forward in one matmul, the ceiling an MoE implementation can approach. Useful
     FLOPs are :meth:`MoeLayer.flops`; fwd+bwd counts twice those, since with frozen experts backward runs only
-    the input-gradient matmuls. ``limit_ms``: the expert weights the row touches read at ``bandwidth``."""
+    the input-gradient matmuls. ``limit_ms``: the expert weights the row touches, read (:meth:`MoeLayer.limit_ms`)."""
     x = layer.tokens(count)
     a = layer.placed(torch.randn(layer.flops(count * layer.top_k, count) // (6 * layer.d * layer.f), layer.d))
     b = layer.placed(torch.randn(layer.d, 3 * layer.f))
@@ -351,8 +357,9 @@ def layer_figures(layer: MoeLayer, count: int, repeats: int, impls: dict[str, Im
     for name, impl in impls.items():
         fns[name, "fwd"] = partial(forward, impl.run, x)
         fns[name, "fwd+bwd"] = partial(forward_backward, impl.run, x, layer.gate)
-    pairs_of = {name: impl.routing(x).indices.numel() for name, impl in impls.items()}
-    touched = {name: unique_experts(impl, x) for name, impl in impls.items()}
+    routings = {name: impl.routing(x) for name, impl in impls.items()}
+    pairs_of = {name: routing.indices.numel() for name, routing in routings.items()}
+    touched = {name: unique_experts(routing) for name, routing in routings.items()}
     if ceiling:
         gemms = EcGemms(layer, count)
         fns[CEILING, "fwd"], fns[CEILING, "fwd+bwd"] = gemms.forward, gemms.forward_backward
@@ -364,7 +371,7 @@ def layer_figures(layer: MoeLayer, count: int, repeats: int, impls: dict[str, Im
     for name, pairs in pairs_of.items():
         flops = layer.flops(pairs, count)
         row = {"tokens": count, "implementation": name, "pairs": pairs, "unique_experts": touched[name],
-               "limit_ms": layer.weight_bytes(touched[name]) / bandwidth * 1e3}
+               "limit_ms": layer.limit_ms(touched[name])}
         for kind, multiple in (("fwd", 1), ("fwd+bwd", 2)):
             row[kind] = pass_figures(times[name, kind], times[baseline, kind], multiple * flops, dense["gflops"])
         rows.append(row)
@@ -378,13 +385,12 @@ def moe_layer_table(layer: MoeLayer, tokens: tuple[int, ...], repeats: int,
     the dense-matmul reference of each."""
     rows, dense = [], []
     impls = implementations_of(layer)
-    bandwidth = copy_bandwidth(layer.where)
     for count in tokens:
-        reference, count_rows = layer_figures(layer, count, repeats, impls, baseline, ceiling, bandwidth)
+        reference, count_rows = layer_figures(layer, count, repeats, impls, baseline, ceiling)
         dense.append(reference)
         rows += count_rows
     return {"shape": layer.shape(), "baseline": baseline, "rows": rows, "dense": dense,
-            "copy_gb_per_s": bandwidth / 1e9}
+            "copy_gb_per_s": layer.copy_rate / 1e9}
 
 
 # ---------------------------------------------------------------------------------------- block routing
@@ -398,11 +404,10 @@ def block_table(layer: MoeLayer, settings: RouterSettings, repeats: int) -> dict
     impls = swapped_routers(layer, settings)
     times = median_ms({name: partial(forward, impl.run, x) for name, impl in impls.items()}, repeats,
                       sync=layer.where.sync)
-    bandwidth = copy_bandwidth(layer.where)
-    rows = [{"router": name, "tokens": x.shape[0], "ms": times[name], "unique_experts": unique_experts(impl, x)}
+    rows = [{"router": name, "tokens": x.shape[0], "ms": times[name], "unique_experts": unique_experts(impl.routing(x))}
             for name, impl in impls.items()]
     for row in rows:
-        row["limit_ms"] = layer.weight_bytes(row["unique_experts"]) / bandwidth * 1e3
+        row["limit_ms"] = layer.limit_ms(row["unique_experts"])
     tc = rows[0]
     for row in rows:
         row["unique_ratio"] = tc["unique_experts"] / row["unique_experts"]
@@ -428,13 +433,20 @@ def workload(mode: str, dims: dict, batch: int, length: int) -> tuple[nn.Module,
     if mode == "routers+checkpointing":  # recompute each layer in backward instead of keeping activations
         model.enable_activation_checkpointing()
         mode = "routers"
+    return training_step(model, ids, mode)
+
+
+def training_step(model: nn.Module, ids: torch.Tensor, mode: str) -> tuple[nn.Module, Callable[[], None]]:
+    """``model`` made trainable in ``mode`` ("routers", "all", ...) and one masked-diffusion training step of it on
+    ``ids`` with AdamW, as ``retrofit finetune`` takes one: fresh noise each step, drawn on the host and sent to the
+    model's device (where ``ids`` lie)."""
     model = make_trainable(model.train(), TrainableSection(mode=mode))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    prompt_len = torch.zeros(batch, dtype=torch.long)
+    gen, host = torch.Generator().manual_seed(0), ids.cpu()
+    prompt_len = torch.zeros(ids.shape[0], dtype=torch.long)
 
     def step() -> None:
-        noise = add_noise(ids, prompt_len, model.config.mask_token_id, 1e-3, gen)
+        noise = add_noise(host, prompt_len, model.config.mask_token_id, 1e-3, gen).to(ids.device)
         logits = model(input_ids=noise.noisy, mask_ratio=noise.t).logits
         diffusion_loss(logits, ids, noise).backward()
         optimizer.step()

@@ -160,6 +160,8 @@ def _training_figures(model, shapes: Shapes, device) -> dict:
     and of a step at the step's shape."""
     import torch
 
+    from retrofit.tools.bench import training_step
+
     cuda = device.type == "cuda"
     ids, figures = _masked_ids(model, shapes.step, device), {}
     if cuda:
@@ -168,7 +170,9 @@ def _training_figures(model, shapes: Shapes, device) -> dict:
             model(ids)
         figures["gpu_forward_peak_bytes"] = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    figures["step_s"] = _seconds(_router_step(model, ids), device)
+    _, step = training_step(model, ids, "routers")
+    figures["step_s"] = _seconds(step, device)
+    model.eval()  # the next router's forward and generation run as evaluation does
     if cuda:
         figures["gpu_step_peak_bytes"] = torch.cuda.max_memory_allocated()
     return figures
@@ -195,35 +199,6 @@ def _seconds(work, device) -> float:
     work()
     sync()
     return time.perf_counter() - start
-
-
-def _router_step(model, ids):
-    """One router-only training step (masked-diffusion loss, AdamW on the gate weights) as ``retrofit finetune``
-    takes it: the noise drawn on the host, the batch sent to the model's device; as a function to time."""
-    import dataclasses
-
-    import torch
-
-    from retrofit.diffusion import add_noise, diffusion_loss
-    from retrofit.training.recipe import TrainableSection
-    from retrofit.training.trainable import make_trainable
-
-    make_trainable(model.train(), TrainableSection(mode="routers"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    gen, host = torch.Generator().manual_seed(0), ids.cpu()
-    prompt_len = torch.zeros(ids.shape[0], dtype=torch.long)
-
-    def step() -> None:
-        noise = add_noise(host, prompt_len, model.config.mask_token_id, 1e-3, gen)
-        noise = dataclasses.replace(noise, **{f.name: getattr(noise, f.name).to(ids.device)
-                                              for f in dataclasses.fields(noise)})
-        logits = model(input_ids=noise.noisy, mask_ratio=noise.t).logits
-        diffusion_loss(logits, ids, noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.eval()  # the next router's forward and generation run as evaluation does
-
-    return step
 
 
 def hash_worker(model_dir: str) -> None:
@@ -392,7 +367,8 @@ def markdown(r: dict) -> str:
         run_row(f"load bf16 + per-router work ({f.get('device', '?')})", f, f"load {f.get('load_s', 0):.1f} s "
                 f"(peak {f.get('load_peak_rss', 0) / GiB:.2f} GiB); forward {fwd}"
                 + (f"; evaluation's peak {f['eval_peak_rss'] / GiB:.2f} GiB" if "eval_peak_rss" in f else "")
-                + (f"; GPU peak {f['gpu_peak_bytes'] / GiB:.2f} GiB" if "gpu_peak_bytes" in f else "")),
+                + (f"; GPU peak after load {f['gpu_load_peak_bytes'] / GiB:.2f} GiB" if "gpu_load_peak_bytes" in f
+                   else "")),
         run_row(f"finetune, {FINETUNE_STEPS} router-only bf16 steps of 128 tokens", ft, f"step s: {steps}"),
         run_row("eval gsm8k --limit 1 (bf16, gen 32, 8 steps)", r["eval"]),
         run_row("weights hash (cold, then cached)", h, f"cold {h.get('cold_s', 0):.1f} s, cached "

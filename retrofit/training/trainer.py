@@ -187,7 +187,7 @@ class Finetune:
         noisy, t = noise.noisy.to(self.device), noise.t.to(self.device)
         with self.autocast:
             logits = self.denoise(noisy, t, ids, self.trained)
-        terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), _to(noise, self.device))}
+        terms = {"diffusion": diffusion_loss(logits, ids.to(self.device), noise.to(self.device))}
         router_logits = [b.router_logits for b in self.base.moe_blocks()]
         if obj.z_loss > 0:
             terms["z_loss"] = router_z_loss(router_logits)
@@ -358,11 +358,3 @@ class Finetune:
     def export(self) -> None:
         export_run(self.base, self.model, self.ckpt, self.source, self.recipe, self.recipe_text, self.output_dir,
                    self.main)
-
-
-def _to(noise, device):
-    if device.type == "cpu":
-        return noise
-    return type(noise)(*(getattr(noise, f).to(device) for f in noise.__dataclass_fields__))
-
-
