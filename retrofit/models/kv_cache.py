@@ -25,6 +25,7 @@ class BlockCache:
     def __init__(self) -> None:
         self._recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._remembered: dict[int, torch.Tensor] = {}  # per router, what it chose by at the refresh
+        self._row_index: torch.Tensor | None = None
         self._recorded_rows: list[int] = []
         self._selected: list[int] | None = None
         self.span: slice | None = None
@@ -52,6 +53,7 @@ class BlockCache:
         elif not set(rows) <= set(self._recorded_rows):
             raise RuntimeError(f"rows {sorted(set(rows) - set(self._recorded_rows))} were not in the last refresh")
         self.span, self.rows = span, list(rows)
+        self._row_index = None  # where this forward's rows sit among the recorded ones: made once, on first need
 
     def attend(self, layer: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values ``layer`` attends to: this forward's own, recorded (a refresh), or set into the
@@ -78,6 +80,7 @@ class BlockCache:
         """The rows of this forward out of tensors recorded for the refresh's rows."""
         if self.rows == self._recorded_rows:
             return recorded
-        index = torch.tensor([self._recorded_rows.index(r) for r in self.rows]).to(recorded[0].device,
-                                                                                     non_blocking=True)
-        return tuple(t.index_select(0, index) for t in recorded)
+        if self._row_index is None:  # once per forward, not once per layer
+            self._row_index = torch.tensor([self._recorded_rows.index(r) for r in self.rows]).to(
+                recorded[0].device, non_blocking=True)
+        return tuple(t.index_select(0, self._row_index) for t in recorded)
